@@ -1,0 +1,44 @@
+"""spactor-jax: efficient pre-training objectives for T5-style models in JAX."""
+
+import setuptools
+
+_CORE = [
+    'jax>=0.10.2,<0.11',
+    'flax>=0.12.8,<0.13',
+    'optax>=0.2.8,<0.3',
+    'orbax-checkpoint>=0.12.8,<0.13',
+    'seqio>=0.0.20',
+    't5>=0.9.4',
+    'tensorflow-cpu>=2.21,<2.22',
+    'tensorflow-text>=2.21,<2.22',
+    'tensorflow-datasets>=4.9.10',
+    'sentencepiece>=0.2.0',
+    'gin-config>=0.5.0',
+    'numpy>=2.0',
+]
+
+setuptools.setup(
+    name='spactor-jax',
+    version='0.1.0',
+    description=('Pre-training T5-style models with efficient objectives: '
+                 'SpacTor, COCO-LM, headless LMs, light generators.'),
+    long_description=open('README.md').read() if __import__('os').path.exists('README.md') else '',
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=setuptools.find_packages(include=['spactor_jax', 'spactor_jax.*', 'tasks', 'tasks.*']),
+    package_data={'tasks': ['data/*'], '': ['*.gin']},
+    include_package_data=True,
+    install_requires=_CORE,
+    extras_require={
+        'test': ['pytest>=8', 'pytest-xdist>=3'],
+        'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+        'gpu': ['jax[cuda12]>=0.10.2,<0.11'],
+        'plots': ['matplotlib>=3.8'],
+    },
+    entry_points={
+        'console_scripts': [
+            'spactor-train=spactor_jax.train:main',
+            'spactor-aot=spactor_jax.aot:main',
+        ],
+    },
+)

@@ -1,0 +1,119 @@
+"""The contract every pre-training objective implements.
+
+An objective is a Flax module that owns the networks it trains and turns a
+batch of named features into a scalar loss and a dictionary of metrics::
+
+    denominators = objective.denominators(batch)          # from the batch only
+    (loss, metrics), _ = objective.apply(
+        variables, batch, denominators, enable_dropout=True,
+        rngs={'dropout': ..., 'sample': ...})
+
+Rules that let the trainer stay objective-agnostic:
+
+* Every loss term is a *per-token mean*: a sum over this batch divided by a
+  denominator from ``denominators(batch)``. The trainer computes the
+  denominators once on the full batch and passes them to every micro-batch,
+  so summing micro-batch losses gives exactly the full-batch loss.
+* Metrics are ``(numerator, denominator)`` pairs; the trainer sums both over
+  micro-batches (and devices) and logs ``numerator / denominator``.
+* The shared model lives under the submodule name ``model`` in every
+  objective over the same architecture. A curriculum keeps the parameters
+  and optimizer state whose paths two stages share and drops the rest.
+* Random numbers come from the ``dropout`` and ``sample`` RNG streams.
+* Non-trainable state (for example C-RTS's count matrix) lives in the
+  ``objective_state`` collection; the trainer applies it as mutable.
+"""
+
+import dataclasses
+from typing import ClassVar, Dict, Mapping, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+Metric = Tuple[Array, Array]  # (numerator, denominator), both scalars.
+Metrics = Dict[str, Metric]
+
+MODEL_FAMILIES = ('encoder_decoder', 'encoder', 'decoder')
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabInfo:
+  """Special ids of a seqio vocabulary with sentinels.
+
+  Attributes:
+    vocab_size: ``vocabulary.vocab_size``, sentinels included. Ids
+      ``[vocab_size - num_sentinels, vocab_size)`` are the sentinels.
+    num_sentinels: number of ``<extra_id_k>`` sentinels (100 in T5).
+    pad_id: padding id (0 in T5).
+    eos_id: end-of-sequence id (1 in T5).
+    unk_id: unknown-piece id (2 in T5).
+  """
+  vocab_size: int
+  num_sentinels: int = 100
+  pad_id: int = 0
+  eos_id: int = 1
+  unk_id: int = 2
+
+  @property
+  def mask_id(self) -> int:
+    """The mask id: the first id after the vocabulary, inside the padded embedding."""
+    return self.vocab_size
+
+  @property
+  def first_sentinel_id(self) -> int:
+    return self.vocab_size - self.num_sentinels
+
+  def is_special(self, tokens: Array) -> Array:
+    """True for pad, EOS, UNK, sentinels and ids at or above the mask id."""
+    return ((tokens == self.pad_id) | (tokens == self.eos_id) |
+            (tokens == self.unk_id) | (tokens >= self.first_sentinel_id))
+
+
+def metric(numerator: Array, denominator: Array) -> Metric:
+  """A metric as a float32 (numerator, denominator) pair."""
+  return (jnp.asarray(numerator, jnp.float32),
+          jnp.asarray(denominator, jnp.float32))
+
+
+def safe_denominator(count: Array) -> Array:
+  """``max(count, 1)`` as float32, so empty batches give a zero loss, not NaN."""
+  return jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)
+
+
+class Objective(nn.Module):
+  """Base class of every loss module.
+
+  Subclasses set ``model_family`` and ``input_features`` and implement
+  ``denominators`` and ``__call__``.
+  """
+  model_family: ClassVar[str] = ''
+  input_features: ClassVar[Tuple[str, ...]] = ()
+
+  def denominators(self, batch: Batch) -> Dict[str, Array]:
+    """Per-term normalisers computed from the batch only (never from params).
+
+    Args:
+      batch: features of the *full* (not micro) batch, each ``[batch, length]``.
+
+    Returns:
+      A dictionary of float32 scalars, one per loss term.
+    """
+    raise NotImplementedError
+
+  def __call__(self, batch: Batch, denominators: Mapping[str, Array], *,
+               enable_dropout: bool) -> Tuple[Array, Metrics]:
+    """Computes the loss of one (micro-)batch.
+
+    Args:
+      batch: features, each ``[batch, length]``.
+      denominators: the output of ``denominators`` on the full batch.
+      enable_dropout: whether dropout is active (training).
+
+    Returns:
+      ``(loss, metrics)``: the scalar loss, already divided by the
+      denominators, and metrics as ``(numerator, denominator)`` pairs.
+    """
+    raise NotImplementedError
