@@ -1,0 +1,127 @@
+"""T5X-style gin flags with one-line errors.
+
+Flags: ``--gin_file=F`` (repeatable), ``--gin.NAME=VALUE`` (repeatable; a
+bare word or path such as ``--gin.MODEL_DIR=/tmp/run`` needs no extra
+quotes), ``--gin_search_paths=a,b``. A mistake in a file or a binding ends
+in ``ConfigError`` naming the file (or flag) and the binding.
+"""
+
+import dataclasses
+import os
+import re
+from typing import List, Sequence, Tuple
+
+import gin
+
+from spactor_jax import errors
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_SEARCH_PATHS = (os.getcwd(), os.path.join(_PACKAGE_ROOT, 'gin_configs'),
+                        _PACKAGE_ROOT)
+
+
+@dataclasses.dataclass
+class GinFlags:
+  files: List[str] = dataclasses.field(default_factory=list)
+  bindings: List[str] = dataclasses.field(default_factory=list)
+  search_paths: List[str] = dataclasses.field(default_factory=list)
+
+
+def split_flags(argv: Sequence[str]) -> Tuple[GinFlags, List[str]]:
+  """Separates gin flags from the other arguments.
+
+  Accepts ``--flag=value`` and ``--flag value`` forms.
+  """
+  flags, rest = GinFlags(), []
+  args = list(argv)
+  while args:
+    arg = args.pop(0)
+    name, has_value, value = arg.partition('=')
+    is_gin = name in ('--gin_file', '--gin_search_paths') or name.startswith('--gin.')
+    if is_gin and not has_value:
+      if not args:
+        raise errors.ConfigError(f'flag {name} needs a value, e.g. {name}=...')
+      value = args.pop(0)
+    if name == '--gin_file':
+      flags.files.append(value)
+    elif name == '--gin_search_paths':
+      flags.search_paths.extend(p for p in value.split(',') if p)
+    elif name.startswith('--gin.'):
+      flags.bindings.append(f'{name[len("--gin."):]} = {_literal(value)}')
+    else:
+      rest.append(arg)
+  return flags, rest
+
+
+_GIN_VALUE_START = re.compile(r"""^\s*([-+\d.'"\[\(\{@%]|True$|False$|None$|inf$|nan$)""")
+
+
+def _literal(value: str) -> str:
+  """``/tmp/run`` → ``'/tmp/run'``; values that already look like gin stay."""
+  if _GIN_VALUE_START.match(value):
+    return value
+  return repr(value)
+
+
+def _first_line(exc: BaseException) -> str:
+  lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+  return lines[0] if lines else type(exc).__name__
+
+
+def _location(exc: BaseException) -> str:
+  """``file:line`` from a gin parse error, when gin gives one."""
+  match = re.search(r'In file "([^"]+)", line (\d+)', str(exc))
+  if match:
+    return f'{match.group(1)}:{match.group(2)}'
+  location = getattr(exc, 'location', None)
+  if location is not None and getattr(location, 'filename', None):
+    return f'{location.filename}:{location.line_num}'
+  if isinstance(exc, SyntaxError) and exc.filename:
+    return f'{exc.filename}:{exc.lineno}'
+  return ''
+
+
+def _resolve(path: str, search_paths: Sequence[str]) -> str:
+  if os.path.isabs(path) or os.path.exists(path):
+    return path
+  for root in search_paths:
+    candidate = os.path.join(root, path)
+    if os.path.exists(candidate):
+      return candidate
+  raise errors.ConfigError(
+      f'gin file {path!r} not found (searched {", ".join(search_paths)}); '
+      'check the path or add its folder with --gin_search_paths')
+
+
+def parse(flags: GinFlags) -> None:
+  """Parses the files then the bindings; raises a one-line ``ConfigError``."""
+  search_paths = list(flags.search_paths) + list(DEFAULT_SEARCH_PATHS)
+  for root in search_paths:
+    gin.add_config_file_search_path(root)
+  for path in flags.files:
+    resolved = _resolve(path, search_paths)
+    try:
+      gin.parse_config_file(resolved)
+    except Exception as exc:  # gin raises many exception types.
+      where = _location(exc) or resolved
+      raise errors.ConfigError(f'{where}: {_first_line(exc)}') from None
+  for binding in flags.bindings:
+    try:
+      gin.parse_config(binding)
+    except Exception as exc:  # gin raises many exception types.
+      raise errors.ConfigError(
+          f'--gin.{binding.replace(" = ", "=", 1)}: {_first_line(exc)}') from None
+  gin.finalize()
+
+
+def call(fn, *args, **kwargs):
+  """Calls a gin-configured function, turning missing bindings into one line."""
+  try:
+    return fn(*args, **kwargs)
+  except RuntimeError as exc:
+    message = str(exc)
+    if 'Required bindings' in message or 'gin.REQUIRED' in message:
+      raise errors.ConfigError(
+          f'{_first_line(exc)}; set it in a gin file or with --gin.NAME=VALUE'
+      ) from None
+    raise
