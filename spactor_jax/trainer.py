@@ -125,9 +125,7 @@ class Trainer:
     shardings = partitioning.logical_to_sharding(logical, self.mesh, self.rules)
     params = nn.unbox(boxed.params)
     param_shardings = shardings.params
-    opt_shardings = jax.jit(
-        self.optimizer.init, in_shardings=(param_shardings,)).lower(
-            params).compile().output_shardings
+    opt_shardings = self._optimizer_shardings(params, param_shardings)
     abstract = TrainState(
         step=boxed.step, params=params,
         opt_state=jax.eval_shape(self.optimizer.init, params),
@@ -136,6 +134,20 @@ class Trainer:
         step=self._replicated, params=param_shardings, opt_state=opt_shardings,
         objective_state=shardings.objective_state)
     return abstract, state_shardings
+
+  def _optimizer_shardings(self, params: Any, param_shardings: Any) -> Any:
+    """Optimizer-state shardings as XLA propagates them from the parameters.
+
+    Factored Adafactor moments drop a dimension, so their shardings are read
+    off the compiled ``optimizer.init``; leaves that do not depend on the
+    parameters (step counts) are replicated over the mesh.
+    """
+    compiled = jax.jit(self.optimizer.init, in_shardings=(param_shardings,)
+                       ).lower(params).compile()
+    mesh_devices = set(self.mesh.devices.flat)
+    return jax.tree_util.tree_map(
+        lambda s: s if s.device_set == mesh_devices else self._replicated,
+        compiled.output_shardings)
 
   def init_state(self, rng: jax.Array) -> TrainState:
     """A freshly initialised state, created directly with its shardings."""

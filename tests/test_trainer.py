@@ -1,0 +1,137 @@
+"""Sharded train step: meshes agree with one device, micro-batching is exact."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from spactor_jax import network
+from spactor_jax import optimizers
+from spactor_jax import partitioning
+from spactor_jax import trainer as trainer_lib
+from spactor_jax.objectives import base
+from spactor_jax.objectives import span_corruption
+
+CONFIG = network.TransformerConfig(
+    vocab_size=256, emb_dim=32, num_heads=4, head_dim=8,
+    num_encoder_layers=2, num_decoder_layers=2, mlp_dim=64)
+VOCAB = base.VocabInfo(vocab_size=200)
+
+
+def _batch(batch_size=16, inputs=24, targets=8, seed=0):
+  rng = np.random.RandomState(seed)
+  weights = (rng.rand(batch_size, targets) > 0.2).astype(np.int32)
+  segments = np.ones((batch_size, inputs), np.int32)
+  segments[:, inputs // 2:] = 2
+  return {
+      'encoder_input_tokens': rng.randint(3, 200, (batch_size, inputs)).astype(np.int32),
+      'encoder_segment_ids': segments,
+      'decoder_input_tokens': rng.randint(3, 200, (batch_size, targets)).astype(np.int32),
+      'decoder_target_tokens': rng.randint(3, 200, (batch_size, targets)).astype(np.int32),
+      'decoder_loss_weights': weights,
+      'decoder_segment_ids': np.ones((batch_size, targets), np.int32),
+  }
+
+
+def _trainer(mesh_config, devices, batch, num_microbatches=1, optimizer=None):
+  schedule = optimizers.constant_schedule(1e-2)
+  tx = optimizer or optimizers.adafactor(learning_rate=schedule)
+  mesh = partitioning.make_mesh(mesh_config, devices)
+  spec = {k: (v.shape, v.dtype) for k, v in batch.items()}
+  objective = span_corruption.SpanCorruption(config=CONFIG, vocab=VOCAB)
+  return trainer_lib.Trainer(objective, tx, schedule, mesh,
+                             mesh_config.logical_rules, spec, num_microbatches)
+
+
+def _run(trainer, batches, seed=0):
+  state = trainer.init_state(jax.random.key(seed))
+  losses = []
+  for batch in batches:
+    state, metrics = trainer.train_step(
+        state, trainer.make_global_batch(batch), jax.random.key(1))
+    losses.append(float(metrics['loss']))
+  return losses, jax.device_get(state.params)
+
+
+def test_eight_fake_devices_available():
+  assert jax.device_count() == 8, 'conftest must set XLA_FLAGS before jax starts'
+
+
+@pytest.mark.parametrize('ici,rules', [
+    ((8, 1, 1), partitioning.STANDARD_RULES),
+    ((2, 2, 2), partitioning.STANDARD_RULES),
+    ((1, 2, 4), partitioning.FSDP_RULES),
+    ((2, 2, 2), partitioning.FSDP_RULES),
+])
+def test_mesh_gives_single_device_losses(ici, rules):
+  batches = [_batch(seed=s) for s in range(3)]
+  single = _trainer(partitioning.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1],
+                    batches[0])
+  sharded = _trainer(partitioning.MeshConfig(ici=ici, logical_rules=rules),
+                     jax.devices(), batches[0])
+  expected, expected_params = _run(single, batches)
+  got, got_params = _run(sharded, batches)
+  np.testing.assert_allclose(got, expected, rtol=2e-5)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+      got_params, expected_params)
+
+
+def test_parameters_are_sharded_not_replicated():
+  batch = _batch()
+  trainer = _trainer(partitioning.MeshConfig(ici=(1, 2, 4),
+                                             logical_rules=partitioning.FSDP_RULES),
+                     jax.devices(), batch)
+  state = trainer.init_state(jax.random.key(0))
+  embedding = state.params['model']['token_embedder']['embedding']
+  shard_shape = embedding.sharding.shard_shape(embedding.shape)
+  # vocab over model (4) and embed over fsdp (2).
+  assert shard_shape == (CONFIG.vocab_size // 4, CONFIG.emb_dim // 2)
+  sizes = {s.data.size for s in embedding.addressable_shards}
+  assert sizes == {embedding.size // 8}
+
+
+# Plain SGD makes the update linear in the gradient, so any error in the
+# accumulated gradient shows; Adafactor is the optimizer runs use. (Adam's
+# first steps divide by |g| and turn float noise on near-zero gradients into
+# full-size updates, which says nothing about accumulation.)
+@pytest.mark.parametrize('make_tx', [optimizers.adafactor, optax.sgd])
+def test_microbatching_equals_full_batch(make_tx):
+  schedule = optimizers.constant_schedule(1e-2)
+  batches = [_batch(seed=s) for s in range(2)]
+  mesh_config = partitioning.MeshConfig(ici=(2, 2, 2))
+  full = _trainer(mesh_config, jax.devices(), batches[0],
+                  optimizer=make_tx(learning_rate=schedule))
+  micro = _trainer(mesh_config, jax.devices(), batches[0], num_microbatches=4,
+                   optimizer=make_tx(learning_rate=schedule))
+  expected, expected_params = _run(full, batches)
+  got, got_params = _run(micro, batches)
+  np.testing.assert_allclose(got, expected, rtol=2e-5)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+      got_params, expected_params)
+
+
+def test_loss_is_per_target_token_cross_entropy():
+  """The step's loss equals a NumPy cross-entropy over the weighted targets."""
+  batch = _batch()
+  trainer = _trainer(partitioning.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1], batch)
+  state = trainer.init_state(jax.random.key(0))
+  variables = {'params': state.params}
+  logits = np.asarray(trainer.objective.apply(
+      variables, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
+      batch['encoder_segment_ids'], batch['decoder_segment_ids'],
+      method=lambda obj, *a: obj.model(*a)), np.float64)
+  log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  target_logit = np.take_along_axis(logits, batch['decoder_target_tokens'][..., None], -1)[..., 0]
+  per_token = log_z - target_logit + 1e-4 * log_z ** 2
+  weights = batch['decoder_loss_weights']
+  expected = (per_token * weights).sum() / weights.sum()
+  metrics = trainer.eval_loss(state, trainer.make_global_batch(batch))
+  np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)
+
+
+def test_mesh_shape_mismatch_is_one_line():
+  with pytest.raises(partitioning.errors.ConfigError) as info:
+    partitioning.make_mesh(partitioning.MeshConfig(ici=(3, 1, 1)))
+  assert '\n' not in str(info.value) and 'MeshConfig.ici' in str(info.value)
