@@ -14,6 +14,7 @@ _CORE = [
     'tensorflow-datasets>=4.9.10',
     'sentencepiece>=0.2.0',
     'gin-config>=0.5.0',
+    'tensorboard>=2.20',
     'numpy>=2.0',
 ]
 

@@ -19,6 +19,9 @@ import numpy as np
 
 _FIRST = ('loss',)
 _LAST = ('learning_rate', 'grad_norm')
+_HIDDEN = ('stage',)  # shown as the [name] prefix instead
+
+log = logging.getLogger('spactor_jax')
 
 
 def format_duration(seconds: float) -> str:
@@ -79,7 +82,7 @@ class MetricLogger:
     self._window_start = time.perf_counter()
     if self.enabled:
       eta = (self.total_steps - step) / averages['steps_per_second']
-      logging.info('%s', self._line(step, stage, averages, eta))
+      log.info('%s', self._line(step, stage, averages, eta))
       with self._writer.as_default(step=step):
         for name, value in averages.items():
           self._tf.summary.scalar(name, value)
@@ -89,7 +92,7 @@ class MetricLogger:
   def _line(self, step: int, stage: str, values: Dict[str, float], eta: float) -> str:
     rate_keys = ('steps_per_second', 'tokens_per_second')
     ordered = ([k for k in _FIRST if k in values] +
-               sorted(k for k in values if k not in _FIRST + _LAST + rate_keys) +
+               sorted(k for k in values if k not in _FIRST + _LAST + _HIDDEN + rate_keys) +
                [k for k in _LAST if k in values])
     parts = [_format_value(name, values[name]) for name in ordered]
     parts.append(f'{values["steps_per_second"]:.2f} steps/s')

@@ -15,7 +15,6 @@ from typing import Any, Dict, Mapping, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from spactor_jax import errors
@@ -269,10 +268,3 @@ class Trainer:
 
     with self.mesh, nn.logical_axis_rules(self.rules):
       return evaluate(state, dict(batch))
-
-  def make_global_batch(self, local_batch: Mapping[str, np.ndarray]
-                        ) -> Dict[str, jax.Array]:
-    """Assembles the global sharded batch from this process's rows."""
-    return {name: jax.make_array_from_process_local_data(
-        self.data_sharding, value, self.batch_spec[name][0])
-            for name, value in local_batch.items()}

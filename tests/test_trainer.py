@@ -9,6 +9,7 @@ from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import partitioning
 from spactor_jax import trainer as trainer_lib
+from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 from spactor_jax.objectives import span_corruption
 
@@ -48,7 +49,7 @@ def _run(trainer, batches, seed=0):
   losses = []
   for batch in batches:
     state, metrics = trainer.train_step(
-        state, trainer.make_global_batch(batch), jax.random.key(1))
+        state, pipeline.global_arrays(batch, trainer.data_sharding), jax.random.key(1))
     losses.append(float(metrics['loss']))
   return losses, jax.device_get(state.params)
 
@@ -127,7 +128,7 @@ def test_loss_is_per_target_token_cross_entropy():
   per_token = log_z - target_logit + 1e-4 * log_z ** 2
   weights = batch['decoder_loss_weights']
   expected = (per_token * weights).sum() / weights.sum()
-  metrics = trainer.eval_loss(state, trainer.make_global_batch(batch))
+  metrics = trainer.eval_loss(state, pipeline.global_arrays(batch, trainer.data_sharding))
   np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)
 
 

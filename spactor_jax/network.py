@@ -1,0 +1,439 @@
+"""T5.1.1 networks, after T5X's ``examples/t5/network.py``.
+
+One frozen ``TransformerConfig`` is threaded through every module. Submodule
+names are explicit so parameter paths are stable across objectives:
+``token_embedder``, ``encoder``, ``decoder`` (and inside the stacks
+``layers_{i}``, ``relpos_bias``, ``encoder_norm`` / ``decoder_norm``,
+``logits_dense``).
+
+Differences from T5X worth knowing: each stack owns *one* relative position
+bias table shared by all its layers (as the original Mesh-TF T5 does), and
+the decoder's padding is handled by the causal mask plus segment ids, since
+packing is expressed with segment ids only.
+"""
+
+import dataclasses
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from spactor_jax import layers
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'minimal': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyper-parameters of every network in this module (T5.1.1 by default).
+
+  ``dtype`` and ``param_dtype`` accept dtype names (``'bfloat16'``), which is
+  how gin files bind them; ``mlp_activations`` accepts a list.
+  """
+  vocab_size: int = 32128
+  emb_dim: int = 512
+  num_heads: int = 8
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  head_dim: int = 64
+  mlp_dim: int = 1024
+  mlp_activations: Tuple[str, ...] = ('gelu', 'linear')
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  logits_via_embedding: bool = False
+  remat_policy: str = 'none'
+
+  def __post_init__(self) -> None:
+    object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
+    object.__setattr__(self, 'param_dtype', jnp.dtype(self.param_dtype))
+    object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
+    if self.remat_policy not in ('none', *REMAT_POLICIES):
+      raise ValueError(f"TransformerConfig.remat_policy must be 'none', 'full' or 'minimal', "
+                       f'got {self.remat_policy!r}.')
+
+  def replace(self, **kwargs: Any) -> 'TransformerConfig':
+    """A copy with the given fields changed."""
+    return dataclasses.replace(self, **kwargs)
+
+
+def _maybe_remat(layer_cls: type, config: TransformerConfig, deterministic_argnum: int) -> type:
+  """Wraps a layer class in ``nn.remat`` according to ``config.remat_policy``.
+
+  Args:
+    layer_cls: the layer module class.
+    config: the network config.
+    deterministic_argnum: positional index of ``deterministic`` in
+      ``__call__``, counting ``self`` as 0 (it must be static).
+  """
+  if config.remat_policy == 'none':
+    return layer_cls
+  return nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat_policy],
+                  static_argnums=(deterministic_argnum,))
+
+
+def _dropout(config: TransformerConfig, x: Array, deterministic: bool) -> Array:
+  """T5 dropout: one keep mask shared along the length axis."""
+  return nn.Dropout(config.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+def _norm(config: TransformerConfig, name: Optional[str] = None) -> layers.RMSNorm:
+  return layers.RMSNorm(dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+
+
+def _attention(config: TransformerConfig, name: str) -> layers.MultiHeadDotProductAttention:
+  return layers.MultiHeadDotProductAttention(
+      num_heads=config.num_heads, head_dim=config.head_dim, dropout_rate=config.dropout_rate,
+      dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+
+
+def _mlp(config: TransformerConfig) -> layers.MlpBlock:
+  return layers.MlpBlock(intermediate_dim=config.mlp_dim, activations=config.mlp_activations,
+                         intermediate_dropout_rate=config.dropout_rate, dtype=config.dtype,
+                         param_dtype=config.param_dtype, name='mlp')
+
+
+def _relpos(config: TransformerConfig, bidirectional: bool,
+            name: Optional[str] = None) -> layers.RelativePositionBiases:
+  return layers.RelativePositionBiases(
+      num_buckets=config.relative_attention_num_buckets,
+      max_distance=config.relative_attention_max_distance, num_heads=config.num_heads,
+      bidirectional=bidirectional, dtype=config.dtype, param_dtype=config.param_dtype,
+      name=name)
+
+
+def _constrain(x: Array) -> Array:
+  return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+
+def _make_embedder(config: TransformerConfig) -> layers.Embed:
+  return layers.Embed(num_embeddings=config.vocab_size, features=config.emb_dim,
+                      dtype=config.dtype, param_dtype=config.param_dtype)
+
+
+def _encoder_mask(tokens: Optional[Array], segment_ids: Optional[Array],
+                  input_mask: Optional[Array]) -> Array:
+  """Bidirectional self-attention mask ``[batch, 1, length, length]``.
+
+  Validity comes from ``input_mask`` if given, else ``segment_ids > 0``, else
+  ``tokens > 0``; with segment ids, tokens only see their own segment.
+  """
+  if input_mask is not None:
+    valid = input_mask.astype(jnp.bool_)
+  elif segment_ids is not None:
+    valid = segment_ids > 0
+  elif tokens is not None:
+    valid = tokens > 0
+  else:
+    raise ValueError('The encoder needs encoder_input_tokens, encoder_segment_ids '
+                     'or input_mask to build its attention mask.')
+  mask = layers.make_attention_mask(valid, valid)
+  if segment_ids is not None:
+    mask = mask & layers.make_attention_mask(segment_ids, segment_ids, jnp.equal)
+  return mask
+
+
+def _decoder_self_mask(length: int, segment_ids: Optional[Array]) -> Array:
+  """Causal (and same-segment) mask, ``[batch or 1, 1, length, length]``."""
+  mask = layers.make_causal_mask(length)
+  if segment_ids is not None:
+    mask = mask & layers.make_attention_mask(segment_ids, segment_ids, jnp.equal)
+  return mask
+
+
+def _cross_mask(encoder_input_tokens: Array, encoder_segment_ids: Optional[Array],
+                decoder_segment_ids: Optional[Array]) -> Array:
+  """Decoder-to-encoder mask ``[batch, 1, tgt_len, in_len]``.
+
+  Keys are the non-padding encoder tokens; with both segment ids given, a
+  target token only sees inputs of its own segment.
+  """
+  key_valid = encoder_input_tokens > 0
+  if encoder_segment_ids is not None:
+    key_valid = key_valid & (encoder_segment_ids > 0)
+  mask = key_valid[:, None, None, :]
+  if encoder_segment_ids is not None and decoder_segment_ids is not None:
+    mask = mask & layers.make_attention_mask(decoder_segment_ids, encoder_segment_ids, jnp.equal)
+  return mask
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm self-attention + gated MLP block."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, bias: Array, deterministic: bool) -> Array:
+    """Args: ``x [batch, length, emb]``, ``mask [batch, 1, length, length]``,
+    ``bias [1, heads, length, length]``. Returns ``[batch, length, emb]``."""
+    cfg = self.config
+    y = _norm(cfg, 'pre_attention_layer_norm')(x)
+    y = _attention(cfg, 'attention')(y, y, mask, bias, deterministic)
+    x = _constrain(x + _dropout(cfg, y, deterministic))
+    y = _norm(cfg, 'pre_mlp_layer_norm')(x)
+    y = _mlp(cfg)(y, deterministic)
+    return _constrain(x + _dropout(cfg, y, deterministic))
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm causal self-attention, optional cross-attention, gated MLP."""
+  config: TransformerConfig
+  cross_attention: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Optional[Array], self_mask: Array, self_bias: Array,
+               cross_mask: Optional[Array], deterministic: bool) -> Array:
+    """Args: ``x [batch, tgt_len, emb]``, ``encoded [batch, in_len, emb]`` (None
+    without cross-attention), ``self_mask [batch or 1, 1, tgt_len, tgt_len]``,
+    ``self_bias [1, heads, tgt_len, tgt_len]``, ``cross_mask [batch, 1, tgt_len,
+    in_len]``. Returns ``[batch, tgt_len, emb]``."""
+    cfg = self.config
+    y = _norm(cfg, 'pre_self_attention_layer_norm')(x)
+    y = _attention(cfg, 'self_attention')(y, y, self_mask, self_bias, deterministic)
+    x = _constrain(x + _dropout(cfg, y, deterministic))
+    if self.cross_attention:
+      y = _norm(cfg, 'pre_cross_attention_layer_norm')(x)
+      y = _attention(cfg, 'encoder_decoder_attention')(y, encoded, cross_mask, None,
+                                                      deterministic)
+      x = _constrain(x + _dropout(cfg, y, deterministic))
+    y = _norm(cfg, 'pre_mlp_layer_norm')(x)
+    y = _mlp(cfg)(y, deterministic)
+    return _constrain(x + _dropout(cfg, y, deterministic))
+
+
+class Encoder(nn.Module):
+  """A stack of bidirectional encoder layers with one relative-position table.
+
+  Attributes:
+    config: network config.
+    shared_embedding: token embedder; if None, inputs must come as
+      ``input_embeddings``.
+  """
+  config: TransformerConfig
+  shared_embedding: Optional[nn.Module] = None
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens: Optional[Array] = None,
+               encoder_segment_ids: Optional[Array] = None, *, enable_dropout: bool = False,
+               input_embeddings: Optional[Array] = None,
+               input_mask: Optional[Array] = None) -> Array:
+    """Encodes a batch.
+
+    Args:
+      encoder_input_tokens: ``[batch, length]`` int ids (0 = padding).
+      encoder_segment_ids: ``[batch, length]`` packing segment ids (0 = padding).
+      enable_dropout: training mode.
+      input_embeddings: ``[batch, length, emb]``; replaces the token lookup.
+      input_mask: ``[batch, length]`` bool validity; overrides the mask
+        derived from segment ids or tokens.
+
+    Returns:
+      ``[batch, length, emb]`` final-normed hidden states.
+    """
+    cfg = self.config
+    deterministic = not enable_dropout
+    if input_embeddings is None:
+      if self.shared_embedding is None or encoder_input_tokens is None:
+        raise ValueError('The Encoder needs input_embeddings, or encoder_input_tokens '
+                         'and a shared_embedding.')
+      input_embeddings = self.shared_embedding(encoder_input_tokens.astype(jnp.int32))
+    mask = _encoder_mask(encoder_input_tokens, encoder_segment_ids, input_mask)
+    length = input_embeddings.shape[1]
+    bias = _relpos(cfg, True, 'relpos_bias')(length, length)  # [1, heads, length, length]
+
+    x = _dropout(cfg, input_embeddings.astype(cfg.dtype), deterministic)
+    x = _constrain(x)  # [batch, length, emb]
+    layer_cls = _maybe_remat(EncoderLayer, cfg, deterministic_argnum=4)
+    for i in range(cfg.num_encoder_layers):
+      x = layer_cls(cfg, name=f'layers_{i}')(x, mask, bias, deterministic)
+    x = _norm(cfg, 'encoder_norm')(x)
+    return _constrain(_dropout(cfg, x, deterministic))
+
+
+class Decoder(nn.Module):
+  """A stack of causal decoder layers, optionally cross-attending to an encoder.
+
+  ``__call__`` returns hidden states; ``logits`` maps them to the vocabulary
+  (the untied ``logits_dense`` is created only when ``logits`` is used, so a
+  headless objective never owns one).
+
+  Attributes:
+    config: network config.
+    shared_embedding: token embedder for the inputs (and the tied head).
+    cross_attention: whether layers attend to ``encoded``.
+  """
+  config: TransformerConfig
+  shared_embedding: nn.Module
+  cross_attention: bool = True
+
+  def setup(self) -> None:
+    cfg = self.config
+    layer_cls = _maybe_remat(DecoderLayer, cfg, deterministic_argnum=6)
+    self.relpos_bias = _relpos(cfg, bidirectional=False)
+    self.layers = [layer_cls(cfg, cross_attention=self.cross_attention)
+                   for _ in range(cfg.num_decoder_layers)]
+    self.decoder_norm = _norm(cfg)
+    self.embedding_dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    self.output_dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    if not cfg.logits_via_embedding:
+      self.logits_dense = layers.DenseGeneral(
+          cfg.vocab_size, kernel_axes=('embed', 'vocab'), dtype=jnp.float32,
+          param_dtype=cfg.param_dtype)
+
+  def __call__(self, decoder_input_tokens: Array, encoded: Optional[Array] = None,
+               encoder_input_tokens: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None,
+               encoder_segment_ids: Optional[Array] = None, *,
+               enable_dropout: bool = False) -> Array:
+    """Decodes a batch with teacher forcing.
+
+    Args:
+      decoder_input_tokens: ``[batch, tgt_len]`` shifted-right targets.
+      encoded: ``[batch, in_len, emb]`` encoder output (cross-attention only).
+      encoder_input_tokens: ``[batch, in_len]`` ids, for the cross mask.
+      decoder_segment_ids: ``[batch, tgt_len]`` packing segment ids.
+      encoder_segment_ids: ``[batch, in_len]`` packing segment ids.
+      enable_dropout: training mode.
+
+    Returns:
+      ``[batch, tgt_len, emb]`` final-normed hidden states.
+    """
+    cfg = self.config
+    deterministic = not enable_dropout
+    length = decoder_input_tokens.shape[1]
+    self_mask = _decoder_self_mask(length, decoder_segment_ids)
+    self_bias = self.relpos_bias(length, length)  # [1, heads, tgt_len, tgt_len]
+    cross_mask = None
+    if self.cross_attention:
+      if encoded is None or encoder_input_tokens is None:
+        raise ValueError('A cross-attending Decoder needs encoded and encoder_input_tokens.')
+      cross_mask = _cross_mask(encoder_input_tokens, encoder_segment_ids, decoder_segment_ids)
+
+    x = self.shared_embedding(decoder_input_tokens.astype(jnp.int32))
+    x = _constrain(self.embedding_dropout(x.astype(cfg.dtype), deterministic=deterministic))
+    for layer in self.layers:
+      x = layer(x, encoded, self_mask, self_bias, cross_mask, deterministic)
+    x = self.decoder_norm(x)
+    return _constrain(self.output_dropout(x, deterministic=deterministic))
+
+  def logits(self, hidden: Array) -> Array:
+    """``[batch, length, emb] -> [batch, length, vocab]`` float32 logits."""
+    if self.config.logits_via_embedding:
+      # T5X rescales tied logits by 1/sqrt(emb_dim).
+      logits = self.shared_embedding.attend(hidden) / jnp.sqrt(hidden.shape[-1])
+    else:
+      logits = self.logits_dense(hidden)
+    return nn.with_logical_constraint(logits.astype(jnp.float32),
+                                      ('batch', 'length', 'vocab'))
+
+
+class EncoderDecoder(nn.Module):
+  """T5.1.1 encoder-decoder with a shared token embedding."""
+  config: TransformerConfig
+
+  def setup(self) -> None:
+    self.token_embedder = _make_embedder(self.config)
+    self.encoder = Encoder(self.config, shared_embedding=self.token_embedder)
+    self.decoder = Decoder(self.config, shared_embedding=self.token_embedder)
+
+  def embed(self, tokens: Array) -> Array:
+    """``[batch, length]`` ids -> ``[batch, length, emb]`` (no dropout)."""
+    return self.token_embedder(tokens.astype(jnp.int32))
+
+  def attend(self, hidden: Array) -> Array:
+    """``[batch, length, emb] -> [batch, length, vocab]``: hidden times the embedding."""
+    return self.token_embedder.attend(hidden)
+
+  def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None, *,
+             enable_dropout: bool = False,
+             input_embeddings: Optional[Array] = None) -> Array:
+    """Runs the encoder; returns ``[batch, in_len, emb]``.
+
+    ``input_embeddings`` (``[batch, in_len, emb]``) replaces the token lookup;
+    the tokens still define the padding mask.
+    """
+    return self.encoder(encoder_input_tokens, encoder_segment_ids,
+                        enable_dropout=enable_dropout, input_embeddings=input_embeddings)
+
+  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+             encoder_segment_ids: Optional[Array] = None,
+             decoder_segment_ids: Optional[Array] = None, *,
+             enable_dropout: bool = False) -> Array:
+    """Runs the decoder on ``encoded``; returns ``[batch, tgt_len, vocab]`` float32 logits."""
+    hidden = self.decoder(decoder_input_tokens, encoded, encoder_input_tokens,
+                          decoder_segment_ids, encoder_segment_ids,
+                          enable_dropout=enable_dropout)
+    return self.decoder.logits(hidden)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               encoder_segment_ids: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None, *,
+               enable_dropout: bool = False) -> Array:
+    """Encodes then decodes; returns ``[batch, tgt_len, vocab]`` float32 logits."""
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids,
+                          enable_dropout=enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       encoder_segment_ids, decoder_segment_ids,
+                       enable_dropout=enable_dropout)
+
+
+class EncoderOnly(nn.Module):
+  """Bidirectional encoder with its own token embedding (ELECTRA, COCO-LM, RTS)."""
+  config: TransformerConfig
+
+  def setup(self) -> None:
+    self.token_embedder = _make_embedder(self.config)
+    self.encoder = Encoder(self.config, shared_embedding=self.token_embedder)
+
+  def embed(self, tokens: Array) -> Array:
+    """``[batch, length]`` ids -> ``[batch, length, emb]`` (no dropout)."""
+    return self.token_embedder(tokens.astype(jnp.int32))
+
+  def attend(self, hidden: Array) -> Array:
+    """``[batch, length, emb] -> [batch, length, vocab]``: hidden times the embedding."""
+    return self.token_embedder.attend(hidden)
+
+  def __call__(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
+               *, enable_dropout: bool = False,
+               input_embeddings: Optional[Array] = None) -> Array:
+    """Returns ``[batch, length, emb]`` hidden states."""
+    return self.encoder(encoder_input_tokens, encoder_segment_ids,
+                        enable_dropout=enable_dropout, input_embeddings=input_embeddings)
+
+
+class DecoderOnly(nn.Module):
+  """Causal LM with T5 relative position biases and no cross-attention."""
+  config: TransformerConfig
+
+  def setup(self) -> None:
+    self.token_embedder = _make_embedder(self.config)
+    self.decoder = Decoder(self.config, shared_embedding=self.token_embedder,
+                           cross_attention=False)
+
+  def embed(self, tokens: Array) -> Array:
+    """``[batch, length]`` ids -> ``[batch, length, emb]`` (no dropout)."""
+    return self.token_embedder(tokens.astype(jnp.int32))
+
+  def attend(self, hidden: Array) -> Array:
+    """``[batch, length, emb] -> [batch, length, vocab]``: hidden times the embedding."""
+    return self.token_embedder.attend(hidden)
+
+  def logits(self, hidden: Array) -> Array:
+    """``[batch, length, emb] -> [batch, length, vocab]`` float32 logits
+    (``decoder/logits_dense``, or the tied embedding if ``logits_via_embedding``)."""
+    return self.decoder.logits(hidden)
+
+  def __call__(self, decoder_input_tokens: Array, decoder_segment_ids: Optional[Array] = None,
+               *, enable_dropout: bool = False) -> Array:
+    """Returns ``[batch, length, emb]`` hidden states."""
+    return self.decoder(decoder_input_tokens, decoder_segment_ids=decoder_segment_ids,
+                        enable_dropout=enable_dropout)

@@ -1,0 +1,157 @@
+"""The pre-training run: a curriculum of objectives, sharded, checkpointed, logged.
+
+``train`` is what ``python -m spactor_jax.train`` calls after parsing gin; it
+resumes from the latest checkpoint in ``model_dir``.
+"""
+
+import logging
+import signal
+from typing import Optional
+
+import gin
+import jax
+import optax
+import seqio
+
+from spactor_jax import checkpoints
+from spactor_jax import curriculum as curriculum_lib
+from spactor_jax import errors
+from spactor_jax import metrics_log
+from spactor_jax import network
+from spactor_jax import partitioning
+from spactor_jax import runtime
+from spactor_jax import trainer as trainer_lib
+from spactor_jax import train_state
+from spactor_jax.data import pipeline
+
+log = logging.getLogger('spactor_jax')
+
+
+class _Preemption:
+  """Turns SIGTERM into a request to checkpoint and stop after this step."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+
+def _global_batch_spec(iterator, process_count: int) -> trainer_lib.BatchSpec:
+  return {name: ((shape[0] * process_count,) + tuple(shape[1:]), dtype)
+          for name, (shape, dtype) in iterator.element_spec.items()}
+
+
+def _check_families(curriculum: curriculum_lib.Curriculum) -> str:
+  families = {stage.objective.model_family for stage in curriculum.stages}
+  if len(families) != 1:
+    raise errors.ConfigError(
+        f'curriculum mixes model families {sorted(families)}; every stage must '
+        'train the same architecture')
+  return families.pop()
+
+
+@gin.configurable
+def train(model_dir: str = gin.REQUIRED,
+          data: pipeline.DataConfig = gin.REQUIRED,
+          curriculum: curriculum_lib.Curriculum = gin.REQUIRED,
+          model: network.TransformerConfig = gin.REQUIRED,
+          total_steps: int = gin.REQUIRED,
+          batch_size: int = gin.REQUIRED,
+          optimizer=gin.REQUIRED,
+          learning_rate: optax.Schedule = gin.REQUIRED,
+          mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
+          num_microbatches: int = 1,
+          log_every_steps: int = 50,
+          seed: int = 0,
+          checkpointer: Optional[checkpoints.Checkpointer] = None
+          ) -> Optional[dict]:
+  """Trains, checkpoints and logs; returns the last logged averages.
+
+  Args:
+    model_dir: where checkpoints and TensorBoard summaries go.
+    data: the input pipeline configuration (task, lengths, seed).
+    curriculum: the objectives and their steps.
+    model: the network configuration shared by all stages.
+    total_steps: train steps of the whole run.
+    batch_size: global batch size (examples, after packing).
+    optimizer: an optax optimizer factory taking ``learning_rate``.
+    learning_rate: the schedule.
+    mesh: device mesh shape and logical rules.
+    num_microbatches: gradient-accumulation steps per train step.
+    log_every_steps: how often to print and write summaries.
+    seed: parameter-initialisation and train-step RNG seed.
+    checkpointer: checkpoint settings (default: ``Checkpointer`` from gin).
+  """
+  family = _check_families(curriculum)
+  device_mesh = partitioning.make_mesh(mesh)
+  shard = seqio.ShardInfo(jax.process_index(), jax.process_count())
+  iterator = pipeline.make_iterator(data, family, batch_size, shard,
+                                    model_vocab_size=model.vocab_size)
+  vocab = pipeline.vocab_info(iterator.vocabulary)
+  batch_spec = _global_batch_spec(iterator, jax.process_count())
+  tx = optimizer(learning_rate=learning_rate)
+  checkpointer = checkpointer or checkpoints.Checkpointer(model_dir)
+  logger = metrics_log.MetricLogger(model_dir, total_steps,
+                                    enabled=runtime.is_main_process())
+  rng = jax.random.key(seed)
+
+  def make_trainer(index: int) -> trainer_lib.Trainer:
+    objective = curriculum.stages[index].objective(config=model, vocab=vocab)
+    return trainer_lib.Trainer(objective, tx, learning_rate, device_mesh,
+                               mesh.logical_rules, batch_spec, num_microbatches)
+
+  start = checkpointer.latest_step() or 0
+  stage = curriculum.index_of_state(start)
+  trainer = make_trainer(stage)
+  log.info('mesh %s, %s, global batch %d, %d steps, stage %s',
+               partitioning.describe(device_mesh), runtime.process_info(),
+               batch_size, total_steps, curriculum.stages[stage].name)
+  if start:
+    state = checkpointer.restore(start, trainer.abstract_state,
+                                 trainer.state_shardings, iterator)
+    log.info('resumed from %s at step %d', checkpointer.directory, start)
+  else:
+    state = trainer.init_state(rng)
+  num_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
+  log.info('%s parameters: %s', curriculum.stages[stage].name, f'{num_params:,}')
+
+  preemption = _Preemption()
+  averages = None
+  step = start
+  try:
+    while step < total_steps and not preemption.requested:
+      wanted = curriculum.index_at(step)
+      if wanted != stage:
+        state, trainer = _switch_stage(state, make_trainer(wanted), rng)
+        stage = wanted
+        log.info('step %d: stage %s begins', step, curriculum.stages[stage].name)
+      batch = pipeline.global_arrays(next(iterator), trainer.data_sharding)
+      state, metrics = trainer.train_step(state, batch, rng)
+      step += 1
+      metrics['stage'] = stage
+      logger.record(metrics)
+      if step == start + 1:
+        logger.flush(step, curriculum.stages[stage].name)  # includes compilation.
+      elif step % log_every_steps == 0 or step == total_steps:
+        averages = logger.flush(step, curriculum.stages[stage].name)
+      checkpointer.save(state, iterator, force=step == total_steps)
+    if preemption.requested:
+      checkpointer.save(state, iterator, force=True)
+      log.info('SIGTERM: saved a checkpoint at step %d; run the same '
+                   'command again to resume', step)
+  finally:
+    checkpointer.close()
+    logger.close()
+  return averages
+
+
+def _switch_stage(state: train_state.TrainState, trainer: trainer_lib.Trainer,
+                  rng: jax.Array):
+  """Moves the state to the next stage's objective; frees what it drops."""
+  state, carried, dropped = train_state.carry_over(
+      state, trainer.abstract_state, lambda: trainer.init_state(rng))
+  log.info('carried %d state arrays over, freed %d', carried, dropped)
+  return state, trainer

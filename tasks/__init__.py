@@ -1,0 +1,14 @@
+"""seqio tasks of spactor-jax; importing this package registers all of them.
+
+Registered: ``{corpus}_{family}`` for corpus in ``c4`` (TFDS ``c4/en:3.1.0``,
+T5's cc_all.32000 vocabulary, path gin-configurable through
+``tasks.c4_vocabulary_path.path``) and ``pdtext`` (the shipped public-domain
+corpus and its SentencePiece model), and family in ``corpora.FAMILIES``.
+A user's own text files get the same family through ``corpora.TextCorpus``.
+"""
+
+from tasks import corpora
+from tasks import preprocessors
+from tasks import vocab
+
+corpora.register_builtin()
