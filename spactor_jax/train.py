@@ -38,7 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _import_task_registry()
     gin_utils.parse(flags)
     runtime.initialize()
-    gin_utils.call(training.train)
+    training.train(gin_utils.call(training.RunConfig))
   except errors.ConfigError as exc:
     print(f'error: {exc}', file=sys.stderr)
     return 2

@@ -4,9 +4,10 @@
 resumes from the latest checkpoint in ``model_dir``.
 """
 
+import dataclasses
 import logging
 import signal
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import gin
 import jax
@@ -23,6 +24,7 @@ from spactor_jax import runtime
 from spactor_jax import trainer as trainer_lib
 from spactor_jax import train_state
 from spactor_jax.data import pipeline
+from spactor_jax.objectives import base
 
 log = logging.getLogger('spactor_jax')
 
@@ -44,71 +46,84 @@ def _global_batch_spec(iterator, process_count: int) -> trainer_lib.BatchSpec:
           for name, (shape, dtype) in iterator.element_spec.items()}
 
 
-def _check_families(curriculum: curriculum_lib.Curriculum) -> str:
-  families = {stage.objective.model_family for stage in curriculum.stages}
-  if len(families) != 1:
-    raise errors.ConfigError(
-        f'curriculum mixes model families {sorted(families)}; every stage must '
-        'train the same architecture')
-  return families.pop()
-
-
 @gin.configurable
-def train(model_dir: str = gin.REQUIRED,
-          data: pipeline.DataConfig = gin.REQUIRED,
-          curriculum: curriculum_lib.Curriculum = gin.REQUIRED,
-          model: network.TransformerConfig = gin.REQUIRED,
-          total_steps: int = gin.REQUIRED,
-          batch_size: int = gin.REQUIRED,
-          optimizer=gin.REQUIRED,
-          learning_rate: optax.Schedule = gin.REQUIRED,
-          mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
-          num_microbatches: int = 1,
-          log_every_steps: int = 50,
-          seed: int = 0,
-          checkpointer: Optional[checkpoints.Checkpointer] = None
-          ) -> Optional[dict]:
-  """Trains, checkpoints and logs; returns the last logged averages.
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything a pre-training run is made of; bound in gin.
 
-  Args:
+  Attributes:
     model_dir: where checkpoints and TensorBoard summaries go.
     data: the input pipeline configuration (task, lengths, seed).
     curriculum: the objectives and their steps.
     model: the network configuration shared by all stages.
     total_steps: train steps of the whole run.
-    batch_size: global batch size (examples, after packing).
+    batch_size: global batch size (rows, after packing).
     optimizer: an optax optimizer factory taking ``learning_rate``.
     learning_rate: the schedule.
     mesh: device mesh shape and logical rules.
     num_microbatches: gradient-accumulation steps per train step.
     log_every_steps: how often to print and write summaries.
     seed: parameter-initialisation and train-step RNG seed.
-    checkpointer: checkpoint settings (default: ``Checkpointer`` from gin).
+    checkpointer: a ``Checkpointer`` factory taking ``model_dir``.
   """
-  family = _check_families(curriculum)
-  device_mesh = partitioning.make_mesh(mesh)
+  model_dir: str = gin.REQUIRED
+  data: pipeline.DataConfig = gin.REQUIRED
+  curriculum: curriculum_lib.Curriculum = gin.REQUIRED
+  model: network.TransformerConfig = gin.REQUIRED
+  total_steps: int = gin.REQUIRED
+  batch_size: int = gin.REQUIRED
+  optimizer: Callable[..., optax.GradientTransformation] = gin.REQUIRED
+  learning_rate: optax.Schedule = gin.REQUIRED
+  mesh: partitioning.MeshConfig = partitioning.MeshConfig()
+  num_microbatches: int = 1
+  log_every_steps: int = 50
+  seed: int = 0
+  checkpointer: Callable[..., checkpoints.Checkpointer] = checkpoints.Checkpointer
+
+  @property
+  def model_family(self) -> str:
+    """The architecture every stage trains (they must agree)."""
+    families = {stage.objective.model_family for stage in self.curriculum.stages}
+    if len(families) != 1:
+      raise errors.ConfigError(
+          f'curriculum mixes model families {sorted(families)}; every stage '
+          'must train the same architecture')
+    return families.pop()
+
+  def make_trainer(self, stage: int, device_mesh: jax.sharding.Mesh,
+                   batch_spec: trainer_lib.BatchSpec,
+                   vocab: base.VocabInfo) -> trainer_lib.Trainer:
+    """The trainer of curriculum stage ``stage`` on ``device_mesh``."""
+    objective = self.curriculum.stages[stage].objective(config=self.model, vocab=vocab)
+    return trainer_lib.Trainer(
+        objective, self.optimizer(learning_rate=self.learning_rate),
+        self.learning_rate, device_mesh, self.mesh.logical_rules, batch_spec,
+        self.num_microbatches)
+
+
+def train(config: RunConfig) -> Optional[Dict[str, float]]:
+  """Trains, checkpoints and logs; returns the last logged averages."""
+  curriculum = config.curriculum
+  device_mesh = partitioning.make_mesh(config.mesh)
   shard = seqio.ShardInfo(jax.process_index(), jax.process_count())
-  iterator = pipeline.make_iterator(data, family, batch_size, shard,
-                                    model_vocab_size=model.vocab_size)
+  iterator = pipeline.make_iterator(config.data, config.model_family,
+                                    config.batch_size, shard,
+                                    model_vocab_size=config.model.vocab_size)
   vocab = pipeline.vocab_info(iterator.vocabulary)
   batch_spec = _global_batch_spec(iterator, jax.process_count())
-  tx = optimizer(learning_rate=learning_rate)
-  checkpointer = checkpointer or checkpoints.Checkpointer(model_dir)
-  logger = metrics_log.MetricLogger(model_dir, total_steps,
+  checkpointer = config.checkpointer(model_dir=config.model_dir)
+  logger = metrics_log.MetricLogger(config.model_dir, config.total_steps,
                                     enabled=runtime.is_main_process())
-  rng = jax.random.key(seed)
-
-  def make_trainer(index: int) -> trainer_lib.Trainer:
-    objective = curriculum.stages[index].objective(config=model, vocab=vocab)
-    return trainer_lib.Trainer(objective, tx, learning_rate, device_mesh,
-                               mesh.logical_rules, batch_spec, num_microbatches)
+  rng = jax.random.key(config.seed)
+  make_trainer = lambda index: config.make_trainer(index, device_mesh, batch_spec, vocab)
+  total_steps = config.total_steps
 
   start = checkpointer.latest_step() or 0
   stage = curriculum.index_of_state(start)
   trainer = make_trainer(stage)
   log.info('mesh %s, %s, global batch %d, %d steps, stage %s',
-               partitioning.describe(device_mesh), runtime.process_info(),
-               batch_size, total_steps, curriculum.stages[stage].name)
+           partitioning.describe(device_mesh), runtime.process_info(),
+           config.batch_size, total_steps, curriculum.stages[stage].name)
   if start:
     state = checkpointer.restore(start, trainer.abstract_state,
                                  trainer.state_shardings, iterator)
@@ -135,7 +150,7 @@ def train(model_dir: str = gin.REQUIRED,
       logger.record(metrics)
       if step == start + 1:
         logger.flush(step, curriculum.stages[stage].name)  # includes compilation.
-      elif step % log_every_steps == 0 or step == total_steps:
+      elif step % config.log_every_steps == 0 or step == total_steps:
         averages = logger.flush(step, curriculum.stages[stage].name)
       checkpointer.save(state, iterator, force=step == total_steps)
     if preemption.requested:
