@@ -21,7 +21,7 @@ are compiled in megacore mode, one JAX device per chip, as on real hosts.
 import importlib.util
 import math
 import re
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import jax
 from jax.experimental import mesh_utils
@@ -66,6 +66,37 @@ def parse_topology(topology: str) -> Tuple[str, Tuple[int, ...]]:
   return generation, grid
 
 
+def topology_devices(topology: str, num_slices: int = 1) -> List[Any]:
+  """The compile-only devices of a TPU slice (or of ``num_slices`` slices).
+
+  Args:
+    topology: a slice name such as ``'v5e:2x2'`` (see :func:`parse_topology`).
+    num_slices: identical slices joined over the data-center network
+      (multi-slice); their devices carry ``slice_index``.
+
+  Raises:
+    ConfigError: for an unknown topology, or when libtpu is not installed.
+  """
+  generation, _ = parse_topology(topology)
+  if num_slices < 1:
+    raise ConfigError(f'num_slices={num_slices} must be at least 1.')
+  if importlib.util.find_spec('libtpu') is None:
+    raise ConfigError('AOT compilation for TPU needs libtpu: pip install '
+                      f'"jax[tpu]=={jax.__version__}" (it works on CPU-only '
+                      'machines).')
+  chip_config = 'megacore' if generation in _MEGACORE else 'default'
+  kwargs = {'num_slices': num_slices} if num_slices > 1 else {}
+  try:
+    description = topologies.get_topology_desc(
+        platform='tpu', topology_name=topology, chip_config_name=chip_config,
+        **kwargs)
+  except jax.errors.JaxRuntimeError as e:
+    first_line = str(e).splitlines()[0]
+    raise ConfigError(f'libtpu rejected topology {topology!r}: '
+                      f'{first_line}') from None
+  return list(description.devices)
+
+
 def topology_mesh(topology: str, mesh_shape: Dict[str, int]) -> jax.sharding.Mesh:
   """A mesh of compile-only devices of a TPU slice.
 
@@ -83,27 +114,15 @@ def topology_mesh(topology: str, mesh_shape: Dict[str, int]) -> jax.sharding.Mes
     ConfigError: for an unknown topology, a mesh that does not match the
       device count, or when libtpu is not installed.
   """
-  generation, grid = parse_topology(topology)
+  _, grid = parse_topology(topology)
   num_chips = math.prod(grid)
   sizes = tuple(mesh_shape.values())
   if math.prod(sizes) != num_chips or min(sizes, default=0) < 1:
     raise ConfigError(f'mesh {dict(mesh_shape)} has {math.prod(sizes)} '
                       f'devices but topology {topology!r} has {num_chips} '
                       'chips; make the axis sizes multiply to the chip count.')
-  if importlib.util.find_spec('libtpu') is None:
-    raise ConfigError('AOT compilation for TPU needs libtpu: pip install '
-                      f'"jax[tpu]=={jax.__version__}" (it works on CPU-only '
-                      'machines).')
-  chip_config = 'megacore' if generation in _MEGACORE else 'default'
-  try:
-    description = topologies.get_topology_desc(
-        platform='tpu', topology_name=topology, chip_config_name=chip_config)
-  except jax.errors.JaxRuntimeError as e:
-    first_line = str(e).splitlines()[0]
-    raise ConfigError(f'libtpu rejected topology {topology!r}: '
-                      f'{first_line}') from None
   devices = mesh_utils.create_device_mesh(
-      sizes, description.devices, allow_split_physical_axes=True)
+      sizes, topology_devices(topology), allow_split_physical_axes=True)
   return jax.sharding.Mesh(devices, tuple(mesh_shape))
 
 

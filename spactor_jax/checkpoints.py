@@ -73,16 +73,25 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def save(self, state: TrainState, data_iterator: Any, *, force: bool = False) -> bool:
-    """Saves when the step is due (or ``force``); returns whether it saved."""
-    step = int(jax.device_get(state.step))
-    if step in self.manager.all_steps():
+  def save(self, step: int, state: TrainState, data_iterator: Any, *,
+           force: bool = False) -> bool:
+    """Saves when ``step`` is due (or ``force``); returns whether it saved.
+
+    Args:
+      step: completed steps, ``state.step`` as a host integer (passed in so
+        that deciding costs no device synchronisation).
+      state: the train state.
+      data_iterator: the input pipeline, positioned after ``step`` batches.
+      force: save even when the step is not a multiple of the interval.
+    """
+    due = force or step % self.save_every_steps == 0
+    if not due or step in self.manager.all_steps():
       return False
     return self.manager.save(
         step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=DataIteratorSave(data_iterator)),
-        force=force)
+        force=True)
 
   def restore(self, step: int, abstract_state: TrainState,
               shardings: TrainState, data_iterator: Any) -> TrainState:

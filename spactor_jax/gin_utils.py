@@ -7,9 +7,12 @@ in ``ConfigError`` naming the file (or flag) and the binding.
 """
 
 import dataclasses
+import logging
 import os
 import re
-from typing import List, Sequence, Tuple
+import sys
+import tokenize
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import gin
 
@@ -95,7 +98,8 @@ def _resolve(path: str, search_paths: Sequence[str]) -> str:
 
 def parse(flags: GinFlags) -> None:
   """Parses the files then the bindings; raises a one-line ``ConfigError``."""
-  search_paths = list(flags.search_paths) + list(DEFAULT_SEARCH_PATHS)
+  search_paths = list(dict.fromkeys(
+      list(flags.search_paths) + list(DEFAULT_SEARCH_PATHS)))
   for root in search_paths:
     gin.add_config_file_search_path(root)
   for path in flags.files:
@@ -109,9 +113,22 @@ def parse(flags: GinFlags) -> None:
     try:
       gin.parse_config(binding)
     except Exception as exc:  # gin raises many exception types.
-      raise errors.ConfigError(
-          f'--gin.{binding.replace(" = ", "=", 1)}: {_first_line(exc)}') from None
-  gin.finalize()
+      flag = f'--gin.{binding.replace(" = ", "=", 1)}'
+      if isinstance(exc, (SyntaxError, tokenize.TokenError)):
+        raise errors.ConfigError(
+            f'{flag}: the value is not valid gin (a Python literal, '
+            '@configurable or %MACRO)') from None
+      raise errors.ConfigError(f'{flag}: {_first_line(exc)}') from None
+  try:
+    gin.finalize()
+  except ValueError as exc:
+    missing = re.match(r'(\S+?)(/macro\.value)? set to `%gin.REQUIRED`', str(exc))
+    if not missing:
+      raise
+    name = missing.group(1)
+    raise errors.ConfigError(
+        f'{name} is required but not set; add --gin.{name}=VALUE or bind it in '
+        'a gin file') from None
 
 
 def call(fn, *args, **kwargs):
@@ -125,3 +142,56 @@ def call(fn, *args, **kwargs):
           f'{_first_line(exc)}; set it in a gin file or with --gin.NAME=VALUE'
       ) from None
     raise
+
+
+def _hide_gin_search_misses(record: logging.LogRecord) -> bool:
+  """gin logs an error for every search path an include is not under."""
+  return not str(record.msg).startswith('Path not found')
+
+
+def setup_logging() -> None:
+  """Timestamped INFO lines from ``spactor_jax``, warnings from the rest."""
+  logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(message)s',
+                      datefmt='%H:%M:%S', force=True)
+  logging.getLogger('spactor_jax').setLevel(logging.INFO)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_hide_gin_search_misses)
+
+
+def parse_with_tasks(flags: GinFlags) -> None:
+  """Registers the seqio tasks, then parses the gin files and bindings.
+
+  Raises:
+    ConfigError: when no gin file is given or a file or binding is wrong.
+  """
+  if not flags.files:
+    raise errors.ConfigError(
+        'no --gin_file given; try --gin_file=gin_configs/quickstart.gin')
+  import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  parse(flags)
+
+
+def run_main(body: Callable[[GinFlags, List[str]], None],
+             argv: Optional[Sequence[str]] = None) -> int:
+  """The shared shape of the entry points' ``main``.
+
+  Sets up logging, splits the gin flags from the other arguments and calls
+  ``body(gin_flags, other_args)``; a ``ConfigError`` from anywhere inside
+  becomes one ``error: ...`` line on stderr and exit status 2.
+
+  Args:
+    body: the entry point's work; it parses ``other_args`` itself.
+    argv: arguments without the program name (default ``sys.argv[1:]``).
+
+  Returns:
+    The process exit status: 0, or 2 after a configuration error.
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  setup_logging()
+  try:
+    flags, rest = split_flags(argv)
+    body(flags, rest)
+  except errors.ConfigError as exc:
+    print(f'error: {exc}', file=sys.stderr)
+    return 2
+  return 0

@@ -140,6 +140,8 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
     while step < total_steps and not preemption.requested:
       wanted = curriculum.index_at(step)
       if wanted != stage:
+        # The stages' metrics differ: never average a window across the switch.
+        averages = logger.flush(step, curriculum.stages[stage].name) or averages
         state, trainer = _switch_stage(state, make_trainer(wanted), rng)
         stage = wanted
         log.info('step %d: stage %s begins', step, curriculum.stages[stage].name)
@@ -152,9 +154,9 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
         logger.flush(step, curriculum.stages[stage].name)  # includes compilation.
       elif step % config.log_every_steps == 0 or step == total_steps:
         averages = logger.flush(step, curriculum.stages[stage].name)
-      checkpointer.save(state, iterator, force=step == total_steps)
+      checkpointer.save(step, state, iterator, force=step == total_steps)
     if preemption.requested:
-      checkpointer.save(state, iterator, force=True)
+      checkpointer.save(step, state, iterator, force=True)
       log.info('SIGTERM: saved a checkpoint at step %d; run the same '
                    'command again to resume', step)
   finally:

@@ -29,7 +29,7 @@ from spactor_jax.errors import ConfigError
 from spactor_jax.objectives.base import MODEL_FAMILIES
 
 __all__ = ['DataConfig', 'DataIterator', 'TextCorpus', 'make_iterator',
-           'global_arrays', 'vocab_info']
+           'global_arrays', 'vocab_info', 'batch_spec', 'task_vocabulary']
 
 # Span corruption needs one noise span: inputs of at least 10 tokens give
 # targets of one sentinel, one or more tokens and EOS.
@@ -246,6 +246,39 @@ def make_iterator(config: DataConfig, model_family: str,
                           drop_remainder=True)
   return DataIterator(dataset.prefetch(tf.data.AUTOTUNE), vocabulary,
                       shard_info)
+
+
+def task_vocabulary(config: DataConfig, model_family: str) -> seqio.Vocabulary:
+  """The vocabulary the objectives see (of ``inputs``; ``targets`` for decoders).
+
+  Not loaded: a SentencePiece model is read on first use of its size or ids.
+  """
+  if config.text_corpus is not None:
+    tasks.corpora.register_text_corpus(config.text_corpus)
+  features = _provider(config).output_features
+  return features['targets' if model_family == 'decoder' else
+                  'inputs'].vocabulary
+
+
+def batch_spec(config: DataConfig, model_family: str,
+               global_batch_size: int) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
+  """The global batch's ``{feature: (shape, dtype)}`` without reading data.
+
+  Checks the task and lengths as :func:`make_iterator` does (but not the
+  corpus files or the vocabulary), for ahead-of-time compilation on a
+  machine that cannot read the data.
+  """
+  if model_family not in MODEL_FAMILIES:
+    raise ConfigError(f'model family {model_family!r} is not one of '
+                      f'{MODEL_FAMILIES}')
+  if config.text_corpus is not None:
+    tasks.corpora.register_text_corpus(config.text_corpus)
+  provider = _provider(config)
+  for task in _leaf_tasks(provider):
+    _check_lengths(task, model_family, config.task_feature_lengths)
+  return feature_converters.model_feature_spec(
+      model_family, provider.output_features, config.task_feature_lengths,
+      global_batch_size, pack=config.pack)
 
 
 def global_arrays(local_batch: Mapping[str, np.ndarray],

@@ -1,0 +1,226 @@
+"""SpacTor: span corruption plus replaced-token detection (Ye et al. 2024).
+
+One hybrid step on a span-corrupted batch (OBJECTIVES.md §2):
+
+1. The generator reads the encoder input with the ``encoder_mlm_mask``
+   positions set to the mask id and predicts them (``L_G``, MLM
+   cross-entropy per masked position).
+2. Replacements are drawn from its softmax (Gumbel-max, ``temperature``)
+   under stop-gradient, among the regular ids only (never pad, EOS, UNK, a
+   sentinel or the mask id), and put at the masked positions.
+3. The T5 encoder reads the replaced input; an RTD head on its output
+   predicts per token whether it was replaced (``L_RTD``, sigmoid
+   cross-entropy per non-padding encoder token). A sample equal to the
+   original is labelled original.
+4. The decoder predicts the span-corruption targets from the replaced
+   input (``L_SC``, cross-entropy plus z-loss per target token).
+
+``loss = generator_weight * L_G + rtd_weight * L_RTD + sc_weight * L_SC``.
+After the hybrid stage the curriculum continues with ``SpanCorruption``,
+which shares the submodule ``model``; ``generator`` and ``rtd_head`` are
+dropped.
+"""
+
+from typing import Dict, Mapping, Optional, Tuple
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from spactor_jax import errors
+from spactor_jax import generator as generator_lib
+from spactor_jax import layers
+from spactor_jax import losses
+from spactor_jax import network
+from spactor_jax.objectives import base
+from spactor_jax.objectives import span_corruption
+
+Array = jax.Array
+
+
+class RTDHead(nn.Module):
+  """ELECTRA's discriminator head: dense, GELU, dense to one logit per token.
+
+  Attributes:
+    config: the host network configuration.
+  """
+  config: network.TransformerConfig
+
+  @nn.compact
+  def __call__(self, encoded: Array) -> Array:
+    """``[batch, length, emb] -> [batch, length]`` float32 replaced-token logits."""
+    cfg = self.config
+    x = layers.DenseGeneral(cfg.emb_dim, kernel_axes=('embed', 'mlp'), dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype, name='dense')(encoded)
+    x = nn.with_logical_constraint(nn.gelu(x), ('batch', 'length', 'mlp'))
+    logits = layers.DenseGeneral(1, kernel_axes=('mlp', None), dtype=jnp.float32,
+                                 param_dtype=cfg.param_dtype, name='logit')(x)
+    return logits[..., 0]
+
+
+def corrupt(tokens: Array, mlm_mask: Array, samples: Array) -> Tuple[Array, Array]:
+  """The discriminator's input and its replaced-token labels.
+
+  Args:
+    tokens: ``[batch, length]`` original encoder ids.
+    mlm_mask: ``[batch, length]`` 1 at the positions the generator predicts.
+    samples: ``[batch, length]`` generator samples (read at masked positions).
+
+  Returns:
+    ``(replaced, labels)``: ``[batch, length]`` int32 ids, the samples at
+    masked positions and the originals elsewhere; ``[batch, length]`` int32
+    labels, 1 where a masked position's sample differs from the original.
+  """
+  masked = mlm_mask.astype(jnp.bool_)
+  replaced = jnp.where(masked, samples, tokens).astype(jnp.int32)
+  return replaced, (replaced != tokens).astype(jnp.int32)
+
+
+def rtd_metrics(logits: Array, labels: Array, weights: Array) -> base.Metrics:
+  """RTD loss, accuracy, precision and recall as (numerator, denominator) pairs.
+
+  Args:
+    logits: ``[batch, length]`` replaced-token logits (> 0 predicts replaced).
+    labels: ``[batch, length]`` 0/1.
+    weights: ``[batch, length]`` 1 at the tokens the loss covers.
+
+  Returns:
+    ``rtd_loss``, ``rtd_accuracy``, ``rtd_precision``, ``rtd_recall``.
+  """
+  weights = weights.astype(jnp.float32)
+  predicted = (logits > 0).astype(jnp.float32) * weights
+  actual = labels.astype(jnp.float32) * weights
+  true_positives = jnp.sum(predicted * actual)
+  count = jnp.sum(weights)
+  hits = jnp.sum((predicted == actual) * weights)
+  return {
+      'rtd_loss': base.metric(losses.sigmoid_cross_entropy(logits, labels, weights), count),
+      'rtd_accuracy': base.metric(hits, count),
+      'rtd_precision': base.metric(true_positives, jnp.sum(predicted)),
+      'rtd_recall': base.metric(true_positives, jnp.sum(actual)),
+  }
+
+
+@gin.configurable
+class SpacTor(base.Objective):
+  """The hybrid SC + RTD objective of SpacTor's first stage.
+
+  Attributes:
+    config: the T5 network configuration.
+    vocab: special ids of the task's vocabulary.
+    generator_depth_fraction: generator layers / T5 encoder layers.
+    generator_width_fraction: generator width / T5 width (a projection is
+      added when below 1).
+    temperature: sampling temperature of the generator's softmax.
+    generator_weight: ``λ_G``.
+    rtd_weight: ``λ_RTD``.
+    sc_weight: ``λ_SC``.
+    z_loss: T5X's z-loss coefficient of the decoder (not of the generator).
+  """
+  config: network.TransformerConfig
+  vocab: base.VocabInfo
+  generator_depth_fraction: float = 1 / 3
+  generator_width_fraction: float = 1.0
+  temperature: float = 1.0
+  generator_weight: float = 1.0
+  rtd_weight: float = 50.0
+  sc_weight: float = 1.0
+  z_loss: float = 1e-4
+
+  model_family = 'encoder_decoder'
+  input_features = span_corruption.SpanCorruption.input_features + ('encoder_mlm_mask',)
+
+  def __post_init__(self):
+    if self.vocab.mask_id >= self.config.vocab_size:
+      raise errors.ConfigError(
+          f'SpacTor needs the mask id {self.vocab.mask_id} inside the model vocabulary; '
+          f'set TransformerConfig.vocab_size above {self.vocab.mask_id}')
+    if self.temperature <= 0:
+      raise errors.ConfigError(f'SpacTor.temperature must be positive, got {self.temperature}')
+    generator_lib.generator_config(self.config, self.generator_depth_fraction,
+                                   self.generator_width_fraction)  # validates the fractions
+    super().__post_init__()
+
+  def setup(self):
+    self.model = network.EncoderDecoder(self.config, name='model')
+    self.generator = generator_lib.Generator(
+        self.config, self.generator_depth_fraction, self.generator_width_fraction,
+        name='generator')
+    self.rtd_head = RTDHead(self.config, name='rtd_head')
+
+  def denominators(self, batch: base.Batch) -> Dict[str, Array]:
+    return {
+        'targets': base.safe_denominator(jnp.sum(batch['decoder_loss_weights'])),
+        'masked': base.safe_denominator(jnp.sum(batch['encoder_mlm_mask'])),
+        'encoder_tokens': base.safe_denominator(jnp.sum(batch['encoder_input_tokens'] > 0)),
+    }
+
+  def __call__(self, batch: base.Batch, denominators: Mapping[str, Array], *,
+               enable_dropout: bool) -> Tuple[Array, base.Metrics]:
+    tokens = batch['encoder_input_tokens']
+    segment_ids = batch.get('encoder_segment_ids')
+    mlm_mask = batch['encoder_mlm_mask']
+    logits = self.generator_logits(tokens, mlm_mask, segment_ids, enable_dropout=enable_dropout)
+    generator_loss, metrics = self._generator_loss(logits, tokens, mlm_mask,
+                                                   denominators['masked'])
+
+    samples = generator_lib.gumbel_max_sample(
+        self.make_rng('sample'), logits, self.temperature, self._sampleable_ids())
+    replaced, labels = corrupt(tokens, mlm_mask, samples)
+    self.sow('intermediates', 'samples', samples)
+    self.sow('intermediates', 'replaced', replaced)
+    self.sow('intermediates', 'rtd_labels', labels)
+
+    encoded = self.model.encode(replaced, segment_ids, enable_dropout=enable_dropout)
+    rtd_logits = self.rtd_head(encoded)  # [batch, length]
+    self.sow('intermediates', 'rtd_logits', rtd_logits)
+    non_pad = tokens > 0
+    metrics.update(rtd_metrics(rtd_logits, labels, non_pad))
+    rtd_loss = metrics['rtd_loss'][0] / denominators['encoder_tokens']
+
+    decoder_logits = self.model.decode(
+        encoded, replaced, batch['decoder_input_tokens'], segment_ids,
+        batch.get('decoder_segment_ids'), enable_dropout=enable_dropout)
+    sc_loss, sc_metrics = span_corruption.span_corruption_loss(
+        decoder_logits, batch, denominators['targets'], self.z_loss)
+    metrics.update(sc_metrics)
+
+    num_replaced = jnp.sum(labels)
+    metrics['replaced_fraction'] = base.metric(num_replaced, jnp.sum(non_pad))
+    metrics['replaced_of_masked'] = base.metric(num_replaced, jnp.sum(mlm_mask))
+    loss = (self.generator_weight * generator_loss + self.rtd_weight * rtd_loss +
+            self.sc_weight * sc_loss)
+    return loss, metrics
+
+  def generator_logits(self, tokens: Array, mlm_mask: Array,
+                       segment_ids: Optional[Array] = None, *,
+                       enable_dropout: bool = False) -> Array:
+    """The generator's MLM logits for the input with the selected positions masked.
+
+    Args:
+      tokens: ``[batch, length]`` original encoder ids (0 = padding).
+      mlm_mask: ``[batch, length]`` 1 at the positions to mask.
+      segment_ids: ``[batch, length]`` packing segment ids, or None.
+      enable_dropout: training mode.
+
+    Returns:
+      ``[batch, length, vocab]`` float32 logits (tied to the T5 embedding).
+    """
+    masked_tokens = jnp.where(mlm_mask.astype(jnp.bool_), self.vocab.mask_id, tokens)
+    hidden = self.generator(self.model.embed(masked_tokens), tokens > 0, segment_ids,
+                            enable_dropout=enable_dropout)
+    return generator_lib.tied_logits(self.model.attend, hidden)
+
+  def _generator_loss(self, logits: Array, tokens: Array, mlm_mask: Array,
+                      denominator: Array) -> Tuple[Array, base.Metrics]:
+    """MLM cross-entropy (no z-loss) over the masked positions, per masked token."""
+    loss_sum, _, correct = losses.cross_entropy_with_z_loss(logits, tokens, mlm_mask, 0.0)
+    count = jnp.sum(mlm_mask)
+    metrics = {'generator_loss': base.metric(loss_sum, count),
+               'generator_accuracy': base.metric(correct, count)}
+    return loss_sum / denominator, metrics
+
+  def _sampleable_ids(self) -> Array:
+    """``[vocab]`` bool: the regular ids (no pad/EOS/UNK/sentinel/mask/padding rows)."""
+    return ~self.vocab.is_special(jnp.arange(self.config.vocab_size))

@@ -1,0 +1,152 @@
+"""The entry point end to end: one-line gin errors, TensorBoard logs, exact resume."""
+
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import gin
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow as tf
+
+from spactor_jax import train as train_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_RUN = [
+    '--gin_file=gin_configs/quickstart.gin',
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
+    '--gin.BATCH_SIZE=8',
+    '--gin.LOG_EVERY_STEPS=1',
+    '--gin.CHECKPOINT_EVERY_STEPS=3',
+    '--gin.TransformerConfig.num_encoder_layers=1',
+    '--gin.TransformerConfig.num_decoder_layers=1',
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def _main(args, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  gin.clear_config()
+  return train_main.main(args)
+
+
+def _scalars(model_dir, tag):
+  """``{step: value}`` of a scalar from every TensorBoard event file."""
+  values = {}
+  for path in sorted(glob.glob(os.path.join(model_dir, 'train', 'events*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+@pytest.mark.parametrize('args,expected', [
+    (['--gin_file=gin_configs/quickstart.gin'],
+     'MODEL_DIR is required but not set'),
+    (['--gin_file=gin_configs/quickstart.gin', '--gin.MODEL_DIR=/tmp/x',
+      '--gin.TransformerConfig.emb_dimm=3'],
+     "--gin.TransformerConfig.emb_dimm=3: Configurable 'TransformerConfig' "
+     "doesn't have a parameter named 'emb_dimm'"),
+    (['--gin_file=gin_configs/quickstart.gin', '--gin.MODEL_DIR=/tmp/x',
+      '--gin.NoSuchThing.x=1'],
+     "--gin.NoSuchThing.x=1: No configurable matching 'NoSuchThing'"),
+    (['--gin_file=gin_configs/quickstart.gin', '--gin.MODEL_DIR=/tmp/x',
+      '--gin.BATCH_SIZE=[1,'],
+     '--gin.BATCH_SIZE=[1,: the value is not valid gin'),
+    (['--gin_file=no_such_file.gin'], "gin file 'no_such_file.gin' not found"),
+    (['--gin_file=gin_configs/quickstart.gin', '--gin.MODEL_DIR=/tmp/x',
+      '--gin.TASK=pdtext_span_corruptoin'],
+     "task or mixture 'pdtext_span_corruptoin' is not registered; did you mean "
+     'pdtext_span_corruption'),
+])
+def test_config_mistakes_are_one_line(args, expected, capsys, monkeypatch):
+  assert _main(args, monkeypatch) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert err[0].startswith('error: ' + expected), err[0]
+
+
+def test_mistake_in_a_gin_file_names_file_and_line(tmp_path, capsys, monkeypatch):
+  config = tmp_path / 'typo.gin'
+  config.write_text("include 'quickstart.gin'\n\nTransformerConfig.emb_dimm = 3\n")
+  assert _main([f'--gin_file={config}', '--gin.MODEL_DIR=/tmp/x'], monkeypatch) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"error: {config}:3: Configurable 'TransformerConfig' doesn't "
+                 "have a parameter named 'emb_dimm'."]
+
+
+def test_command_line_error_has_no_traceback():
+  result = subprocess.run(
+      [sys.executable, '-m', 'spactor_jax.train',
+       '--gin_file=gin_configs/quickstart.gin'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env={**os.environ, 'PYTHONPATH': ROOT, 'TF_CPP_MIN_LOG_LEVEL': '3'})
+  assert result.returncode == 2
+  lines = [l for l in result.stderr.splitlines() if not l.startswith(('WARNING', 'I0000'))]
+  assert lines == ['error: MODEL_DIR is required but not set; add '
+                   '--gin.MODEL_DIR=VALUE or bind it in a gin file']
+
+
+def _final_params(model_dir, step):
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(model_dir, 'checkpoints', str(step), 'state'))
+  return state['params']
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={straight}', '--gin.TRAIN_STEPS=6'],
+               monkeypatch) == 0
+  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={resumed}', '--gin.TRAIN_STEPS=3'],
+               monkeypatch) == 0
+  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={resumed}', '--gin.TRAIN_STEPS=6'],
+               monkeypatch) == 0
+
+  expected, got = _scalars(straight, 'loss'), _scalars(resumed, 'loss')
+  assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+  assert sorted(got) == [1, 2, 3, 4, 5, 6]
+  assert expected[6] < expected[1], 'the loss should fall'
+  np.testing.assert_array_equal([got[s] for s in range(1, 7)],
+                                [expected[s] for s in range(1, 7)])
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         _final_params(resumed, 6), _final_params(straight, 6))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  """A preempted job (SIGTERM) checkpoints the step it reached; resuming continues."""
+  model_dir = str(tmp_path / 'preempted')
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'spactor_jax.train'] + SMALL_RUN +
+      [f'--gin.MODEL_DIR={model_dir}', '--gin.TRAIN_STEPS=100000',
+       '--gin.CHECKPOINT_EVERY_STEPS=100000'],
+      cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+      env={**os.environ, 'PYTHONPATH': ROOT, 'TF_CPP_MIN_LOG_LEVEL': '3'})
+  watchdog = threading.Timer(240, process.kill)  # never hang the suite.
+  watchdog.start()
+  try:
+    for line in process.stderr:
+      if re.search(r'step +3/100000 ', line):
+        process.send_signal(signal.SIGTERM)
+        break
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 0, rest
+  finally:
+    watchdog.cancel()
+    process.kill()
+  assert 'SIGTERM: saved a checkpoint at step' in rest
+  steps = sorted(int(p) for p in os.listdir(os.path.join(model_dir, 'checkpoints'))
+                 if p.isdigit())
+  assert len(steps) == 1 and 3 <= steps[0] < 100000
