@@ -44,21 +44,11 @@ STANDARD_RULES: LogicalRules = (
     ('mlp_activations', None),
 )
 
-# Fully sharded data parallel: parameters' embed dimension over fsdp as well.
-FSDP_RULES: LogicalRules = (
-    ('batch', ('data', 'fsdp')),
-    ('vocab', 'model'),
-    ('mlp', 'model'),
-    ('heads', 'model'),
-    ('joined_kv', 'model'),
-    ('kv', None),
-    ('embed', 'fsdp'),
-    ('embed', None),
-    ('length', None),
-    ('relpos_buckets', None),
-    ('layers', None),
-    ('mlp_activations', None),
-)
+# Fully sharded data parallel: parameters' embed dimension over fsdp as well
+# (activations keep it whole: their batch dimension already uses fsdp).
+_EMBED_WHOLE = STANDARD_RULES.index(('embed', None))
+FSDP_RULES: LogicalRules = (STANDARD_RULES[:_EMBED_WHOLE] + (('embed', 'fsdp'),) +
+                            STANDARD_RULES[_EMBED_WHOLE:])
 
 gin.constant('spactor.STANDARD_RULES', STANDARD_RULES)
 gin.constant('spactor.FSDP_RULES', FSDP_RULES)

@@ -54,6 +54,16 @@ def _run(trainer, batches, seed=0):
   return losses, jax.device_get(state.params)
 
 
+def _assert_same_training(trainer, reference, batches):
+  """Same per-step losses and final parameters, up to float reassociation."""
+  expected, expected_params = _run(reference, batches)
+  got, got_params = _run(trainer, batches)
+  np.testing.assert_allclose(got, expected, rtol=2e-5)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+      got_params, expected_params)
+
+
 def test_eight_fake_devices_available():
   assert jax.device_count() == 8, 'conftest must set XLA_FLAGS before jax starts'
 
@@ -70,12 +80,7 @@ def test_mesh_gives_single_device_losses(ici, rules):
                     batches[0])
   sharded = _trainer(partitioning.MeshConfig(ici=ici, logical_rules=rules),
                      jax.devices(), batches[0])
-  expected, expected_params = _run(single, batches)
-  got, got_params = _run(sharded, batches)
-  np.testing.assert_allclose(got, expected, rtol=2e-5)
-  jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-      got_params, expected_params)
+  _assert_same_training(sharded, single, batches)
 
 
 def test_parameters_are_sharded_not_replicated():
@@ -105,12 +110,7 @@ def test_microbatching_equals_full_batch(make_tx):
                   optimizer=make_tx(learning_rate=schedule))
   micro = _trainer(mesh_config, jax.devices(), batches[0], num_microbatches=4,
                    optimizer=make_tx(learning_rate=schedule))
-  expected, expected_params = _run(full, batches)
-  got, got_params = _run(micro, batches)
-  np.testing.assert_allclose(got, expected, rtol=2e-5)
-  jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-      got_params, expected_params)
+  _assert_same_training(micro, full, batches)
 
 
 def test_loss_is_per_target_token_cross_entropy():
