@@ -118,8 +118,9 @@ class Trainer:
 
   def _abstract_state(self) -> Tuple[TrainState, TrainState]:
     """Shapes and shardings of the state, without allocating it."""
-    with self.mesh, nn.logical_axis_rules(self.rules):
-      boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+    # The key is made inside eval_shape: the mesh may be compile-only (AOT).
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      boxed = jax.eval_shape(lambda: self._init_boxed(jax.random.key(0)))
     logical = nn.get_partition_spec(boxed)
     shardings = partitioning.logical_to_sharding(logical, self.mesh, self.rules)
     params = nn.unbox(boxed.params)
@@ -155,7 +156,7 @@ class Trainer:
       state = nn.unbox(self._init_boxed(rng))
       return state.replace(opt_state=self.optimizer.init(state.params))
 
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return jax.jit(init, out_shardings=self.state_shardings)(rng)
 
   # --- step ------------------------------------------------------------------
@@ -236,12 +237,12 @@ class Trainer:
   def train_step(self, state: TrainState, batch: Mapping[str, jax.Array],
                  rng: jax.Array) -> Tuple[TrainState, StepMetrics]:
     """One optimizer step; ``state`` is donated and must not be used after."""
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self._jitted_step()(state, dict(batch), rng)
 
   def lower(self, state: Any, batch: Mapping[str, Any], rng: Any) -> jax.stages.Lowered:
     """Lowers the train step for concrete or abstract arguments (AOT, FLOPs)."""
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self._jitted_step().lower(state, dict(batch), rng)
 
   def abstract_batch(self) -> Dict[str, jax.ShapeDtypeStruct]:
@@ -266,5 +267,5 @@ class Trainer:
       scalars['loss'] = loss
       return scalars
 
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return evaluate(state, dict(batch))

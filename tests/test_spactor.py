@@ -16,6 +16,7 @@ import tensorflow as tf
 from spactor_jax import checkpoints
 from spactor_jax import curriculum
 from spactor_jax import errors
+from spactor_jax import generator as generator_lib
 from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import partitioning
@@ -89,6 +90,19 @@ def test_corrupt_keeps_originals_and_labels_only_changed_samples():
   replaced, labels = spactor.corrupt(tokens, mlm_mask, samples)
   np.testing.assert_array_equal(replaced, [[5, 9, 7, 8, 0]])
   np.testing.assert_array_equal(labels, [[0, 1, 0, 0, 0]])
+
+
+@pytest.mark.parametrize('temperature', [1.0, 2.0])
+def test_gumbel_max_sample_draws_from_the_tempered_softmax(temperature):
+  vocab, draws = 37, 100_000  # 37 ids: blocks of 8, the last one padded.
+  logits = 2.0 * jax.random.normal(jax.random.key(3), (vocab,))
+  allowed = jnp.arange(vocab) % 5 != 0
+  samples = generator_lib.gumbel_max_sample(
+      jax.random.key(0), jnp.broadcast_to(logits, (draws, 1, vocab)), temperature, allowed)
+  frequencies = np.bincount(np.ravel(samples), minlength=vocab) / draws
+  expected = np.asarray(jax.nn.softmax(jnp.where(allowed, logits / temperature, -jnp.inf)))
+  assert frequencies[~np.asarray(allowed)].sum() == 0
+  np.testing.assert_allclose(frequencies, expected, atol=0.006)  # about 4 standard errors
 
 
 def test_rtd_labels_are_sample_differs_from_original():
@@ -194,7 +208,7 @@ def test_special_tokens_are_never_masked_or_replaced_on_real_data():
   replaced = inter['replaced']
   special = np.asarray(vocab.is_special(tokens))
   is_sentinel = tokens >= vocab.first_sentinel_id
-  assert is_sentinel.any() and (tokens == vocab.eos_id).any() and (tokens == 0).any()
+  assert is_sentinel.any() and (tokens == vocab.eos_id).any()  # packed rows: no padding
   assert not (mlm & special).any(), 'the pipeline selected a special token'
   np.testing.assert_array_equal(replaced[special], tokens[special])
   np.testing.assert_array_equal(replaced[~mlm], tokens[~mlm])
@@ -203,14 +217,15 @@ def test_special_tokens_are_never_masked_or_replaced_on_real_data():
 
 
 def test_bad_settings_are_one_line_errors():
-  for kwargs, needle in [({'generator_width_fraction': 0.0}, 'generator_width_fraction'),
-                         ({'generator_depth_fraction': 1.5}, 'generator_depth_fraction'),
-                         ({'temperature': 0.0}, 'temperature')]:
-    with pytest.raises(errors.ConfigError, match=needle) as info:
-      spactor.SpacTor(config=CONFIG, vocab=VOCAB, **kwargs)
-    assert '\n' not in str(info.value)
-  with pytest.raises(errors.ConfigError, match='vocab_size') as info:
-    spactor.SpacTor(config=CONFIG.replace(vocab_size=16), vocab=VOCAB)
+  """The first line (what ``spactor_jax.train`` prints; gin appends its call site) says it all."""
+  cases = [({'generator_width_fraction': 0.0}, 'generator_width_fraction must be in'),
+           ({'generator_depth_fraction': 1.5}, 'generator_depth_fraction must be in'),
+           ({'temperature': 0.0}, 'temperature must be positive'),
+           ({'config': CONFIG.replace(vocab_size=16)}, 'set TransformerConfig.vocab_size above 16')]
+  for kwargs, message in cases:
+    with pytest.raises(errors.ConfigError) as info:
+      spactor.SpacTor(**{'config': CONFIG, 'vocab': VOCAB, **kwargs})
+    assert message in str(info.value).splitlines()[0]
 
 
 # --------------------------------------------------- curriculum across τ ---

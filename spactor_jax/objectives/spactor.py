@@ -117,6 +117,17 @@ class SpacTor(base.Objective):
     rtd_weight: ``λ_RTD``.
     sc_weight: ``λ_SC``.
     z_loss: T5X's z-loss coefficient of the decoder (not of the generator).
+
+  Metrics, each a ratio of sums over the batch: ``sc_loss``, ``sc_z_loss``,
+  ``sc_accuracy`` per target token; ``generator_loss`` and
+  ``generator_accuracy`` (argmax) per masked position; ``rtd_loss`` and
+  ``rtd_accuracy`` per non-padding encoder token, ``rtd_precision`` per
+  predicted replacement, ``rtd_recall`` per actual replacement;
+  ``replaced_fraction`` = replaced / non-padding encoder tokens and
+  ``replaced_of_masked`` = replaced / masked positions. The train loop adds
+  ``stage``. Intermediates ``samples``, ``replaced``, ``rtd_labels`` and
+  ``rtd_logits`` (``[batch, length]``) are sown when the ``intermediates``
+  collection is mutable.
   """
   config: network.TransformerConfig
   vocab: base.VocabInfo

@@ -1,0 +1,253 @@
+r"""Cost of a hybrid SpacTor train step relative to a plain span-corruption step.
+
+For each model size (``gin_configs/models/{small,base}.gin``, run in float32
+because bfloat16 is slow on CPU) both objectives' full train steps (forward,
+backward, Adafactor update) are compiled once and timed on the same synthetic
+batch, alternating SC and hybrid steps so that machine load hits both alike.
+Prints one JSON object::
+
+    python benchmarks/objective_step.py [--configs small base] [--steps 2]
+
+Per config: ``time_s`` (median step seconds) and their ``time_ratio``;
+``analytic_flops`` (the formula below) and ``flops_ratio``; the compiled
+XLA cost analysis' FLOPs and ratio as a cross-check; ``time_within_10pct``,
+whether ``|time_ratio / flops_ratio - 1| <= 0.10``; and ``run_flops_ratio``,
+the FLOPs of a SpacTor run relative to an SC run of the same length,
+``(tau * hybrid + (T - tau) * sc) / (T * sc)`` for tau = 250k of T = 1M.
+
+Analytic FLOPs: every matrix product counted as ``2 * m * k * n``, training =
+3 x forward (the backward pass computes gradients for both the activations
+and the weights). With ``B`` rows, ``L`` inputs, ``T`` targets, width ``d``,
+``h`` heads of ``k`` dims (``hk = h * k``), MLP width ``f`` with ``a`` gated
+input projections, vocabulary ``V``, per row (forward):
+
+* encoder layer on ``n`` tokens: ``4 * 2 n d hk`` (q, k, v, o) +
+  ``2 * 2 n^2 hk`` (scores, weighted values) + ``(a + 1) * 2 n d f``;
+* decoder layer: self-attention as above on ``T`` tokens (``T^2``);
+  cross-attention ``2 * 2 T d hk`` (q, o) + ``2 * 2 L d hk`` (k, v) +
+  ``2 * 2 T L hk``; MLP ``(a + 1) * 2 T d f``;
+* SC = encoder layers on ``L`` + decoder layers + logits ``2 T d V``;
+* hybrid = SC + generator layers (its own ``d, h, f``) on ``L`` tokens +
+  projections ``2 * 2 L d d_gen`` when the generator is narrower + MLM logits
+  at *all* ``L`` positions ``2 L d V`` + RTD head ``2 L d d + 2 L d``.
+
+Not counted: embeddings lookups, norms, softmaxes, Gumbel noise, the optimizer.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Dict
+
+import gin
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top
+from spactor_jax import generator as generator_lib
+from spactor_jax import network
+from spactor_jax import optimizers
+from spactor_jax import partitioning
+from spactor_jax import trainer as trainer_lib
+from spactor_jax.objectives import base
+from spactor_jax.objectives import span_corruption
+from spactor_jax.objectives import spactor
+
+MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          'gin_configs', 'models')
+VOCAB = base.VocabInfo(vocab_size=32100)  # T5's 32000 pieces + 100 sentinels.
+DEFAULT_BATCH = {'small': 8, 'base': 4}
+TAU, TOTAL_STEPS = 250_000, 1_000_000
+
+
+def load_config(name: str) -> network.TransformerConfig:
+  """``gin_configs/models/<name>.gin`` with float32 activations."""
+  gin.clear_config()
+  gin.parse_config_files_and_bindings(
+      [os.path.join(MODELS_DIR, f'{name}.gin')], ["TransformerConfig.dtype = 'float32'"])
+  config = network.TransformerConfig()
+  gin.clear_config()
+  return config
+
+
+# ------------------------------------------------------------ analytic ---
+
+
+def _dense(tokens: int, d_in: int, d_out: int) -> int:
+  return 2 * tokens * d_in * d_out
+
+
+def _attention(q_len: int, k_len: int, cfg: network.TransformerConfig) -> int:
+  return 2 * 2 * q_len * k_len * cfg.num_heads * cfg.head_dim
+
+
+def _mlp(tokens: int, cfg: network.TransformerConfig) -> int:
+  return (len(cfg.mlp_activations) * _dense(tokens, cfg.emb_dim, cfg.mlp_dim) +
+          _dense(tokens, cfg.mlp_dim, cfg.emb_dim))
+
+
+def _encoder_layer(length: int, cfg: network.TransformerConfig) -> int:
+  inner = cfg.num_heads * cfg.head_dim
+  return 4 * _dense(length, cfg.emb_dim, inner) + _attention(length, length, cfg) + _mlp(
+      length, cfg)
+
+
+def _decoder_layer(targets: int, inputs: int, cfg: network.TransformerConfig) -> int:
+  inner = cfg.num_heads * cfg.head_dim
+  self_attention = 4 * _dense(targets, cfg.emb_dim, inner) + _attention(targets, targets, cfg)
+  cross_attention = (2 * _dense(targets, cfg.emb_dim, inner) +
+                     2 * _dense(inputs, cfg.emb_dim, inner) + _attention(targets, inputs, cfg))
+  return self_attention + cross_attention + _mlp(targets, cfg)
+
+
+def sc_forward_flops(cfg: network.TransformerConfig, inputs: int, targets: int) -> int:
+  """Forward FLOPs of span corruption for one row."""
+  return (cfg.num_encoder_layers * _encoder_layer(inputs, cfg) +
+          cfg.num_decoder_layers * _decoder_layer(targets, inputs, cfg) +
+          _dense(targets, cfg.emb_dim, cfg.vocab_size))
+
+
+def hybrid_forward_flops(cfg: network.TransformerConfig, inputs: int, targets: int,
+                         depth_fraction: float, width_fraction: float) -> int:
+  """Forward FLOPs of the hybrid SpacTor objective for one row."""
+  gen = generator_lib.generator_config(cfg, depth_fraction, width_fraction)
+  projections = 2 * _dense(inputs, cfg.emb_dim, gen.emb_dim) if gen.emb_dim != cfg.emb_dim else 0
+  generator = (gen.num_encoder_layers * _encoder_layer(inputs, gen) + projections +
+               _dense(inputs, cfg.emb_dim, cfg.vocab_size))
+  rtd_head = _dense(inputs, cfg.emb_dim, cfg.emb_dim) + _dense(inputs, cfg.emb_dim, 1)
+  return sc_forward_flops(cfg, inputs, targets) + generator + rtd_head
+
+
+# ------------------------------------------------------------ measured ---
+
+
+def synthetic_batch(batch_size: int, inputs: int, targets: int, seed: int = 0
+                    ) -> Dict[str, np.ndarray]:
+  """Full rows (no padding): regular ids, a sentinel every 20 tokens, 15% selected."""
+  rng = np.random.RandomState(seed)
+  tokens = rng.randint(3, VOCAB.first_sentinel_id, (batch_size, inputs))
+  tokens[:, 10::20] = VOCAB.vocab_size - 1 - np.arange(tokens[:, 10::20].shape[1])
+  tokens[:, -1] = VOCAB.eos_id
+  eligible = ~np.asarray(VOCAB.is_special(tokens))
+  ones = lambda length: np.ones((batch_size, length), np.int32)
+  return {
+      'encoder_input_tokens': tokens.astype(np.int32),
+      'encoder_segment_ids': ones(inputs),
+      'encoder_mlm_mask': ((rng.rand(batch_size, inputs) < 0.15) & eligible).astype(np.int32),
+      'decoder_input_tokens': rng.randint(3, VOCAB.vocab_size, (batch_size, targets)).astype(
+          np.int32),
+      'decoder_target_tokens': rng.randint(3, VOCAB.vocab_size, (batch_size, targets)).astype(
+          np.int32),
+      'decoder_loss_weights': ones(targets),
+      'decoder_segment_ids': ones(targets),
+  }
+
+
+def _trainer(objective: base.Objective, batch: Dict[str, np.ndarray]) -> trainer_lib.Trainer:
+  schedule = optimizers.rsqrt_schedule()
+  mesh_config = partitioning.MeshConfig(ici=(1, 1, 1))
+  mesh = partitioning.make_mesh(mesh_config, jax.devices()[:1])
+  spec = {k: (v.shape, v.dtype) for k, v in batch.items()}
+  return trainer_lib.Trainer(objective, optimizers.adafactor(learning_rate=schedule), schedule,
+                             mesh, mesh_config.logical_rules, spec)
+
+
+class _Step:
+  """One objective's compiled train step, its state and its XLA FLOPs."""
+
+  def __init__(self, objective: base.Objective, batch: Dict[str, np.ndarray]):
+    trainer = _trainer(objective, batch)
+    rng = jax.random.key(0)
+    start = time.perf_counter()
+    self.compiled = trainer.lower(trainer.abstract_state, trainer.abstract_batch(), rng).compile()
+    self.compile_s = time.perf_counter() - start
+    cost = self.compiled.cost_analysis()
+    self.xla_flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+    self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
+    self.state = trainer.init_state(rng)
+    self.batch = jax.device_put(batch, trainer.data_sharding)
+    self.rng = rng
+    self.times = []
+
+  def run(self, record: bool) -> None:
+    start = time.perf_counter()
+    self.state, metrics = self.compiled(self.state, self.batch, self.rng)
+    jax.block_until_ready((self.state, metrics))
+    if record:
+      self.times.append(time.perf_counter() - start)
+
+
+def measure(name: str, batch_size: int, inputs: int, targets: int, steps: int,
+            warmup: int) -> Dict[str, object]:
+  """Times and counts both steps for one model size."""
+  cfg = load_config(name)
+  batch = synthetic_batch(batch_size, inputs, targets)
+  hybrid_objective = spactor.SpacTor(config=cfg, vocab=VOCAB)
+  steps_by_name = {
+      'sc': _Step(span_corruption.SpanCorruption(config=cfg, vocab=VOCAB), batch),
+      'hybrid': _Step(hybrid_objective, batch)}
+  for index in range(warmup + steps):
+    for step in steps_by_name.values():
+      step.run(record=index >= warmup)
+  analytic = {
+      'sc': 3 * batch_size * sc_forward_flops(cfg, inputs, targets),
+      'hybrid': 3 * batch_size * hybrid_forward_flops(
+          cfg, inputs, targets, hybrid_objective.generator_depth_fraction,
+          hybrid_objective.generator_width_fraction)}
+  median = {k: statistics.median(s.times) for k, s in steps_by_name.items()}
+  time_ratio = median['hybrid'] / median['sc']
+  flops_ratio = analytic['hybrid'] / analytic['sc']
+  xla = {k: s.xla_flops for k, s in steps_by_name.items()}
+  return {
+      'batch_size': batch_size,
+      'params': {k: s.num_params for k, s in steps_by_name.items()},
+      'compile_s': {k: round(s.compile_s, 1) for k, s in steps_by_name.items()},
+      'step_times_s': {k: [round(t, 3) for t in s.times] for k, s in steps_by_name.items()},
+      'time_s': {k: round(v, 3) for k, v in median.items()},
+      'time_ratio': round(time_ratio, 4),
+      'analytic_flops': analytic,
+      'flops_ratio': round(flops_ratio, 4),
+      'xla_flops': xla,
+      'xla_flops_ratio': round(xla['hybrid'] / xla['sc'], 4),
+      'achieved_gflops_per_s': {k: round(analytic[k] / median[k] / 1e9, 1) for k in median},
+      'time_over_flops_ratio': round(time_ratio / flops_ratio, 4),
+      'time_within_10pct': abs(time_ratio / flops_ratio - 1) <= 0.10,
+      'run_flops_ratio': round((TAU * flops_ratio + (TOTAL_STEPS - TAU)) / TOTAL_STEPS, 4),
+  }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--configs', nargs='+', default=['small', 'base'])
+  parser.add_argument('--batch_sizes', nargs='+', type=int, default=None,
+                      help='one per config (default: small 8, base 4)')
+  parser.add_argument('--inputs_length', type=int, default=512)
+  parser.add_argument('--targets_length', type=int, default=114)
+  parser.add_argument('--steps', type=int, default=2, help='timed steps per objective')
+  parser.add_argument('--warmup', type=int, default=1, help='untimed steps per objective')
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> Dict[str, object]:
+  args = parse_args(argv)
+  batch_sizes = args.batch_sizes or [DEFAULT_BATCH.get(c, 4) for c in args.configs]
+  results: Dict[str, object] = {
+      'device': f'{jax.devices()[0].platform} x{jax.device_count()} '
+                f'({platform.processor() or platform.machine()}, {os.cpu_count()} cores)',
+      'dtype': 'float32', 'inputs_length': args.inputs_length,
+      'targets_length': args.targets_length, 'tau': TAU, 'total_steps': TOTAL_STEPS,
+  }
+  for name, batch_size in zip(args.configs, batch_sizes):
+    results[name] = measure(name, batch_size, args.inputs_length, args.targets_length,
+                            args.steps, args.warmup)
+  print(json.dumps(results, indent=2))
+  return results
+
+
+if __name__ == '__main__':
+  main()
