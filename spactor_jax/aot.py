@@ -156,7 +156,8 @@ def compile_stage(config: Any, stage: int, mesh: jax.sharding.Mesh,
     if 'RESOURCE_EXHAUSTED' not in str(exc) and 'memory' not in str(exc):
       raise
     report.update({name: None for name in _MEMORY_FIELDS}, hbm_bytes=hbm_bytes,
-                  fits=False, flops=None, error=_first_line(exc))
+                  fits=False, flops=None, flops_total=None,
+                  error=_first_line(exc))
     return report
   report.update(aot_topology.compile_report(compiled, hbm_bytes))
   report['flops_total'] = report['flops'] * mesh.devices.size

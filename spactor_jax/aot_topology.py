@@ -91,6 +91,10 @@ def topology_devices(topology: str, num_slices: int = 1) -> List[Any]:
         platform='tpu', topology_name=topology, chip_config_name=chip_config,
         **kwargs)
   except jax.errors.JaxRuntimeError as e:
+    if 'lockfile' in str(e):
+      raise ConfigError('another process holds libtpu (/tmp/libtpu_lockfile);'
+                        ' wait for it, or set ALLOW_MULTIPLE_LIBTPU_LOAD=1 to '
+                        'compile alongside it') from None
     first_line = str(e).splitlines()[0]
     raise ConfigError(f'libtpu rejected topology {topology!r}: '
                       f'{first_line}') from None

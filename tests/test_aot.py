@@ -39,8 +39,11 @@ def _env() -> dict:
          if not k.startswith(('SLURM_', 'SPACTOR_', 'TPU_'))}
   env.pop('JAX_PLATFORMS', None)  # aot picks CPU itself
   env.pop('XLA_FLAGS', None)
-  env.update(TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=os.pathsep.join(
-      [REPO] + [p for p in [env.get('PYTHONPATH')] if p]))
+  # libtpu allows one process per machine unless told otherwise; this one
+  # only compiles, so it may run while the test process has libtpu loaded.
+  env.update(TF_CPP_MIN_LOG_LEVEL='2', ALLOW_MULTIPLE_LIBTPU_LOAD='1',
+             PYTHONPATH=os.pathsep.join(
+                 [REPO] + [p for p in [env.get('PYTHONPATH')] if p]))
   return env
 
 

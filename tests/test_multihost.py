@@ -165,7 +165,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(runs):
   multi, single = _losses(runs['multi_dir']), _losses(runs['single_dir'])
   assert len(multi) == STEPS and len(single) == STEPS, (multi, single)
   assert multi[-1] < multi[0]  # it trains
-  np.testing.assert_allclose(multi, single, rtol=2e-5, atol=0)
+  np.testing.assert_allclose(multi, single, rtol=1e-6, atol=0)
 
 
 def test_only_process_0_logs_and_writes_summaries(runs):
@@ -186,7 +186,7 @@ def test_every_process_writes_its_checkpoint_shards(runs):
   step_dir = os.path.join(runs['multi_dir'], 'checkpoints', str(STEPS))
   for index in range(2):
     assert os.path.isdir(os.path.join(step_dir, 'state', f'ocdbt.process_{index}'))
-    assert os.path.isdir(os.path.join(step_dir, 'state', 'array_metadatas',
+    assert os.path.exists(os.path.join(step_dir, 'state', 'array_metadatas',
                                       f'process_{index}'))
     assert os.path.exists(os.path.join(
         step_dir, 'data', f'data_iterator.process_{index}-of-2.index'))
