@@ -1,5 +1,7 @@
 """spactor-jax: efficient pre-training objectives for T5-style models in JAX."""
 
+import pathlib
+
 import setuptools
 
 _CORE = [
@@ -23,7 +25,7 @@ setuptools.setup(
     version='0.1.0',
     description=('Pre-training T5-style models with efficient objectives: '
                  'SpacTor, COCO-LM, headless LMs, light generators.'),
-    long_description=open('README.md').read() if __import__('os').path.exists('README.md') else '',
+    long_description=(pathlib.Path(__file__).parent / 'README.md').read_text(),
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     packages=setuptools.find_packages(include=['spactor_jax', 'spactor_jax.*', 'tasks', 'tasks.*']),

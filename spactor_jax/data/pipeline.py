@@ -196,6 +196,26 @@ def _check_vocabulary(vocabulary: seqio.Vocabulary,
                       f'model vocab_size to at least {size + 1}')
 
 
+def _checked_provider(config: DataConfig,
+                      model_family: str) -> seqio.DatasetProviderBase:
+  """The task or mixture, registered if it is a user's corpus, lengths checked."""
+  if model_family not in MODEL_FAMILIES:
+    raise ConfigError(f'model family {model_family!r} is not one of '
+                      f'{MODEL_FAMILIES}')
+  if config.text_corpus is not None:
+    tasks.corpora.register_text_corpus(config.text_corpus)
+  provider = _provider(config)
+  for task in _leaf_tasks(provider):
+    _check_lengths(task, model_family, config.task_feature_lengths)
+  return provider
+
+
+def _objective_vocabulary(provider: seqio.DatasetProviderBase,
+                          model_family: str) -> seqio.Vocabulary:
+  feature = 'targets' if model_family == 'decoder' else 'inputs'
+  return provider.output_features[feature].vocabulary
+
+
 def make_iterator(config: DataConfig, model_family: str,
                   global_batch_size: int, shard_info: seqio.ShardInfo,
                   model_vocab_size: Optional[int] = None) -> DataIterator:
@@ -216,21 +236,14 @@ def make_iterator(config: DataConfig, model_family: str,
   Raises:
     ConfigError: one line saying what is wrong, before any data is read.
   """
-  if model_family not in MODEL_FAMILIES:
-    raise ConfigError(f'model family {model_family!r} is not one of '
-                      f'{MODEL_FAMILIES}')
   if global_batch_size % shard_info.num_shards:
     raise ConfigError(f'global batch size {global_batch_size} is not '
                       f'divisible by the process count {shard_info.num_shards}')
-  if config.text_corpus is not None:
-    tasks.corpora.register_text_corpus(config.text_corpus)
-  provider = _provider(config)
+  provider = _checked_provider(config, model_family)
   for task in _leaf_tasks(provider):
-    _check_lengths(task, model_family, config.task_feature_lengths)
     _check_corpus(task, config.split)
   features = provider.output_features
-  vocabulary = features['targets' if model_family == 'decoder' else
-                        'inputs'].vocabulary
+  vocabulary = _objective_vocabulary(provider, model_family)
   _check_vocabulary(vocabulary, model_vocab_size)
 
   lengths = feature_converters.task_feature_lengths(
@@ -255,9 +268,7 @@ def task_vocabulary(config: DataConfig, model_family: str) -> seqio.Vocabulary:
   """
   if config.text_corpus is not None:
     tasks.corpora.register_text_corpus(config.text_corpus)
-  features = _provider(config).output_features
-  return features['targets' if model_family == 'decoder' else
-                  'inputs'].vocabulary
+  return _objective_vocabulary(_provider(config), model_family)
 
 
 def batch_spec(config: DataConfig, model_family: str,
@@ -268,14 +279,7 @@ def batch_spec(config: DataConfig, model_family: str,
   corpus files or the vocabulary), for ahead-of-time compilation on a
   machine that cannot read the data.
   """
-  if model_family not in MODEL_FAMILIES:
-    raise ConfigError(f'model family {model_family!r} is not one of '
-                      f'{MODEL_FAMILIES}')
-  if config.text_corpus is not None:
-    tasks.corpora.register_text_corpus(config.text_corpus)
-  provider = _provider(config)
-  for task in _leaf_tasks(provider):
-    _check_lengths(task, model_family, config.task_feature_lengths)
+  provider = _checked_provider(config, model_family)
   return feature_converters.model_feature_spec(
       model_family, provider.output_features, config.task_feature_lengths,
       global_batch_size, pack=config.pack)
