@@ -60,13 +60,16 @@ class MetricLogger:
     """Keeps a step's metrics (device arrays; no host sync here)."""
     self._pending.append(metrics)
 
-  def reset_clock(self) -> None:
-    """Starts the timing window now (after compilation, say)."""
-    self._window_start = time.perf_counter()
-
-  def flush(self, step: int, stage: str, extra: Optional[Dict[str, float]] = None
+  def flush(self, step: int, stage: str, *, compiling: bool = False
             ) -> Optional[Dict[str, float]]:
-    """Prints and writes the averages of the pending steps; returns them."""
+    """Prints and writes the averages of the pending steps; returns them.
+
+    Args:
+      step: the last completed step.
+      stage: the curriculum stage's name, shown in brackets.
+      compiling: the window includes compiling the step; its time is shown as
+        such instead of rates and an ETA, and no rates are written.
+    """
     if not self._pending:
       return None
     host = jax.device_get(self._pending)
@@ -75,29 +78,31 @@ class MetricLogger:
     averages = {name: float(np.mean([m[name] for m in host])) for name in host[0]}
     tokens = float(np.sum([m['tokens'] for m in host]))
     averages.pop('tokens')
-    averages['steps_per_second'] = steps / elapsed
-    averages['tokens_per_second'] = tokens / elapsed
-    averages.update(extra or {})
     self._pending = []
     self._window_start = time.perf_counter()
-    if self.enabled:
+    if compiling:
+      timing = f'{elapsed:.1f}s with compilation'
+    else:
+      averages['steps_per_second'] = steps / elapsed
+      averages['tokens_per_second'] = tokens / elapsed
       eta = (self.total_steps - step) / averages['steps_per_second']
-      log.info('%s', self._line(step, stage, averages, eta))
+      timing = ' | '.join([f'{steps / elapsed:.2f} steps/s',
+                           f'{tokens / elapsed:,.0f} tokens/s',
+                           f'ETA {format_duration(eta)}'])
+    if self.enabled:
+      log.info('%s', self._line(step, stage, averages, timing))
       with self._writer.as_default(step=step):
         for name, value in averages.items():
           self._tf.summary.scalar(name, value)
       self._writer.flush()
     return averages
 
-  def _line(self, step: int, stage: str, values: Dict[str, float], eta: float) -> str:
+  def _line(self, step: int, stage: str, values: Dict[str, float], timing: str) -> str:
     rate_keys = ('steps_per_second', 'tokens_per_second')
     ordered = ([k for k in _FIRST if k in values] +
                sorted(k for k in values if k not in _FIRST + _LAST + _HIDDEN + rate_keys) +
                [k for k in _LAST if k in values])
-    parts = [_format_value(name, values[name]) for name in ordered]
-    parts.append(f'{values["steps_per_second"]:.2f} steps/s')
-    parts.append(f'{values["tokens_per_second"]:,.0f} tokens/s')
-    parts.append(f'ETA {format_duration(eta)}')
+    parts = [_format_value(name, values[name]) for name in ordered] + [timing]
     width = len(str(self.total_steps))
     return f'step {step:>{width}}/{self.total_steps} [{stage}] ' + ' | '.join(parts)
 

@@ -218,7 +218,7 @@ class Trainer:
                for name, (num, den) in metrics.items()}
     scalars.update(
         loss=loss,
-        grad_norm=optax.global_norm(grads),
+        grad_norm=optax.tree.norm(grads),
         learning_rate=jnp.asarray(self.learning_rate(state.step), jnp.float32),
         tokens=count_input_tokens(batch))
     new_state = TrainState(step=state.step + 1, params=params,

@@ -151,7 +151,7 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
       metrics['stage'] = stage
       logger.record(metrics)
       if step == start + 1:
-        logger.flush(step, curriculum.stages[stage].name)  # includes compilation.
+        logger.flush(step, curriculum.stages[stage].name, compiling=True)
       elif step % config.log_every_steps == 0 or step == total_steps:
         averages = logger.flush(step, curriculum.stages[stage].name)
       checkpointer.save(step, state, iterator, force=step == total_steps)
