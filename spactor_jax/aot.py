@@ -115,18 +115,6 @@ def _stages(stage_flag: str, num_stages: int) -> List[int]:
   return [index]
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
-  return jax.tree_util.tree_map(
-      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                  sharding=sharding),
-      tree, shardings)
-
-
-def _first_line(exc: BaseException) -> str:
-  lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-  return lines[0] if lines else type(exc).__name__
-
-
 def compile_stage(config: Any, stage: int, mesh: jax.sharding.Mesh,
                   batch_spec: Dict[str, Any], vocab: Any,
                   hbm_bytes: int) -> Dict[str, Any]:
@@ -146,7 +134,7 @@ def compile_stage(config: Any, stage: int, mesh: jax.sharding.Mesh,
       'objective': type(trainer.objective).__name__,
       'parameters': int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
   }
-  state = _abstract(trainer.abstract_state, trainer.state_shardings)
+  state = trainer.sharded_abstract_state()
   rng = jax.eval_shape(lambda: jax.random.key(config.seed))
   rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype,
                              sharding=partitioning.replicated(mesh))
@@ -157,7 +145,7 @@ def compile_stage(config: Any, stage: int, mesh: jax.sharding.Mesh,
       raise
     report.update({name: None for name in _MEMORY_FIELDS}, hbm_bytes=hbm_bytes,
                   fits=False, flops=None, flops_total=None,
-                  error=_first_line(exc))
+                  error=errors.first_line(exc))
     return report
   report.update(aot_topology.compile_report(compiled, hbm_bytes))
   report['flops_total'] = report['flops'] * mesh.devices.size

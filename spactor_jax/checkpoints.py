@@ -16,7 +16,6 @@ from typing import Any, Optional
 
 from etils import epath
 import gin
-import jax
 import orbax.checkpoint as ocp
 
 from spactor_jax.train_state import TrainState
@@ -93,20 +92,16 @@ class Checkpointer:
             data=DataIteratorSave(data_iterator)),
         force=True)
 
-  def restore(self, step: int, abstract_state: TrainState,
-              shardings: TrainState, data_iterator: Any) -> TrainState:
-    """Restores ``step`` onto ``shardings`` and moves the iterator there.
+  def restore(self, step: int, target: TrainState,
+              data_iterator: Any) -> TrainState:
+    """Restores ``step`` onto the target shardings and moves the iterator there.
 
     Args:
       step: the checkpoint's step.
-      abstract_state: the state's structure, shapes and dtypes.
-      shardings: the target sharding of every leaf.
+      target: the state as ``jax.ShapeDtypeStruct`` leaves with shardings
+        (``Trainer.sharded_abstract_state()``), so no host gathers the model.
       data_iterator: the input pipeline, restored in place.
     """
-    target = jax.tree_util.tree_map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                    sharding=sharding),
-        abstract_state, shardings)
     restored = self.manager.restore(
         step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target),

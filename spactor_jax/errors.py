@@ -8,3 +8,9 @@ class ConfigError(ValueError):
   points print it as ``error: <message>`` and exit with status 2, without a
   traceback.
   """
+
+
+def first_line(exc: BaseException) -> str:
+  """The first non-empty line of an exception's message (or its type's name)."""
+  lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+  return lines[0] if lines else type(exc).__name__

@@ -66,11 +66,6 @@ def _literal(value: str) -> str:
   return repr(value)
 
 
-def _first_line(exc: BaseException) -> str:
-  lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-  return lines[0] if lines else type(exc).__name__
-
-
 def _location(exc: BaseException) -> str:
   """``file:line`` from a gin parse error, when gin gives one."""
   match = re.search(r'In file "([^"]+)", line (\d+)', str(exc))
@@ -108,7 +103,7 @@ def parse(flags: GinFlags) -> None:
       gin.parse_config_file(resolved)
     except Exception as exc:  # gin raises many exception types.
       where = _location(exc) or resolved
-      raise errors.ConfigError(f'{where}: {_first_line(exc)}') from None
+      raise errors.ConfigError(f'{where}: {errors.first_line(exc)}') from None
   for binding in flags.bindings:
     try:
       gin.parse_config(binding)
@@ -118,7 +113,7 @@ def parse(flags: GinFlags) -> None:
         raise errors.ConfigError(
             f'{flag}: the value is not valid gin (a Python literal, '
             '@configurable or %MACRO)') from None
-      raise errors.ConfigError(f'{flag}: {_first_line(exc)}') from None
+      raise errors.ConfigError(f'{flag}: {errors.first_line(exc)}') from None
   try:
     gin.finalize()
   except ValueError as exc:
@@ -139,7 +134,7 @@ def call(fn, *args, **kwargs):
     message = str(exc)
     if 'Required bindings' in message or 'gin.REQUIRED' in message:
       raise errors.ConfigError(
-          f'{_first_line(exc)}; set it in a gin file or with --gin.NAME=VALUE'
+          f'{errors.first_line(exc)}; set it in a gin file or with --gin.NAME=VALUE'
       ) from None
     raise
 

@@ -149,6 +149,13 @@ class Trainer:
         lambda s: s if s.device_set == mesh_devices else self._replicated,
         compiled.output_shardings)
 
+  def sharded_abstract_state(self) -> TrainState:
+    """The state as ``jax.ShapeDtypeStruct``s with their shardings (restore, AOT)."""
+    return jax.tree_util.tree_map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                    sharding=sharding),
+        self.abstract_state, self.state_shardings)
+
   def init_state(self, rng: jax.Array) -> TrainState:
     """A freshly initialised state, created directly with its shardings."""
 

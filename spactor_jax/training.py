@@ -125,8 +125,7 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
            partitioning.describe(device_mesh), runtime.process_info(),
            config.batch_size, total_steps, curriculum.stages[stage].name)
   if start:
-    state = checkpointer.restore(start, trainer.abstract_state,
-                                 trainer.state_shardings, iterator)
+    state = checkpointer.restore(start, trainer.sharded_abstract_state(), iterator)
     log.info('resumed from %s at step %d', checkpointer.directory, start)
   else:
     state = trainer.init_state(rng)

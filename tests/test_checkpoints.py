@@ -57,8 +57,8 @@ def test_restore_onto_other_shardings_gives_identical_params_and_next_loss(tmp_p
 
   fresh_iterator = _iterator()
   target = _trainer(fresh_iterator, fsdp)
-  restored = checkpointer.restore(checkpointer.latest_step(), target.abstract_state,
-                                  target.state_shardings, fresh_iterator)
+  restored = checkpointer.restore(checkpointer.latest_step(),
+                                  target.sharded_abstract_state(), fresh_iterator)
   checkpointer.close()
   assert int(restored.step) == 2
   jax.tree_util.tree_map(np.testing.assert_array_equal,

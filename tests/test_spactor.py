@@ -315,7 +315,7 @@ def test_after_tau_state_has_no_generator_and_trains_span_corruption(uninterrupt
   # Switch by hand from the checkpoint at τ: T5 leaves move unchanged, the
   # generator's and RTD head's are freed.
   state = checkpoints.Checkpointer(str(uninterrupted)).restore(
-      TAU, hybrid.abstract_state, hybrid.state_shardings, iterator)
+      TAU, hybrid.sharded_abstract_state(), iterator)
   snapshot = jax.device_get(state)
   old_leaves = {jax.tree_util.keystr(p): leaf
                 for p, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
