@@ -135,6 +135,7 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
   preemption = _Preemption()
   averages = None
   step = start
+  compiling = True  # the next step compiles: log it on its own line.
   try:
     while step < total_steps and not preemption.requested:
       wanted = curriculum.index_at(step)
@@ -143,21 +144,23 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
         averages = logger.flush(step, curriculum.stages[stage].name) or averages
         state, trainer = _switch_stage(state, make_trainer(wanted), rng)
         stage = wanted
+        compiling = True
         log.info('step %d: stage %s begins', step, curriculum.stages[stage].name)
       batch = pipeline.global_arrays(next(iterator), trainer.data_sharding)
       state, metrics = trainer.train_step(state, batch, rng)
       step += 1
       metrics['stage'] = stage
       logger.record(metrics)
-      if step == start + 1:
+      if compiling:
         logger.flush(step, curriculum.stages[stage].name, compiling=True)
+        compiling = False
       elif step % config.log_every_steps == 0 or step == total_steps:
         averages = logger.flush(step, curriculum.stages[stage].name)
       checkpointer.save(step, state, iterator, force=step == total_steps)
     if preemption.requested:
       checkpointer.save(step, state, iterator, force=True)
       log.info('SIGTERM: saved a checkpoint at step %d; run the same '
-                   'command again to resume', step)
+               'command again to resume', step)
   finally:
     checkpointer.close()
     logger.close()
