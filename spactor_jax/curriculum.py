@@ -71,14 +71,3 @@ class Curriculum:
     saved after ``tau`` completed steps still has the first stage's structure.
     """
     return self.index_at(max(completed_steps - 1, 0))
-
-  def end_of(self, index: int, total_steps: int) -> int:
-    """The step at which stage ``index`` ends (exclusive)."""
-    if index + 1 < len(self.stages):
-      return min(self.boundaries()[index + 1], total_steps)
-    return total_steps
-
-
-def single(objective: ObjectiveFactory) -> Curriculum:
-  """A curriculum of one objective for the whole run."""
-  return Curriculum(stages=(Stage(objective=objective),))
