@@ -9,7 +9,6 @@ same update as the full batch because every loss term is divided by a
 denominator computed once on the full batch.
 """
 
-import functools
 from typing import Any, Dict, Mapping, Tuple
 
 import flax.linen as nn
@@ -36,6 +35,11 @@ def count_input_tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
   """Non-padding tokens the model reads: all ``*_input_tokens`` features."""
   return sum(jnp.sum(value != 0) for name, value in batch.items()
              if name.endswith('_input_tokens')).astype(jnp.float32)
+
+
+def metric_values(metrics: base.Metrics) -> StepMetrics:
+  """``{name: (numerator, denominator)}`` → ``{name: numerator / denominator}``."""
+  return {name: num / jnp.maximum(den, 1e-12) for name, (num, den) in metrics.items()}
 
 
 def _split_microbatches(batch: Mapping[str, jax.Array], num_microbatches: int):
@@ -84,6 +88,7 @@ class Trainer:
     self._replicated = partitioning.replicated(mesh)
     self.abstract_state, self.state_shardings = self._abstract_state()
     self._jitted = None
+    self._jitted_eval = None
 
   def _validate_batch(self):
     missing = sorted(set(self.objective.input_features) - set(self.batch_spec))
@@ -221,8 +226,7 @@ class Trainer:
         state.params, state.objective_state, batch, denominators, step_rng)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    scalars = {name: num / jnp.maximum(den, 1e-12)
-               for name, (num, den) in metrics.items()}
+    scalars = metric_values(metrics)
     scalars.update(
         loss=loss,
         grad_norm=optax.tree.norm(grads),
@@ -259,20 +263,19 @@ class Trainer:
 
   def eval_loss(self, state: TrainState, batch: Mapping[str, jax.Array]
                 ) -> StepMetrics:
-    """Metrics of one batch without dropout or an update (jitted per call site)."""
-
-    @functools.partial(jax.jit, in_shardings=(
-        self.state_shardings, self.batch_shardings),
-                       out_shardings=self._replicated)
-    def evaluate(state, batch):
-      denominators = self.objective.denominators(batch)
-      (loss, metrics), _ = self.objective.apply(
-          {'params': state.params, **state.objective_state}, batch,
-          denominators, enable_dropout=False,
-          rngs={'sample': jax.random.key(0)}, mutable=list(state.objective_state))
-      scalars = {k: n / jnp.maximum(d, 1e-12) for k, (n, d) in metrics.items()}
-      scalars['loss'] = loss
-      return scalars
-
+    """Metrics of one batch without dropout or an update."""
+    if self._jitted_eval is None:
+      self._jitted_eval = jax.jit(self._evaluate, in_shardings=(
+          self.state_shardings, self.batch_shardings), out_shardings=self._replicated)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return evaluate(state, dict(batch))
+      return self._jitted_eval(state, dict(batch))
+
+  def _evaluate(self, state: TrainState, batch: Dict[str, jax.Array]) -> StepMetrics:
+    denominators = self.objective.denominators(batch)
+    (loss, metrics), _ = self.objective.apply(
+        {'params': state.params, **state.objective_state}, batch,
+        denominators, enable_dropout=False,
+        rngs={'sample': jax.random.key(0)}, mutable=list(state.objective_state))
+    scalars = metric_values(metrics)
+    scalars['loss'] = loss
+    return scalars
