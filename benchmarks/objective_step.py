@@ -39,40 +39,23 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Dict
 
-import gin
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # pylint: disable=g-bad-import-order  # puts the repository on sys.path
 # pylint: disable=g-import-not-at-top
 from spactor_jax import generator as generator_lib
 from spactor_jax import network
-from spactor_jax import optimizers
-from spactor_jax import partitioning
-from spactor_jax import trainer as trainer_lib
 from spactor_jax.objectives import base
 from spactor_jax.objectives import span_corruption
 from spactor_jax.objectives import spactor
 
-MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          'gin_configs', 'models')
 VOCAB = base.VocabInfo(vocab_size=32100)  # T5's 32000 pieces + 100 sentinels.
 DEFAULT_BATCH = {'small': 8, 'base': 4}
 TAU, TOTAL_STEPS = 250_000, 1_000_000
-
-
-def load_config(name: str) -> network.TransformerConfig:
-  """``gin_configs/models/<name>.gin`` with float32 activations."""
-  gin.clear_config()
-  gin.parse_config_files_and_bindings(
-      [os.path.join(MODELS_DIR, f'{name}.gin')], ["TransformerConfig.dtype = 'float32'"])
-  config = network.TransformerConfig()
-  gin.clear_config()
-  return config
 
 
 # ------------------------------------------------------------ analytic ---
@@ -148,20 +131,11 @@ def synthetic_batch(batch_size: int, inputs: int, targets: int, seed: int = 0
   }
 
 
-def _trainer(objective: base.Objective, batch: Dict[str, np.ndarray]) -> trainer_lib.Trainer:
-  schedule = optimizers.rsqrt_schedule()
-  mesh_config = partitioning.MeshConfig(ici=(1, 1, 1))
-  mesh = partitioning.make_mesh(mesh_config, jax.devices()[:1])
-  spec = {k: (v.shape, v.dtype) for k, v in batch.items()}
-  return trainer_lib.Trainer(objective, optimizers.adafactor(learning_rate=schedule), schedule,
-                             mesh, mesh_config.logical_rules, spec)
-
-
 class _Step:
   """One objective's compiled train step, its state and its XLA FLOPs."""
 
   def __init__(self, objective: base.Objective, batch: Dict[str, np.ndarray]):
-    trainer = _trainer(objective, batch)
+    trainer = common.make_trainer(objective, batch, jax.devices()[:1])
     rng = jax.random.key(0)
     start = time.perf_counter()
     self.compiled = trainer.lower(trainer.abstract_state, trainer.abstract_batch(), rng).compile()
@@ -185,7 +159,7 @@ class _Step:
 def measure(name: str, batch_size: int, inputs: int, targets: int, steps: int,
             warmup: int) -> Dict[str, object]:
   """Times and counts both steps for one model size."""
-  cfg = load_config(name)
+  cfg = common.load_model_config(name)
   batch = synthetic_batch(batch_size, inputs, targets)
   hybrid_objective = spactor.SpacTor(config=cfg, vocab=VOCAB)
   steps_by_name = {

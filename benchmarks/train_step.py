@@ -12,24 +12,18 @@ run. Prints one JSON object.
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
 import time
 from typing import Dict
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from spactor_jax import network  # pylint: disable=g-import-not-at-top
-from spactor_jax import optimizers
-from spactor_jax import partitioning
-from spactor_jax import trainer as trainer_lib
+import common  # pylint: disable=g-bad-import-order  # puts the repository on sys.path
+# pylint: disable=g-import-not-at-top
 from spactor_jax.objectives import base
 from spactor_jax.objectives import span_corruption
 
@@ -48,15 +42,6 @@ def matmul_peak(dtype: str, size: int = 2048, repeats: int = 10) -> float:
   return 2 * size ** 3 / best
 
 
-def model_config(name: str, dtype: str) -> network.TransformerConfig:
-  """The ``gin_configs/models/<name>.gin`` configuration with ``dtype``."""
-  gin.clear_config()
-  gin.parse_config_file(os.path.join(ROOT, 'gin_configs', 'models', f'{name}.gin'))
-  config = network.TransformerConfig()
-  gin.clear_config()
-  return config.replace(dtype=dtype)
-
-
 def synthetic_batch(batch_size: int, inputs: int, targets: int,
                     vocab_size: int) -> Dict[str, np.ndarray]:
   """Full rows of random non-special tokens in the encoder-decoder layout."""
@@ -73,16 +58,11 @@ def synthetic_batch(batch_size: int, inputs: int, targets: int,
 def measure(name: str, batch_size: int, dtype: str, steps: int, peak: float,
             inputs: int = 512, targets: int = 114) -> Dict[str, float]:
   """Times the train step of one model size."""
-  config = model_config(name, dtype)
+  config = common.load_model_config(name, dtype)
   batch = synthetic_batch(batch_size, inputs, targets, config.vocab_size)
-  spec = {k: (v.shape, v.dtype) for k, v in batch.items()}
-  schedule = optimizers.rsqrt_schedule()
-  mesh_config = partitioning.MeshConfig()
   objective = span_corruption.SpanCorruption(
       config=config, vocab=base.VocabInfo(vocab_size=config.vocab_size - 28))
-  trainer = trainer_lib.Trainer(
-      objective, optimizers.adafactor(learning_rate=schedule), schedule,
-      partitioning.make_mesh(mesh_config), mesh_config.logical_rules, spec)
+  trainer = common.make_trainer(objective, batch)
   state = trainer.init_state(jax.random.key(0))
   batch = {k: jax.device_put(v, trainer.data_sharding) for k, v in batch.items()}
   rng = jax.random.key(1)
