@@ -25,6 +25,7 @@ from spactor_jax import trainer as trainer_lib
 from spactor_jax import training
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
+from spactor_jax.objectives import blocks
 from spactor_jax.objectives import span_corruption
 from spactor_jax.objectives import spactor
 
@@ -87,7 +88,7 @@ def test_corrupt_keeps_originals_and_labels_only_changed_samples():
   tokens = jnp.array([[5, 6, 7, 8, 0]])
   mlm_mask = jnp.array([[1, 1, 0, 0, 0]])
   samples = jnp.array([[5, 9, 9, 9, 9]])
-  replaced, labels = spactor.corrupt(tokens, mlm_mask, samples)
+  replaced, labels = blocks.corrupt(tokens, mlm_mask, samples)
   np.testing.assert_array_equal(replaced, [[5, 9, 7, 8, 0]])
   np.testing.assert_array_equal(labels, [[0, 1, 0, 0, 0]])
 

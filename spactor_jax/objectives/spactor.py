@@ -23,83 +23,18 @@ dropped.
 
 from typing import Dict, Mapping, Optional, Tuple
 
-import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
 
 from spactor_jax import errors
 from spactor_jax import generator as generator_lib
-from spactor_jax import layers
-from spactor_jax import losses
 from spactor_jax import network
 from spactor_jax.objectives import base
+from spactor_jax.objectives import blocks
 from spactor_jax.objectives import span_corruption
 
 Array = jax.Array
-
-
-class RTDHead(nn.Module):
-  """ELECTRA's discriminator head: dense, GELU, dense to one logit per token.
-
-  Attributes:
-    config: the host network configuration.
-  """
-  config: network.TransformerConfig
-
-  @nn.compact
-  def __call__(self, encoded: Array) -> Array:
-    """``[batch, length, emb] -> [batch, length]`` float32 replaced-token logits."""
-    cfg = self.config
-    x = layers.DenseGeneral(cfg.emb_dim, kernel_axes=('embed', 'mlp'), dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype, name='dense')(encoded)
-    x = nn.with_logical_constraint(nn.gelu(x), ('batch', 'length', 'mlp'))
-    logits = layers.DenseGeneral(1, kernel_axes=('mlp', None), dtype=jnp.float32,
-                                 param_dtype=cfg.param_dtype, name='logit')(x)
-    return logits[..., 0]
-
-
-def corrupt(tokens: Array, mlm_mask: Array, samples: Array) -> Tuple[Array, Array]:
-  """The discriminator's input and its replaced-token labels.
-
-  Args:
-    tokens: ``[batch, length]`` original encoder ids.
-    mlm_mask: ``[batch, length]`` 1 at the positions the generator predicts.
-    samples: ``[batch, length]`` generator samples (read at masked positions).
-
-  Returns:
-    ``(replaced, labels)``: ``[batch, length]`` int32 ids, the samples at
-    masked positions and the originals elsewhere; ``[batch, length]`` int32
-    labels, 1 where a masked position's sample differs from the original.
-  """
-  masked = mlm_mask.astype(jnp.bool_)
-  replaced = jnp.where(masked, samples, tokens).astype(jnp.int32)
-  return replaced, (replaced != tokens).astype(jnp.int32)
-
-
-def rtd_metrics(logits: Array, labels: Array, weights: Array) -> base.Metrics:
-  """RTD loss, accuracy, precision and recall as (numerator, denominator) pairs.
-
-  Args:
-    logits: ``[batch, length]`` replaced-token logits (> 0 predicts replaced).
-    labels: ``[batch, length]`` 0/1.
-    weights: ``[batch, length]`` 1 at the tokens the loss covers.
-
-  Returns:
-    ``rtd_loss``, ``rtd_accuracy``, ``rtd_precision``, ``rtd_recall``.
-  """
-  weights = weights.astype(jnp.float32)
-  predicted = (logits > 0).astype(jnp.float32) * weights
-  actual = labels.astype(jnp.float32) * weights
-  true_positives = jnp.sum(predicted * actual)
-  count = jnp.sum(weights)
-  hits = jnp.sum((predicted == actual) * weights)
-  return {
-      'rtd_loss': base.metric(losses.sigmoid_cross_entropy(logits, labels, weights), count),
-      'rtd_accuracy': base.metric(hits, count),
-      'rtd_precision': base.metric(true_positives, jnp.sum(predicted)),
-      'rtd_recall': base.metric(true_positives, jnp.sum(actual)),
-  }
 
 
 @gin.configurable
@@ -158,7 +93,7 @@ class SpacTor(base.Objective):
     self.generator = generator_lib.Generator(
         self.config, self.generator_depth_fraction, self.generator_width_fraction,
         name='generator')
-    self.rtd_head = RTDHead(self.config, name='rtd_head')
+    self.rtd_head = blocks.RTDHead(self.config, name='rtd_head')
 
   def denominators(self, batch: base.Batch) -> Dict[str, Array]:
     return {
@@ -173,12 +108,12 @@ class SpacTor(base.Objective):
     segment_ids = batch.get('encoder_segment_ids')
     mlm_mask = batch['encoder_mlm_mask']
     logits = self.generator_logits(tokens, mlm_mask, segment_ids, enable_dropout=enable_dropout)
-    generator_loss, metrics = self._generator_loss(logits, tokens, mlm_mask,
-                                                   denominators['masked'])
+    generator_loss, metrics = blocks.masked_lm_loss(
+        logits, tokens, mlm_mask, denominators['masked'], 'generator')
 
     samples = generator_lib.gumbel_max_sample(
-        self.make_rng('sample'), logits, self.temperature, self._sampleable_ids())
-    replaced, labels = corrupt(tokens, mlm_mask, samples)
+        self.make_rng('sample'), logits, self.temperature, blocks.sampleable_ids(self.vocab, self.config.vocab_size))
+    replaced, labels = blocks.corrupt(tokens, mlm_mask, samples)
     self.sow('intermediates', 'samples', samples)
     self.sow('intermediates', 'replaced', replaced)
     self.sow('intermediates', 'rtd_labels', labels)
@@ -187,7 +122,7 @@ class SpacTor(base.Objective):
     rtd_logits = self.rtd_head(encoded)  # [batch, length]
     self.sow('intermediates', 'rtd_logits', rtd_logits)
     non_pad = tokens > 0
-    metrics.update(rtd_metrics(rtd_logits, labels, non_pad))
+    metrics.update(blocks.rtd_metrics(rtd_logits, labels, non_pad))
     rtd_loss = metrics['rtd_loss'][0] / denominators['encoder_tokens']
 
     decoder_logits = self.model.decode(
@@ -222,16 +157,3 @@ class SpacTor(base.Objective):
     hidden = self.generator(self.model.embed(masked_tokens), tokens > 0, segment_ids,
                             enable_dropout=enable_dropout)
     return generator_lib.tied_logits(self.model.attend, hidden)
-
-  def _generator_loss(self, logits: Array, tokens: Array, mlm_mask: Array,
-                      denominator: Array) -> Tuple[Array, base.Metrics]:
-    """MLM cross-entropy (no z-loss) over the masked positions, per masked token."""
-    loss_sum, _, correct = losses.cross_entropy_with_z_loss(logits, tokens, mlm_mask, 0.0)
-    count = jnp.sum(mlm_mask)
-    metrics = {'generator_loss': base.metric(loss_sum, count),
-               'generator_accuracy': base.metric(correct, count)}
-    return loss_sum / denominator, metrics
-
-  def _sampleable_ids(self) -> Array:
-    """``[vocab]`` bool: the regular ids (no pad/EOS/UNK/sentinel/mask/padding rows)."""
-    return ~self.vocab.is_special(jnp.arange(self.config.vocab_size))
