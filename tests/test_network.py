@@ -250,6 +250,10 @@ SIZES = {
     'base': (768, 12, 64, 12, 12, 2048, jnp.bfloat16),
     'large': (1024, 16, 64, 24, 24, 2816, jnp.bfloat16),
     'xl': (2048, 32, 64, 24, 24, 5120, jnp.bfloat16),
+    # BERT shapes for the encoder-only objectives (non-gated GELU MLP).
+    'encoder_tiny': (128, 4, 32, 2, 0, 512, jnp.float32),
+    'encoder_small': (512, 8, 64, 4, 0, 2048, jnp.bfloat16),
+    'encoder_base': (768, 12, 64, 12, 0, 3072, jnp.bfloat16),
 }
 
 
@@ -265,6 +269,7 @@ def test_gin_size_files(size):
   assert (config.emb_dim, config.num_heads, config.head_dim, config.num_encoder_layers,
           config.num_decoder_layers, config.mlp_dim) == (emb, heads, head_dim, enc, dec, mlp)
   assert config.vocab_size == 32128
-  assert config.mlp_activations == ('gelu', 'linear')
+  gated = not size.startswith('encoder_')
+  assert config.mlp_activations == (('gelu', 'linear') if gated else ('gelu',))
   assert config.dropout_rate == 0.0 and not config.logits_via_embedding
   assert config.dtype == dtype and config.param_dtype == jnp.float32

@@ -63,11 +63,21 @@ class VocabInfo:
     return self.vocab_size
 
   @property
+  def cls_id(self) -> int:
+    """The sequence-level (CLS) id of encoder-only models: the mask id + 1.
+
+    Like the mask id it lies above the SentencePiece vocabulary and its
+    sentinels, inside the model's padded embedding (T5's 32100 ids embed in
+    32128 rows; the shipped corpus' 4068 in 4096), so no text piece is lost.
+    """
+    return self.vocab_size + 1
+
+  @property
   def first_sentinel_id(self) -> int:
     return self.vocab_size - self.num_sentinels
 
   def is_special(self, tokens: Array) -> Array:
-    """True for pad, EOS, UNK, sentinels and ids at or above the mask id."""
+    """True for pad, EOS, UNK, sentinels and ids at or above the mask id (CLS too)."""
     return ((tokens == self.pad_id) | (tokens == self.eos_id) |
             (tokens == self.unk_id) | (tokens >= self.first_sentinel_id))
 
