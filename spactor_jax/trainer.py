@@ -287,10 +287,8 @@ class Trainer:
       loss, metrics, sown, updates = self._apply(
           params, objective_state, batch, denominators, self._rngs(rng), enable_dropout=True)
       surrogate = loss
-      if cotangent is not None:
-        surrogate += sum(jnp.sum(c.astype(jnp.float32) * s.astype(jnp.float32))
-                         for c, s in zip(jax.tree_util.tree_leaves(cotangent),
-                                         jax.tree_util.tree_leaves(sown)))
+      for name, tangent in (cotangent or {}).items():
+        surrogate += jnp.sum(tangent.astype(jnp.float32) * sown[name].astype(jnp.float32))
       return surrogate, (loss, metrics, updates)
 
     (_, (loss, metrics, updates)), grads = jax.value_and_grad(
@@ -301,8 +299,8 @@ class Trainer:
     """Pass 1: the full batch's coupled loss and its gradient per micro-batch.
 
     Returns:
-      ``(loss, metrics, cotangents)``, the cotangents shaped like the sown
-      values split into micro-batches, ``{name: [n, rows / n, ...]}``.
+      ``(loss, metrics, cotangents)``, the cotangents of the floating-point
+      sown values split into micro-batches, ``{name: [n, rows / n, ...]}``.
     """
 
     def forward(_, xs):
@@ -316,8 +314,10 @@ class Trainer:
 
     _, sown = jax.lax.scan(forward, None, (jnp.arange(self.num_microbatches), micro))
     sown = _merge_microbatches(sown)
+    floats = {k: v for k, v in sown.items() if jnp.issubdtype(v.dtype, jnp.inexact)}
     (loss, metrics), cotangent = jax.value_and_grad(
-        self._coupled_loss, has_aux=True)(sown, denominators)
+        lambda floats: self._coupled_loss({**sown, **floats}, denominators),
+        has_aux=True)(floats)
     cotangent = jax.lax.with_sharding_constraint(cotangent, self._row_sharding(cotangent))
     return loss, metrics, _split_microbatches(cotangent, self.num_microbatches)
 

@@ -52,7 +52,7 @@ class ToyInfoNCE(base.Objective):
     self.sow('coupled', 'anchor', hidden.sum(1) / jnp.maximum(mask.sum(1), 1))
     self.sow('coupled', 'positive',
              positive.sum(1) / jnp.maximum(positive_mask.sum(1), 1))
-    self.sow('coupled', 'weights', (mask.sum((1, 2)) > 0).astype(jnp.float32))
+    self.sow('coupled', 'weights', (mask.sum((1, 2)) > 0).astype(jnp.int32))  # no gradient
     squares = jnp.sum(jnp.square(hidden))
     return L2 * squares / denominators['tokens'], {
         'l2': base.metric(squares, mask.sum())}
