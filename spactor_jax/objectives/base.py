@@ -65,9 +65,11 @@ sown values, which are put back in the original row order; the coupled
 loss and its gradient with respect to them are taken on the full batch;
 pass 2 back-propagates each micro-batch's own loss plus
 ``<coupled gradient, sown values>`` through the network, with the same
-dropout and sample RNGs as pass 1. Pass 1 repeats the forward pass, which
-costs about a third more compute with ``num_microbatches > 1`` only.
-Denominators of the coupled term come from ``denominators(batch)``.
+dropout and sample RNGs as pass 1. Only floating-point sown values get a
+gradient; integer ones (weights, labels) are passed through. Pass 1 is an
+extra forward pass (roughly a third of a step's compute), paid only with
+``num_microbatches > 1``. Denominators of the coupled term come from
+``denominators(batch)``.
 """
 
 import dataclasses
