@@ -9,7 +9,7 @@ same update as the full batch because every loss term is divided by a
 denominator computed once on the full batch.
 """
 
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -22,7 +22,10 @@ from spactor_jax.objectives import base
 from spactor_jax.train_state import TrainState
 
 BatchSpec = Mapping[str, Tuple[Tuple[int, ...], Any]]  # name -> (shape, dtype)
-StepMetrics = Dict[str, jax.Array]
+# A step's metrics: the objective's ``(numerator, denominator)`` pairs, whose
+# windows average as sums over sums, and per-step scalars (``loss``,
+# ``grad_norm``, ``learning_rate``, ``tokens``).
+StepMetrics = Dict[str, Union[jax.Array, base.Metric]]
 
 
 def _dummy_batch(batch_spec: BatchSpec, batch_size: int = 1) -> Dict[str, jax.Array]:
@@ -35,11 +38,6 @@ def count_input_tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
   """Non-padding tokens the model reads: all ``*_input_tokens`` features."""
   return sum(jnp.sum(value != 0) for name, value in batch.items()
              if name.endswith('_input_tokens')).astype(jnp.float32)
-
-
-def metric_values(metrics: base.Metrics) -> StepMetrics:
-  """``{name: (numerator, denominator)}`` → ``{name: numerator / denominator}``."""
-  return {name: num / jnp.maximum(den, 1e-12) for name, (num, den) in metrics.items()}
 
 
 def _split_microbatches(batch: Mapping[str, jax.Array], num_microbatches: int):
@@ -89,6 +87,7 @@ class Trainer:
     self.abstract_state, self.state_shardings = self._abstract_state()
     self._jitted = None
     self._jitted_eval = None
+    self._jitted_denominators = None
 
   def _validate_batch(self):
     missing = sorted(set(self.objective.input_features) - set(self.batch_spec))
@@ -226,15 +225,15 @@ class Trainer:
         state.params, state.objective_state, batch, denominators, step_rng)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    scalars = metric_values(metrics)
-    scalars.update(
+    step_metrics: StepMetrics = dict(metrics)
+    step_metrics.update(
         loss=loss,
         grad_norm=optax.tree.norm(grads),
         learning_rate=jnp.asarray(self.learning_rate(state.step), jnp.float32),
         tokens=count_input_tokens(batch))
     new_state = TrainState(step=state.step + 1, params=params,
                            opt_state=opt_state, objective_state=objective_state)
-    return new_state, scalars
+    return new_state, step_metrics
 
   def _jitted_step(self):
     if self._jitted is None:
@@ -261,21 +260,61 @@ class Trainer:
     return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self.data_sharding)
             for name, (shape, dtype) in self.batch_spec.items()}
 
-  def eval_loss(self, state: TrainState, batch: Mapping[str, jax.Array]
-                ) -> StepMetrics:
-    """Metrics of one batch without dropout or an update."""
+  def eval_loss(self, state: TrainState, batch: Mapping[str, jax.Array],
+                denominators: Optional[Mapping[str, jax.Array]] = None,
+                rng: Optional[jax.Array] = None) -> StepMetrics:
+    """The objective's ``evaluate`` on one batch: no dropout, no update.
+
+    Compiled once per trainer (stage) for a given batch shape.
+    ``objective_state`` is read, never changed.
+
+    Args:
+      state: the train state (not donated).
+      batch: the global batch, ``[batch, length]`` per feature.
+      denominators: of the whole eval set (``eval_denominators``); default
+        this batch's own, which makes ``loss`` the batch's loss.
+      rng: the ``sample`` stream's key; default ``jax.random.key(0)``.
+
+    Returns:
+      ``loss`` (a scalar: this batch's share of the eval set's loss) and the
+      objective's metrics as ``(numerator, denominator)`` pairs.
+    """
+    batch = dict(batch)
+    if denominators is None:
+      denominators = self.eval_denominators([batch])
+    rng = jax.random.key(0) if rng is None else rng
     if self._jitted_eval is None:
       self._jitted_eval = jax.jit(self._evaluate, in_shardings=(
-          self.state_shardings, self.batch_shardings), out_shardings=self._replicated)
+          self.state_shardings, self.data_sharding, self._replicated,
+          self._replicated), out_shardings=self._replicated)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return self._jitted_eval(state, dict(batch))
+      return self._jitted_eval(state, batch, dict(denominators), rng)
 
-  def _evaluate(self, state: TrainState, batch: Dict[str, jax.Array]) -> StepMetrics:
-    denominators = self.objective.denominators(batch)
+  def eval_denominators(self, batches: Sequence[Mapping[str, jax.Array]]
+                        ) -> Dict[str, jax.Array]:
+    """``objective.denominators`` of the batches concatenated (the eval set).
+
+    Args:
+      batches: global batches, ``[batch, length]`` per feature.
+
+    Returns:
+      Float32 scalars, as from one batch holding every row.
+    """
+    if self._jitted_denominators is None:
+      def denominators(batches):
+        whole = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *batches)
+        return self.objective.denominators(whole)
+      self._jitted_denominators = jax.jit(
+          denominators, out_shardings=self._replicated)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._jitted_denominators([dict(b) for b in batches])
+
+  def _evaluate(self, state: TrainState, batch: Dict[str, jax.Array],
+                denominators: Dict[str, jax.Array], rng: jax.Array) -> StepMetrics:
     (loss, metrics), _ = self.objective.apply(
         {'params': state.params, **state.objective_state}, batch,
-        denominators, enable_dropout=False,
-        rngs={'sample': jax.random.key(0)}, mutable=list(state.objective_state))
-    scalars = metric_values(metrics)
-    scalars['loss'] = loss
-    return scalars
+        denominators, rngs={'sample': rng}, mutable=list(state.objective_state),
+        method=type(self.objective).evaluate)
+    step_metrics: StepMetrics = dict(metrics)
+    step_metrics['loss'] = loss
+    return step_metrics

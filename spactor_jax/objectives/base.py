@@ -22,6 +22,12 @@ Rules that let the trainer stay objective-agnostic:
 * Random numbers come from the ``dropout`` and ``sample`` RNG streams.
 * Non-trainable state (for example C-RTS's count matrix) lives in the
   ``objective_state`` collection; the trainer applies it as mutable.
+* Held-out evaluation calls ``evaluate`` (default: ``__call__`` without
+  dropout) on a fixed set of batches with the denominators of the whole set,
+  sums the losses and each metric's numerator and denominator over the set
+  and divides once. Objectives over the encoder-decoder add
+  ``heldout_sc_loss`` there, the span-corruption loss per target token of the
+  unchanged input, so that runs with different objectives share one curve.
 """
 
 import dataclasses
@@ -127,3 +133,21 @@ class Objective(nn.Module):
       denominators, and metrics as ``(numerator, denominator)`` pairs.
     """
     raise NotImplementedError
+
+  def evaluate(self, batch: Batch, denominators: Mapping[str, Array]
+               ) -> Tuple[Array, Metrics]:
+    """The loss and metrics of one held-out batch, without dropout.
+
+    The trainer applies this with the ``sample`` RNG stream fixed per eval
+    batch and discards any update of ``objective_state``. Override it to add
+    metrics that only make sense on held-out data, keeping ``__call__``'s.
+
+    Args:
+      batch: features, each ``[batch, length]``.
+      denominators: ``denominators`` of the whole eval set, so that the
+        losses of its batches add up to the eval set's loss.
+
+    Returns:
+      ``(loss, metrics)`` as ``__call__`` returns them.
+    """
+    return self(batch, denominators, enable_dropout=False)
