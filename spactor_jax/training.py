@@ -17,6 +17,7 @@ import seqio
 from spactor_jax import checkpoints
 from spactor_jax import curriculum as curriculum_lib
 from spactor_jax import errors
+from spactor_jax import evaluation
 from spactor_jax import metrics_log
 from spactor_jax import network
 from spactor_jax import optimizers
@@ -65,6 +66,12 @@ class RunConfig:
     mesh: device mesh shape and logical rules.
     num_microbatches: gradient-accumulation steps per train step.
     log_every_steps: how often to print and write summaries.
+    eval_every_steps: how often (and at the last step) to evaluate the
+      current stage's objective on held-out data; 0: never.
+    eval_batches: global batches of the held-out set, read once (``None``:
+      the whole split).
+    eval_task: the held-out task (default: the train task).
+    eval_split: the held-out split, read unshuffled.
     seed: parameter-initialisation and train-step RNG seed.
     checkpointer: a ``Checkpointer`` factory taking ``model_dir``.
   """
@@ -79,6 +86,10 @@ class RunConfig:
   mesh: partitioning.MeshConfig = partitioning.MeshConfig()
   num_microbatches: int = 1
   log_every_steps: int = 50
+  eval_every_steps: int = 0
+  eval_batches: Optional[int] = 4
+  eval_task: Optional[str] = None
+  eval_split: str = 'validation'
   seed: int = 0
   checkpointer: Callable[..., checkpoints.Checkpointer] = checkpoints.Checkpointer
 
@@ -144,6 +155,7 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
     state = _init_from(trainer.init_state(rng), trainer, curriculum.stages[0])
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
   log.info('%s parameters: %s', curriculum.stages[stage].name, f'{num_params:,}')
+  eval_set = _make_eval_set(config, trainer, vocab) if config.eval_every_steps else None
 
   preemption = _Preemption()
   averages = None
@@ -170,6 +182,9 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
         compiling = False
       elif step % config.log_every_steps == 0 or step == total_steps:
         averages = logger.flush(step, curriculum.stages[stage].name)
+      if eval_set is not None and (step % config.eval_every_steps == 0 or step == total_steps):
+        logger.write_eval(step, curriculum.stages[stage].name,
+                          *eval_set.timed_evaluate(trainer, state))
       checkpointer.save(step, state, iterator, force=step == total_steps)
     if preemption.requested:
       checkpointer.save(step, state, iterator, force=True)
@@ -179,6 +194,18 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
     checkpointer.close()
     logger.close()
   return averages
+
+
+def _make_eval_set(config: RunConfig, trainer: trainer_lib.Trainer,
+                   vocab: base.VocabInfo) -> evaluation.EvalSet:
+  """The held-out batches of the in-loop evaluation, read once."""
+  data = evaluation.eval_data_config(config.data, config.eval_task, config.eval_split)
+  eval_set = evaluation.make_eval_set(
+      data, config.model_family, config.batch_size, config.eval_batches,
+      trainer.data_sharding, vocab, config.model.vocab_size, config.seed)
+  log.info('held-out evaluation every %d steps on %d batches of %s',
+           config.eval_every_steps, len(eval_set.batches), eval_set.description)
+  return eval_set
 
 
 def _switch_stage(state: train_state.TrainState, trainer: trainer_lib.Trainer,

@@ -59,7 +59,8 @@ class SpacTor(base.Objective):
   ``rtd_accuracy`` per non-padding encoder token, ``rtd_precision`` per
   predicted replacement, ``rtd_recall`` per actual replacement;
   ``replaced_fraction`` = replaced / non-padding encoder tokens and
-  ``replaced_of_masked`` = replaced / masked positions. The train loop adds
+  ``replaced_of_masked`` = replaced / masked positions; in held-out
+  evaluation also ``heldout_sc_loss`` (see ``evaluate``). The train loop adds
   ``stage``. Intermediates ``samples``, ``replaced``, ``rtd_labels`` and
   ``rtd_logits`` (``[batch, length]``) are sown when the ``intermediates``
   collection is mutable.
@@ -137,6 +138,19 @@ class SpacTor(base.Objective):
     metrics['replaced_of_masked'] = base.metric(num_replaced, jnp.sum(mlm_mask))
     loss = (self.generator_weight * generator_loss + self.rtd_weight * rtd_loss +
             self.sc_weight * sc_loss)
+    return loss, metrics
+
+  def evaluate(self, batch: base.Batch, denominators: Mapping[str, Array]
+               ) -> Tuple[Array, base.Metrics]:
+    """``__call__`` without dropout plus ``heldout_sc_loss``.
+
+    ``heldout_sc_loss`` is span corruption's loss per target token with the
+    encoder reading the *unreplaced* input: what ``SpanCorruption`` would
+    report for the shared ``model``, comparable across the τ switch.
+    """
+    loss, metrics = self(batch, denominators, enable_dropout=False)
+    metrics['heldout_sc_loss'] = span_corruption.heldout_sc_loss(
+        self.model, batch, self.z_loss)
     return loss, metrics
 
   def generator_logits(self, tokens: Array, mlm_mask: Array,
