@@ -142,6 +142,7 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
     log.info('resumed from %s at step %d', checkpointer.directory, start)
   else:
     state = _init_from(trainer.init_state(rng), trainer, curriculum.stages[0])
+  _check_stages(curriculum, stage, trainer, make_trainer)
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
   log.info('%s parameters: %s', curriculum.stages[stage].name, f'{num_params:,}')
 
@@ -179,6 +180,27 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
     checkpointer.close()
     logger.close()
   return averages
+
+
+def _check_stages(curriculum: curriculum_lib.Curriculum, stage: int,
+                  trainer: trainer_lib.Trainer,
+                  make_trainer: Callable[[int], trainer_lib.Trainer]) -> None:
+  """Fails now, not at a switch, if a later stage cannot follow its predecessor.
+
+  Checks, on the states' shapes, what ``_switch_stage`` will do: shared
+  parameters and optimizer leaves keep their shapes, ``init_from`` paths exist
+  and fit (and every ``trainable`` pattern matches, when its trainer is made).
+  """
+  if stage == 0:
+    train_state.check_init_from(trainer.abstract_state.params,
+                                curriculum.stages[0].init_operations())
+  previous = trainer.abstract_state
+  for index in range(stage + 1, len(curriculum.stages)):
+    abstract = make_trainer(index).abstract_state
+    train_state.check_carry_over(previous, abstract,
+                                 reset_optimizer=curriculum.resets_optimizer(index))
+    train_state.check_init_from(abstract.params, curriculum.stages[index].init_operations())
+    previous = abstract
 
 
 def _switch_stage(state: train_state.TrainState, trainer: trainer_lib.Trainer,

@@ -233,6 +233,11 @@ def test_a_shape_change_at_a_switch_is_an_error_naming_the_path(tmp_path):
   assert '(128, 256)' in message and '(128, 512)' in message
   # Nothing was deleted: the old state is still whole.
   assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state))
+  # A run with this curriculum stops before its first step, not at the switch.
+  with pytest.raises(errors.ConfigError) as info:
+    training.train(config)
+  assert str(info.value) == message
+  assert not list((tmp_path / 'checkpoints').glob('[0-9]*'))
   # A trainable pattern or an init_from path that names no parameter.
   nothing = _run_config(tmp_path, 2, (curriculum.Stage(span_corruption.SpanCorruption,
                                                        trainable='model/decoder/head/.*'),))
