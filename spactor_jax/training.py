@@ -137,12 +137,12 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
   log.info('mesh %s, %s, global batch %d, %d steps, stage %s',
            partitioning.describe(device_mesh), runtime.process_info(),
            config.batch_size, total_steps, curriculum.stages[stage].name)
+  _check_stages(curriculum, stage, trainer, make_trainer)
   if start:
     state = checkpointer.restore(start, trainer.sharded_abstract_state(), iterator)
     log.info('resumed from %s at step %d', checkpointer.directory, start)
   else:
     state = _init_from(trainer.init_state(rng), trainer, curriculum.stages[0])
-  _check_stages(curriculum, stage, trainer, make_trainer)
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
   log.info('%s parameters: %s', curriculum.stages[stage].name, f'{num_params:,}')
 
