@@ -148,6 +148,7 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
   log.info('mesh %s, %s, global batch %d, %d steps, stage %s',
            partitioning.describe(device_mesh), runtime.process_info(),
            config.batch_size, total_steps, curriculum.stages[stage].name)
+  _check_stages(curriculum, stage, trainer, make_trainer)
   if start:
     state = checkpointer.restore(start, trainer.sharded_abstract_state(), iterator)
     log.info('resumed from %s at step %d', checkpointer.directory, start)
@@ -206,6 +207,27 @@ def _make_eval_set(config: RunConfig, trainer: trainer_lib.Trainer,
   log.info('held-out evaluation every %d steps on %d batches of %s',
            config.eval_every_steps, len(eval_set.batches), eval_set.description)
   return eval_set
+
+
+def _check_stages(curriculum: curriculum_lib.Curriculum, stage: int,
+                  trainer: trainer_lib.Trainer,
+                  make_trainer: Callable[[int], trainer_lib.Trainer]) -> None:
+  """Fails now, not at a switch, if a later stage cannot follow its predecessor.
+
+  Checks, on the states' shapes, what ``_switch_stage`` will do: shared
+  parameters and optimizer leaves keep their shapes, ``init_from`` paths exist
+  and fit (and every ``trainable`` pattern matches, when its trainer is made).
+  """
+  if stage == 0:
+    train_state.check_init_from(trainer.abstract_state.params,
+                                curriculum.stages[0].init_operations())
+  previous = trainer.abstract_state
+  for index in range(stage + 1, len(curriculum.stages)):
+    abstract = make_trainer(index).abstract_state
+    train_state.check_carry_over(previous, abstract,
+                                 reset_optimizer=curriculum.resets_optimizer(index))
+    train_state.check_init_from(abstract.params, curriculum.stages[index].init_operations())
+    previous = abstract
 
 
 def _switch_stage(state: train_state.TrainState, trainer: trainer_lib.Trainer,
