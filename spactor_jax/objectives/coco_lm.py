@@ -54,7 +54,6 @@ from spactor_jax.objectives import blocks
 from spactor_jax.objectives import mlm
 
 Array = jax.Array
-NEGATIVES = ('global', 'device')
 # Logit of excluded pairs (a view with itself, empty rows); finite so an
 # all-excluded row gives a finite (zero-weighted) loss and no NaN gradient.
 _EXCLUDED = -1e9
@@ -115,9 +114,9 @@ def info_nce(first: Array, second: Array, weights: Array, num_groups: int,
     raise errors.ConfigError(f'{batch} rows do not split into {num_groups} groups of '
                              'contrastive negatives; make the batch a multiple of it')
   rows = batch // num_groups
+  group = lambda x: base.in_groups(x, num_groups)
   normalize = lambda x: x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True),
                                                       1e-12))
-  group = lambda x: x.reshape((num_groups, rows) + x.shape[1:])
   views = jnp.concatenate([group(normalize(first.astype(jnp.float32))),
                            group(normalize(second.astype(jnp.float32)))], axis=1)  # [G, 2b, dim]
   view_weights = jnp.concatenate([group(weights), group(weights)], axis=1).astype(jnp.float32)
@@ -252,7 +251,7 @@ class COCOLM(base.Objective):
         raise errors.ConfigError(f'COCOLM.{name} must be positive, got {getattr(self, name)}')
     if not 0.0 < self.crop_fraction <= 1.0:
       raise errors.ConfigError(f'COCOLM.crop_fraction must be in (0, 1], got {self.crop_fraction}')
-    if self.negatives not in NEGATIVES:
+    if self.negatives not in base.NEGATIVES:
       raise errors.ConfigError(f"COCOLM.negatives must be 'global' or 'device', "
                                f'got {self.negatives!r}')
     generator_lib.generator_config(self.config, self.generator_depth_fraction,
