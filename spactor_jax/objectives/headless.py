@@ -43,6 +43,7 @@ import jax.numpy as jnp
 
 from spactor_jax import cwt
 from spactor_jax import errors
+from spactor_jax import losses
 from spactor_jax import network
 from spactor_jax.objectives import base
 from spactor_jax.objectives import spactor
@@ -294,3 +295,59 @@ class HeadlessSpacTor(_CWTTerm, spactor.SpacTor):
     self.sow_targets(hidden, self.model.embed(batch['decoder_target_tokens']),
                      batch['decoder_loss_weights'])
     return jnp.zeros((), jnp.float32), {}
+
+
+@gin.configurable
+class LMTuning(base.Objective):
+  """LM-tuning of a headless decoder-only model: next-token cross-entropy through a new head.
+
+  The head is ``model/decoder/logits_dense`` (untied), which headless
+  pre-training never created; the curriculum stage initialises it as a copy
+  of the input embedding, transposed (``Stage.init_from``), after which the
+  two are separate parameters. ``logit_scale`` multiplies the logits:
+  ``1 / cwt_temperature`` of the pre-training makes the first logits equal
+  to its CWT scores against every vocabulary entry.
+
+  Attributes:
+    config: the decoder configuration (``logits_via_embedding`` must be off).
+    vocab: special ids of the task's vocabulary.
+    logit_scale: factor on the head's logits.
+    z_loss: T5X's z-loss coefficient (0: plain cross-entropy, as the paper).
+
+  Metrics per target token: ``lm_loss`` (its exponential is the perplexity),
+  ``lm_accuracy`` (argmax).
+  """
+  config: network.TransformerConfig
+  vocab: base.VocabInfo
+  logit_scale: float = 1.0
+  z_loss: float = 0.0
+
+  model_family = 'decoder'
+  input_features = HeadlessCausalLM.input_features
+
+  def __post_init__(self):
+    if self.config.logits_via_embedding:
+      raise errors.ConfigError(
+          'LMTuning trains a new untied head; set TransformerConfig.logits_via_embedding = False')
+    if self.logit_scale <= 0:
+      raise errors.ConfigError(f'LMTuning.logit_scale must be positive, got {self.logit_scale}')
+    super().__post_init__()
+
+  def setup(self):
+    self.model = network.DecoderOnly(self.config, name='model')
+
+  def denominators(self, batch: base.Batch) -> Dict[str, Array]:
+    return {'targets': base.safe_denominator(jnp.sum(batch['decoder_loss_weights']))}
+
+  def __call__(self, batch: base.Batch, denominators: Mapping[str, Array], *,
+               enable_dropout: bool) -> Tuple[Array, base.Metrics]:
+    hidden = self.model(batch['decoder_input_tokens'], batch.get('decoder_segment_ids'),
+                        enable_dropout=enable_dropout)
+    logits = self.model.logits(hidden) * self.logit_scale  # [batch, length, vocab]
+    weights = batch['decoder_loss_weights']
+    loss_sum, z_sum, correct = losses.cross_entropy_with_z_loss(
+        logits, batch['decoder_target_tokens'], weights, self.z_loss)
+    count = jnp.sum(weights)
+    metrics = {'lm_loss': base.metric(loss_sum - z_sum, count),
+               'lm_accuracy': base.metric(correct, count)}
+    return loss_sum / denominators['targets'], metrics
