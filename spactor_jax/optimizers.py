@@ -3,14 +3,21 @@
 ``adafactor`` reproduces T5.1.1's settings (decay 0.8, factored second
 moments, update clipping 1.0, parameter-scale multiplication) with T5's
 ``constant * rsqrt_decay`` schedule; ``adamw`` is the usual alternative.
-Both accept a global-norm gradient clip.
+Both accept a global-norm gradient clip. ``for_stage`` builds a curriculum
+stage's optimizer: its schedule read off the run's step count, and only the
+parameters that match a pattern trained.
 """
 
-from typing import Optional
+import re
+from typing import Any, Callable, Optional
 
 import gin
+import jax
 import jax.numpy as jnp
 import optax
+
+from spactor_jax import errors
+from spactor_jax import train_state
 
 
 @gin.configurable
@@ -95,3 +102,49 @@ def adamw(learning_rate: optax.Schedule = gin.REQUIRED,
   tx = optax.adamw(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
                    weight_decay=weight_decay)
   return _with_clipping(tx, grad_clip_norm)
+
+
+def trainable_only(tx: optax.GradientTransformation,
+                   pattern: str) -> optax.GradientTransformation:
+  """``tx`` for the parameters whose ``/``-joined path fully matches ``pattern``.
+
+  The others get zero updates (their values stay bit-identical) and no
+  optimizer state: ``tx`` only ever sees the trainable subtree, so its
+  moments and its global-norm clip cover only those.
+  """
+  regex = re.compile(pattern)
+
+  def labels(params: Any) -> Any:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [train_state.path_str(path) for path, _ in flat]
+    marks = ['train' if regex.fullmatch(name) else 'freeze' for name in names]
+    if 'train' not in marks:
+      raise errors.ConfigError(
+          f'Stage.trainable = {pattern!r} matches no parameter (paths look like '
+          f'{names[0]!r}); fix the pattern')
+    return jax.tree_util.tree_unflatten(treedef, marks)
+
+  return optax.multi_transform({'train': tx, 'freeze': optax.set_to_zero()}, labels)
+
+
+def for_stage(make_optimizer: Callable[..., optax.GradientTransformation],
+              schedule: optax.Schedule, *, step_offset: int = 0,
+              trainable: Optional[str] = None) -> optax.GradientTransformation:
+  """A curriculum stage's optimizer.
+
+  Args:
+    make_optimizer: an optimizer factory taking ``learning_rate``.
+    schedule: the learning rate as a function of the run's step count.
+    step_offset: the run's step at which the optimizer state was fresh: its
+      step counts are the run's step minus this, so the schedule reads
+      ``schedule(count + step_offset)``.
+    trainable: a parameter-path pattern (see ``trainable_only``); ``None``:
+      every parameter trains.
+  """
+  learning_rate = schedule
+  if step_offset:
+    learning_rate = lambda count: schedule(count + step_offset)
+  tx = make_optimizer(learning_rate=learning_rate)
+  if trainable is not None:
+    tx = trainable_only(tx, trainable)
+  return tx

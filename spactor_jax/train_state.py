@@ -1,9 +1,12 @@
 """The train state and how it moves between objectives."""
 
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import flax.struct
 import jax
+import jax.numpy as jnp
+
+from spactor_jax import errors
 
 
 @flax.struct.dataclass
@@ -23,38 +26,72 @@ class TrainState:
   objective_state: Dict[str, Any]
 
 
-def _by_path(tree: Any) -> Dict[Tuple[Any, ...], Any]:
+def path_str(path: Tuple[Any, ...]) -> str:
+  """A key path as ``/``-joined names: ``model/decoder/logits_dense/kernel``."""
+  names = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      names.append(str(key.key))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      names.append(key.name)
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      names.append(str(key.idx))
+    else:
+      names.append(str(key))
+  return '/'.join(names)
+
+
+def by_path(tree: Any) -> Dict[str, Any]:
+  """``{'/'-joined path: leaf}`` of a pytree."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {tuple(str(k) for k in path): leaf for path, leaf in leaves}
+  return {path_str(path): leaf for path, leaf in leaves}
+
+
+def _is_optimizer_leaf(path: str) -> bool:
+  return path.startswith('opt_state/')
 
 
 def carry_over(old: TrainState, abstract_next: TrainState,
-               init_next: Callable[[], TrainState]) -> Tuple[TrainState, int, int]:
+               init_next: Callable[[], TrainState], *,
+               reset_optimizer: bool = False) -> Tuple[TrainState, int, int]:
   """Builds the next stage's state from ``old`` wherever key paths match.
 
   Every leaf of the next state whose key path (parameters, optimizer moments,
-  step) also exists in ``old`` with the same shape is taken from ``old``.
-  Only when some leaf is new is ``init_next`` called to make it. Leaves of
-  ``old`` that the next state lacks (a generator, an RTD head and their
-  optimizer moments) are deleted from device memory.
+  step) also exists in ``old`` is taken from ``old``; the same path with
+  another shape is an error. Only when some leaf is new is ``init_next``
+  called to make it. Leaves of ``old`` that the next state lacks (a
+  generator, an RTD head and their optimizer moments) are deleted from device
+  memory.
 
   Args:
     old: the state of the stage that ends.
     abstract_next: the next stage's state as ``jax.ShapeDtypeStruct`` leaves.
     init_next: makes a freshly initialised next state (sharded).
+    reset_optimizer: take the whole optimizer state from ``init_next``.
 
   Returns:
     ``(state, num_carried, num_dropped)``: the next state and how many leaves
     were carried over from ``old`` and deleted with it.
+
+  Raises:
+    ConfigError: a leaf of both states changes shape; names its path.
   """
-  old_leaves = _by_path(old)
+  old_leaves = by_path(old)
   next_flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_next)
-  keys = [tuple(str(k) for k in path) for path, _ in next_flat]
-  carried = {key: old_leaves[key] for key, (_, leaf) in zip(keys, next_flat)
-             if key in old_leaves and old_leaves[key].shape == leaf.shape}
+  keys = [path_str(path) for path, _ in next_flat]
+  carried = {}
+  for key, (_, leaf) in zip(keys, next_flat):
+    if key not in old_leaves or (reset_optimizer and _is_optimizer_leaf(key)):
+      continue
+    if old_leaves[key].shape != leaf.shape:
+      raise errors.ConfigError(
+          f'{key} has shape {tuple(old_leaves[key].shape)} in the stage that ends '
+          f'but {tuple(leaf.shape)} in the next; stages must agree on the shape '
+          'of what they share (rename the new one or make the shapes match)')
+    carried[key] = old_leaves[key]
   fresh = {}
   if len(carried) < len(keys):
-    fresh = _by_path(init_next())
+    fresh = by_path(init_next())
   leaves = [carried[key] if key in carried else fresh[key] for key in keys]
   for key, leaf in fresh.items():
     if key in carried:
@@ -65,3 +102,38 @@ def carry_over(old: TrainState, abstract_next: TrainState,
       leaf.delete()
       dropped += 1
   return jax.tree_util.tree_unflatten(treedef, leaves), len(carried), dropped
+
+
+def init_from(state: TrainState, operations: Sequence[Tuple[str, str, str]],
+              param_shardings: Any) -> TrainState:
+  """Sets parameters from others: ``(target, source, 'copy' | 'transpose')``.
+
+  Every target becomes a new array (on its own sharding), a copy or the
+  transpose of the source's current value; the target's previous value is
+  deleted. Afterwards the two are separate parameters.
+
+  Raises:
+    ConfigError: a path that is not a parameter, or a shape that does not fit.
+  """
+  params = by_path(state.params)
+  shardings = by_path(param_shardings)
+  for target, source, operation in operations:
+    for role, path in (('target', target), ('source', source)):
+      if path not in params:
+        raise errors.ConfigError(
+            f'Stage.init_from {role} {path!r} is not a parameter of the stage '
+            f'(parameters: {", ".join(sorted(params)[:4])}, ...); fix the path')
+    value = params[source]
+    shape = value.shape[::-1] if operation == 'transpose' else value.shape
+    if tuple(shape) != tuple(params[target].shape):
+      raise errors.ConfigError(
+          f'Stage.init_from: {source} {tuple(value.shape)} {operation} gives '
+          f'{tuple(shape)} but {target} is {tuple(params[target].shape)}; '
+          "use 'copy' or 'transpose' so that the shapes match")
+    op = jnp.transpose if operation == 'transpose' else jnp.copy
+    new = jax.jit(op, out_shardings=shardings[target])(value)
+    params[target].delete()
+    params[target] = new
+  flat, treedef = jax.tree_util.tree_flatten_with_path(state.params)
+  return state.replace(params=jax.tree_util.tree_unflatten(
+      treedef, [params[path_str(path)] for path, _ in flat]))

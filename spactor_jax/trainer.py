@@ -6,9 +6,13 @@ train state directly sharded (``jax.eval_shape`` → logical specs → shardings
 and compiles one train step under ``jax.jit`` with explicit in/out shardings
 and the state donated. Gradient accumulation over micro-batches gives the
 same update as the full batch because every loss term is divided by a
-denominator computed once on the full batch.
+denominator computed once on the full batch, and a batch-coupled term is
+computed on the full batch's sown values in a first pass (see
+``objectives/base.py``). Objective state is read as it was at the start of
+the step by every micro-batch; updates are summed and settled once.
 """
 
+import logging
 from typing import Any, Dict, Mapping, Tuple
 
 import flax.linen as nn
@@ -20,6 +24,8 @@ from spactor_jax import errors
 from spactor_jax import partitioning
 from spactor_jax.objectives import base
 from spactor_jax.train_state import TrainState
+
+log = logging.getLogger('spactor_jax')
 
 BatchSpec = Mapping[str, Tuple[Tuple[int, ...], Any]]  # name -> (shape, dtype)
 StepMetrics = Dict[str, jax.Array]
@@ -42,8 +48,8 @@ def metric_values(metrics: base.Metrics) -> StepMetrics:
   return {name: num / jnp.maximum(den, 1e-12) for name, (num, den) in metrics.items()}
 
 
-def _split_microbatches(batch: Mapping[str, jax.Array], num_microbatches: int):
-  """``[batch, ...]`` → ``[num_microbatches, batch / num_microbatches, ...]``.
+def _split_microbatches(batch: Any, num_microbatches: int) -> Any:
+  """``[batch, ...]`` → ``[num_microbatches, batch / num_microbatches, ...]`` per leaf.
 
   Micro-batch ``k`` takes rows ``k, k + n, k + 2n, ...`` so that every device
   keeps a slice of every micro-batch and no data moves between devices.
@@ -53,7 +59,30 @@ def _split_microbatches(batch: Mapping[str, jax.Array], num_microbatches: int):
     x = x.reshape((x.shape[0] // num_microbatches, num_microbatches) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
 
-  return jax.tree_util.tree_map(split, dict(batch))
+  return jax.tree_util.tree_map(split, batch)
+
+
+def _merge_microbatches(tree: Any) -> Any:
+  """The inverse of ``_split_microbatches``: rows back in their original order."""
+
+  def merge(x):
+    x = jnp.swapaxes(x, 0, 1)
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+  return jax.tree_util.tree_map(merge, tree)
+
+
+def _sown_values(collection: Mapping[str, Any]) -> Dict[str, jax.Array]:
+  """``{name: (value,)}`` as sown into ``coupled`` → ``{name: value}``."""
+  values = {}
+  for name, sown in collection.items():
+    if not (isinstance(sown, tuple) and len(sown) == 1):
+      raise errors.ConfigError(
+          f"the '{base.COUPLED}' collection entry '{name}' was not sown exactly once "
+          'by the objective itself; call self.sow("coupled", NAME, value) once per '
+          'name in the objective module, not in a submodule')
+    values[name] = sown[0]
+  return values
 
 
 class Trainer:
@@ -66,6 +95,9 @@ class Trainer:
     mesh: the device mesh.
     rules: logical-axis rules.
     num_microbatches: gradient-accumulation steps per train step.
+    batch_coupled: whether the objective's loss couples rows (``base.py``).
+    num_groups: blocks of rows a batch-coupled loss takes negatives in: 1
+      for ``negatives='global'``, the mesh's batch shards for ``'device'``.
   """
 
   def __init__(self, objective: base.Objective,
@@ -86,6 +118,10 @@ class Trainer:
     self.data_sharding = partitioning.data_sharding(mesh, self.rules)
     self.batch_shardings = {name: self.data_sharding for name in self.batch_spec}
     self._replicated = partitioning.replicated(mesh)
+    self._rows = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(self.data_sharding.spec[0]))
+    self.batch_coupled = bool(objective.batch_coupled)
+    self.num_groups = self._negative_groups()
     self.abstract_state, self.state_shardings = self._abstract_state()
     self._jitted = None
     self._jitted_eval = None
@@ -107,6 +143,20 @@ class Trainer:
           f'the mesh {dict(self.mesh.shape)}; change the batch size, '
           'num_microbatches or the mesh')
 
+  def _negative_groups(self) -> int:
+    if not self.batch_coupled:
+      return 1
+    name = type(self.objective).__name__
+    negatives = getattr(self.objective, 'negatives', None)
+    if negatives not in base.NEGATIVES:
+      raise errors.ConfigError(
+          f'{name}.negatives is {negatives!r}; set it to one of {base.NEGATIVES} '
+          '(negatives from the whole batch or from each device\'s rows)')
+    groups = 1 if negatives == 'global' else partitioning.batch_divisor(self.mesh, self.rules)
+    log.info('%s: %s negatives, rows in %d group(s) of %d', name, negatives, groups,
+             next(iter(self.batch_spec.values()))[0][0] // groups)
+    return groups
+
   # --- state -----------------------------------------------------------------
 
   def _init_boxed(self, rng: jax.Array) -> TrainState:
@@ -117,6 +167,7 @@ class Trainer:
         {'params': param_rng, 'dropout': dropout_rng, 'sample': sample_rng},
         dummy, self.objective.denominators(dummy), enable_dropout=False)
     variables = dict(variables)
+    variables.pop(base.COUPLED, None)
     params = variables.pop('params')
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=None, objective_state=variables)
@@ -173,50 +224,142 @@ class Trainer:
 
   # --- step ------------------------------------------------------------------
 
-  def _loss_and_grads(self, params, objective_state, batch, denominators, rng):
+  def _apply(self, params, objective_state, batch, denominators, rngs, *,
+             enable_dropout: bool):
+    """One forward pass: ``(loss, metrics, sown, state_updates)``.
+
+    ``sown`` is ``{name: [rows, ...]}`` from the ``coupled`` collection
+    (``None`` unless the objective is batch-coupled); ``state_updates`` are
+    the objective-state collections after the pass.
+    """
+    mutable = list(objective_state) + ([base.COUPLED] if self.batch_coupled else [])
+    (loss, metrics), variables = self.objective.apply(
+        {'params': params, **objective_state}, batch, denominators,
+        enable_dropout=enable_dropout, rngs=rngs, mutable=mutable)
+    variables = dict(variables)
+    sown = _sown_values(variables.pop(base.COUPLED, {})) if self.batch_coupled else None
+    return loss, metrics, sown, {**objective_state, **variables}
+
+  def _full_loss(self, params, objective_state, batch, denominators, rngs, *,
+                 enable_dropout: bool):
+    """``(loss, metrics, state_updates)`` of a whole batch, coupled term included."""
+    loss, metrics, sown, updates = self._apply(
+        params, objective_state, batch, denominators, rngs, enable_dropout=enable_dropout)
+    if self.batch_coupled:
+      coupled, coupled_metrics = self._coupled_loss(sown, denominators)
+      loss, metrics = loss + coupled, {**metrics, **coupled_metrics}
+    return loss, metrics, updates
+
+  def _coupled_loss(self, sown, denominators):
+    sown = jax.lax.with_sharding_constraint(sown, self._row_sharding(sown))
+    return self.objective.coupled_loss(sown, denominators, self.num_groups)
+
+  def _row_sharding(self, tree):
+    """Rows (the leading dimension) of every leaf split like the batch."""
+    return jax.tree_util.tree_map(lambda _: self._rows, tree)
+
+  @staticmethod
+  def _rngs(rng):
     dropout_rng, sample_rng = jax.random.split(rng)
-    mutable = list(objective_state)
+    return {'dropout': dropout_rng, 'sample': sample_rng}
+
+  def _loss_and_grads(self, params, objective_state, batch, denominators, rng):
+    """The full batch in one pass: loss, metrics, gradients, state updates."""
 
     def loss_fn(params):
-      (loss, metrics), updates = self.objective.apply(
-          {'params': params, **objective_state}, batch, denominators,
-          enable_dropout=True, rngs={'dropout': dropout_rng, 'sample': sample_rng},
-          mutable=mutable)
-      return loss, (metrics, dict(updates))
+      loss, metrics, updates = self._full_loss(
+          params, objective_state, batch, denominators, self._rngs(rng), enable_dropout=True)
+      return loss, (metrics, updates)
 
     (loss, (metrics, updates)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(params)
-    return loss, metrics, grads, {**objective_state, **updates}
+    return loss, metrics, grads, updates
 
-  def _accumulate(self, params, objective_state, batch, denominators, rng):
-    """Loss, metrics and gradients summed over micro-batches."""
-    if self.num_microbatches == 1:
-      return self._loss_and_grads(params, objective_state, batch, denominators, rng)
-    micro = _split_microbatches(batch, self.num_microbatches)
+  def _micro_loss_and_grads(self, params, objective_state, batch, denominators,
+                            rng, cotangent):
+    """One micro-batch's own loss, and the gradient of it plus ``<cotangent, sown>``.
 
-    def body(carry, xs):
-      loss_sum, metric_sum, grad_sum, objective_state = carry
+    With a ``cotangent`` (the coupled loss's gradient w.r.t. this
+    micro-batch's sown values) this is pass 2 of a batch-coupled loss.
+    """
+
+    def loss_fn(params):
+      loss, metrics, sown, updates = self._apply(
+          params, objective_state, batch, denominators, self._rngs(rng), enable_dropout=True)
+      surrogate = loss
+      for name, tangent in (cotangent or {}).items():
+        surrogate += jnp.sum(tangent.astype(jnp.float32) * sown[name].astype(jnp.float32))
+      return surrogate, (loss, metrics, updates)
+
+    (_, (loss, metrics, updates)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params)
+    return loss, metrics, grads, updates
+
+  def _coupled_cotangents(self, params, objective_state, micro, denominators, rng):
+    """Pass 1: the full batch's coupled loss and its gradient per micro-batch.
+
+    Returns:
+      ``(loss, metrics, cotangents)``, the cotangents of the floating-point
+      sown values split into micro-batches, ``{name: [n, rows / n, ...]}``.
+    """
+
+    def forward(_, xs):
       index, micro_batch = xs
       micro_batch = jax.lax.with_sharding_constraint(
           micro_batch, {k: self.data_sharding for k in micro_batch})
-      loss, metrics, grads, objective_state = self._loss_and_grads(
+      _, _, sown, _ = self._apply(
           params, objective_state, micro_batch, denominators,
-          jax.random.fold_in(rng, index))
-      add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
-      return (loss_sum + loss, add(metric_sum, metrics), add(grad_sum, grads),
-              objective_state), None
+          self._rngs(jax.random.fold_in(rng, index)), enable_dropout=True)
+      return None, sown
 
-    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    _, sown = jax.lax.scan(forward, None, (jnp.arange(self.num_microbatches), micro))
+    sown = _merge_microbatches(sown)
+    floats = {k: v for k, v in sown.items() if jnp.issubdtype(v.dtype, jnp.inexact)}
+    (loss, metrics), cotangent = jax.value_and_grad(
+        lambda floats: self._coupled_loss({**sown, **floats}, denominators),
+        has_aux=True)(floats)
+    cotangent = jax.lax.with_sharding_constraint(cotangent, self._row_sharding(cotangent))
+    return loss, metrics, _split_microbatches(cotangent, self.num_microbatches)
+
+  def _accumulate(self, params, objective_state, batch, denominators, rng):
+    """Loss, metrics and gradients of the full batch, summed over micro-batches.
+
+    Every micro-batch reads the step-start ``objective_state``; the returned
+    state is it plus the micro-batches' summed updates (not yet settled).
+    """
+    if self.num_microbatches == 1:
+      return self._loss_and_grads(params, objective_state, batch, denominators, rng)
+    micro = _split_microbatches(dict(batch), self.num_microbatches)
+    coupled_loss, coupled_metrics, cotangents = jnp.zeros((), jnp.float32), {}, None
+    if self.batch_coupled:
+      coupled_loss, coupled_metrics, cotangents = self._coupled_cotangents(
+          params, objective_state, micro, denominators, rng)
+    add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
+
+    def body(carry, xs):
+      loss_sum, metric_sum, grad_sum, delta_sum = carry
+      index, micro_batch, cotangent = xs
+      micro_batch = jax.lax.with_sharding_constraint(
+          micro_batch, {k: self.data_sharding for k in micro_batch})
+      loss, metrics, grads, updates = self._micro_loss_and_grads(
+          params, objective_state, micro_batch, denominators,
+          jax.random.fold_in(rng, index), cotangent)
+      delta = jax.tree_util.tree_map(jnp.subtract, updates, objective_state)
+      return (loss_sum + loss, add(metric_sum, metrics), add(grad_sum, grads),
+              add(delta_sum, delta)), None
+
+    first = jax.tree_util.tree_map(lambda x: x[0], (micro, cotangents))
     metric_shapes = jax.eval_shape(
-        lambda: self._loss_and_grads(params, objective_state, first,
-                                     denominators, rng)[1])
-    zeros = lambda tree: jax.tree_util.tree_map(
-        lambda x: jnp.zeros(x.shape, jnp.float32), tree)
-    init = (jnp.zeros((), jnp.float32), zeros(metric_shapes), zeros(params),
-            objective_state)
-    (loss, metrics, grads, objective_state), _ = jax.lax.scan(
-        body, init, (jnp.arange(self.num_microbatches), micro))
-    return loss, metrics, grads, objective_state
+        lambda: self._micro_loss_and_grads(params, objective_state, first[0],
+                                           denominators, rng, first[1])[1])
+    zeros = lambda tree, dtype=None: jax.tree_util.tree_map(
+        lambda x: jnp.zeros(x.shape, dtype or x.dtype), tree)
+    init = (jnp.zeros((), jnp.float32), zeros(metric_shapes, jnp.float32),
+            zeros(params, jnp.float32), zeros(objective_state))
+    (loss, metrics, grads, deltas), _ = jax.lax.scan(
+        body, init, (jnp.arange(self.num_microbatches), micro, cotangents))
+    return (loss + coupled_loss, {**metrics, **coupled_metrics}, grads,
+            add(objective_state, deltas))
 
   def _step(self, state: TrainState, batch: Dict[str, jax.Array],
             rng: jax.Array) -> Tuple[TrainState, StepMetrics]:
@@ -224,6 +367,7 @@ class Trainer:
     denominators = self.objective.denominators(batch)
     loss, metrics, grads, objective_state = self._accumulate(
         state.params, state.objective_state, batch, denominators, step_rng)
+    objective_state = self.objective.settle_state(objective_state)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     scalars = metric_values(metrics)
@@ -272,10 +416,9 @@ class Trainer:
 
   def _evaluate(self, state: TrainState, batch: Dict[str, jax.Array]) -> StepMetrics:
     denominators = self.objective.denominators(batch)
-    (loss, metrics), _ = self.objective.apply(
-        {'params': state.params, **state.objective_state}, batch,
-        denominators, enable_dropout=False,
-        rngs={'sample': jax.random.key(0)}, mutable=list(state.objective_state))
+    loss, metrics, _ = self._full_loss(
+        state.params, state.objective_state, batch, denominators,
+        {'sample': jax.random.key(0)}, enable_dropout=False)
     scalars = metric_values(metrics)
     scalars['loss'] = loss
     return scalars

@@ -19,6 +19,7 @@ from spactor_jax import curriculum as curriculum_lib
 from spactor_jax import errors
 from spactor_jax import metrics_log
 from spactor_jax import network
+from spactor_jax import optimizers
 from spactor_jax import partitioning
 from spactor_jax import runtime
 from spactor_jax import trainer as trainer_lib
@@ -58,8 +59,9 @@ class RunConfig:
     model: the network configuration shared by all stages.
     total_steps: train steps of the whole run.
     batch_size: global batch size (rows, after packing).
-    optimizer: an optax optimizer factory taking ``learning_rate``.
-    learning_rate: the schedule.
+    optimizer: an optax optimizer factory taking ``learning_rate`` (a stage
+      may set its own, see ``curriculum.Stage``).
+    learning_rate: the schedule, a function of the run's step count.
     mesh: device mesh shape and logical rules.
     num_microbatches: gradient-accumulation steps per train step.
     log_every_steps: how often to print and write summaries.
@@ -93,12 +95,23 @@ class RunConfig:
   def make_trainer(self, stage: int, device_mesh: jax.sharding.Mesh,
                    batch_spec: trainer_lib.BatchSpec,
                    vocab: base.VocabInfo) -> trainer_lib.Trainer:
-    """The trainer of curriculum stage ``stage`` on ``device_mesh``."""
-    objective = self.curriculum.stages[stage].objective(config=self.model, vocab=vocab)
+    """The trainer of curriculum stage ``stage`` on ``device_mesh``.
+
+    Its objective, optimizer, schedule and trainable parameters are the
+    stage's (the run's where the stage sets none); everything, the state's
+    structure included, follows from the stage index alone, so a checkpoint
+    of any stage restores onto ``make_trainer(curriculum.index_of_state(step))``.
+    """
+    settings = self.curriculum.stages[stage]
+    objective = settings.objective(config=self.model, vocab=vocab)
+    schedule = self.curriculum.learning_rate(stage, self.learning_rate)
+    optimizer = optimizers.for_stage(
+        settings.optimizer or self.optimizer, schedule,
+        step_offset=self.curriculum.optimizer_start(stage),
+        trainable=settings.trainable)
     return trainer_lib.Trainer(
-        objective, self.optimizer(learning_rate=self.learning_rate),
-        self.learning_rate, device_mesh, self.mesh.logical_rules, batch_spec,
-        self.num_microbatches)
+        objective, optimizer, schedule, device_mesh, self.mesh.logical_rules,
+        batch_spec, self.num_microbatches)
 
 
 def train(config: RunConfig) -> Optional[Dict[str, float]]:
@@ -128,7 +141,7 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
     state = checkpointer.restore(start, trainer.sharded_abstract_state(), iterator)
     log.info('resumed from %s at step %d', checkpointer.directory, start)
   else:
-    state = trainer.init_state(rng)
+    state = _init_from(trainer.init_state(rng), trainer, curriculum.stages[0])
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
   log.info('%s parameters: %s', curriculum.stages[stage].name, f'{num_params:,}')
 
@@ -142,7 +155,8 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
       if wanted != stage:
         # The stages' metrics differ: never average a window across the switch.
         averages = logger.flush(step, curriculum.stages[stage].name) or averages
-        state, trainer = _switch_stage(state, make_trainer(wanted), rng)
+        state, trainer = _switch_stage(state, make_trainer(wanted), rng,
+                                       curriculum, wanted)
         stage = wanted
         compiling = True
         log.info('step %d: stage %s begins', step, curriculum.stages[stage].name)
@@ -168,9 +182,24 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
 
 
 def _switch_stage(state: train_state.TrainState, trainer: trainer_lib.Trainer,
-                  rng: jax.Array):
-  """Moves the state to the next stage's objective; frees what it drops."""
+                  rng: jax.Array, curriculum: curriculum_lib.Curriculum,
+                  index: int):
+  """Moves the state to stage ``index``'s trainer; frees what it drops."""
+  reset = curriculum.resets_optimizer(index)
   state, carried, dropped = train_state.carry_over(
-      state, trainer.abstract_state, lambda: trainer.init_state(rng))
-  log.info('carried %d state arrays over, freed %d', carried, dropped)
-  return state, trainer
+      state, trainer.abstract_state, lambda: trainer.init_state(rng),
+      reset_optimizer=reset)
+  log.info('carried %d state arrays over, freed %d%s', carried, dropped,
+           ', fresh optimizer state' if reset else '')
+  return _init_from(state, trainer, curriculum.stages[index]), trainer
+
+
+def _init_from(state: train_state.TrainState, trainer: trainer_lib.Trainer,
+               stage: curriculum_lib.Stage) -> train_state.TrainState:
+  """Applies the stage's ``init_from`` at its start."""
+  operations = stage.init_operations()
+  if operations:
+    state = train_state.init_from(state, operations, trainer.state_shardings.params)
+    for target, source, operation in operations:
+      log.info('%s initialised from %s (%s)', target, source, operation)
+  return state

@@ -1,9 +1,26 @@
-"""Which stage runs a step, and which stage's structure a checkpoint has."""
+"""Stages: which runs a step, their optimizers, frozen parameters, carry-over, resume."""
 
+import functools
+import shutil
+
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import seqio
+import tensorflow as tf
 
+import tasks  # pylint: disable=unused-import
+from spactor_jax import checkpoints
 from spactor_jax import curriculum
 from spactor_jax import errors
+from spactor_jax import network
+from spactor_jax import optimizers
+from spactor_jax import partitioning
+from spactor_jax import training
+from spactor_jax.data import pipeline
 from spactor_jax.objectives import span_corruption
 
 
@@ -29,3 +46,258 @@ def test_a_checkpoint_at_tau_still_has_the_first_stage_structure():
 def test_only_the_last_stage_may_be_open_ended(steps):
   with pytest.raises(errors.ConfigError, match='needs a positive number of steps'):
     _stages(*steps)
+
+
+# ------------------------------------------------- per-stage settings ---
+
+CONFIG = network.TransformerConfig(
+    vocab_size=4096, emb_dim=128, num_heads=4, head_dim=32,
+    num_encoder_layers=1, num_decoder_layers=1, mlp_dim=256,
+    mlp_activations=('gelu', 'linear'))
+DATA = pipeline.DataConfig('pdtext_span_corruption', {'inputs': 32, 'targets': 8})
+HEAD = 'model/decoder/logits_dense/kernel'
+EMBEDDING = 'model/token_embedder/embedding'
+BASE_LR = 0.05  # the run's rsqrt schedule: 0.05 / sqrt(max(step, 1))
+STAGE_LR, STAGE_WARMUP = 1e-3, 2
+
+
+class TiedSpanCorruption(span_corruption.SpanCorruption):
+  """Span corruption scored with the input embedding: a headless stage."""
+
+  def __call__(self, batch, denominators, *, enable_dropout):
+    model = self.model
+    encoded = model.encode(batch['encoder_input_tokens'], batch.get('encoder_segment_ids'),
+                           enable_dropout=enable_dropout)
+    hidden = model.decoder(batch['decoder_input_tokens'], encoded,
+                           batch['encoder_input_tokens'], batch.get('decoder_segment_ids'),
+                           batch.get('encoder_segment_ids'), enable_dropout=enable_dropout)
+    logits = model.attend(hidden) / jnp.sqrt(hidden.shape[-1])
+    return span_corruption.span_corruption_loss(logits, batch, denominators['targets'],
+                                                self.z_loss)
+
+
+class WideSpanCorruption(span_corruption.SpanCorruption):
+  """Span corruption whose MLPs are twice as wide: same paths, other shapes."""
+
+  def setup(self):
+    self.model = network.EncoderDecoder(self.config.replace(mlp_dim=2 * self.config.mlp_dim),
+                                        name='model')
+
+
+# Headless pre-training, then LM-tuning of a new head (a copy of the embedding)
+# alone at its own warmed-up constant rate, then everything at the run's rate.
+LM_TUNING = (
+    curriculum.Stage(TiedSpanCorruption, steps=2),
+    curriculum.Stage(span_corruption.SpanCorruption, steps=2,
+                     learning_rate=optimizers.constant_schedule(STAGE_LR, STAGE_WARMUP),
+                     trainable=r'model/decoder/logits_dense/.*',
+                     init_from={HEAD: (EMBEDDING, 'transpose')}),
+    curriculum.Stage(span_corruption.SpanCorruption),
+)
+
+
+def _run_config(model_dir, total_steps, stages=LM_TUNING):
+  return training.RunConfig(
+      model_dir=str(model_dir), data=DATA, curriculum=curriculum.Curriculum(stages=stages),
+      model=CONFIG, total_steps=total_steps, batch_size=8,
+      # Adam without weight decay: a fresh state's first update is
+      # -lr * g / (|g| + eps), i.e. lr in magnitude wherever |g| >> eps.
+      optimizer=functools.partial(optimizers.adamw, weight_decay=0.0),
+      learning_rate=optimizers.rsqrt_schedule(base_learning_rate=BASE_LR, warmup_steps=1),
+      log_every_steps=1,
+      checkpointer=functools.partial(checkpoints.Checkpointer, save_every_steps=1,
+                                     keep=None, async_save=False))
+
+
+def _raw_state(model_dir, step):
+  """The ``state`` item of a checkpoint as stored (NumPy), read without a target."""
+  manager = ocp.CheckpointManager(epath.Path(model_dir) / 'checkpoints',
+                                  item_handlers={'state': ocp.StandardCheckpointHandler()})
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  return state.state
+
+
+def _flat(tree):
+  """``{'a/b/c': leaf}`` with the keys of the stored dicts and lists."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path]
+    flat['/'.join(names)] = np.asarray(leaf)
+  return flat
+
+
+def _counts(opt_state):
+  return {int(v) for k, v in _flat(opt_state).items() if k.endswith('count')}
+
+
+def _logged(model_dir, tag):
+  """``{step: value}`` of a scalar from every TensorBoard file of a run."""
+  values = {}
+  for path in sorted(tf.io.gfile.glob(f'{model_dir}/train/events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+def _setup(config):
+  """A fresh iterator, the mesh and ``index -> trainer`` of ``config``."""
+  mesh = partitioning.make_mesh(config.mesh)
+  iterator = pipeline.make_iterator(config.data, config.model_family, config.batch_size,
+                                    seqio.ShardInfo(0, 1), config.model.vocab_size)
+  vocab = pipeline.vocab_info(iterator.vocabulary)
+  return iterator, lambda index: config.make_trainer(index, mesh, iterator.element_spec, vocab)
+
+
+@pytest.fixture(scope='module')
+def lm_tuning(tmp_path_factory):
+  """The three LM-tuning stages for 2 + 2 + 1 steps, checkpointed after every step."""
+  model_dir = tmp_path_factory.mktemp('lm_tuning')
+  training.train(_run_config(model_dir, 5))
+  return model_dir
+
+
+def test_stage_settings_are_checked_and_give_optimizer_starts_and_schedules():
+  own = optimizers.constant_schedule(1.0, warmup_steps=4)
+  plan = curriculum.Curriculum(stages=(
+      curriculum.Stage(span_corruption.SpanCorruption, steps=3),
+      curriculum.Stage(span_corruption.SpanCorruption, steps=2, learning_rate=own),
+      curriculum.Stage(span_corruption.SpanCorruption, steps=2, trainable='model/.*'),
+      curriculum.Stage(span_corruption.SpanCorruption, steps=2, trainable='model/.*'),
+      curriculum.Stage(span_corruption.SpanCorruption, reset_optimizer=True,
+                       trainable='model/.*')))
+  assert [plan.resets_optimizer(i) for i in range(5)] == [True, False, True, False, True]
+  assert [plan.optimizer_start(i) for i in range(5)] == [0, 0, 5, 5, 9]
+  run = lambda step: 100.0 + step
+  assert plan.learning_rate(0, run)(7) == 107.0
+  # The stage's own schedule reads steps since the stage started (step 3).
+  assert [float(plan.learning_rate(1, run)(s)) for s in (3, 4, 5)] == [0.0, 0.25, 0.5]
+  bad = [({'trainable': 'model/('}, 'is not a regular expression'),
+         ({'init_from': {HEAD: (EMBEDDING, 'flip')}}, "with op in ('copy', 'transpose')"),
+         ({'init_from': {HEAD: 3}}, 'init_from')]
+  for kwargs, message in bad:
+    with pytest.raises(errors.ConfigError) as info:
+      curriculum.Stage(span_corruption.SpanCorruption, **kwargs)
+    assert message in str(info.value).splitlines()[0]  # gin appends its call site
+
+
+def test_a_shape_change_at_a_switch_is_an_error_naming_the_path(tmp_path):
+  stages = (curriculum.Stage(span_corruption.SpanCorruption, steps=1),
+            curriculum.Stage(WideSpanCorruption))
+  config = _run_config(tmp_path, 2, stages)
+  _, make = _setup(config)
+  first, wide = make(0), make(1)
+  state = first.init_state(jax.random.key(0))
+  with pytest.raises(errors.ConfigError) as info:
+    training._switch_stage(state, wide, jax.random.key(0), config.curriculum, 1)
+  message = str(info.value)
+  assert '\n' not in message
+  assert message.startswith('params/model/') and '/mlp/wi' in message
+  assert '(128, 256)' in message and '(128, 512)' in message
+  # Nothing was deleted: the old state is still whole.
+  assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state))
+
+
+def test_a_trainable_pattern_freezes_the_rest_bit_for_bit(lm_tuning):
+  before, after = _flat(_raw_state(lm_tuning, 2)['params']), _raw_state(lm_tuning, 4)
+  params = _flat(after['params'])
+  assert HEAD not in before and set(params) == set(before) | {HEAD}
+  for path, value in before.items():
+    np.testing.assert_array_equal(params[path], value, err_msg=path)
+  # The head moved in the stage's second step (the first had learning rate 0).
+  assert np.abs(params[HEAD] - _flat(_raw_state(lm_tuning, 3)['params'])[HEAD]).max() > 0
+  # Optimizer moments exist for the head only.
+  moments = {path for path, value in _flat(after['opt_state']).items() if value.ndim}
+  assert moments and all(path.endswith(HEAD) for path in moments)
+  assert len(moments) == 2  # Adam's mu and nu
+
+
+def test_init_from_copies_the_embedding_transposed_then_they_part(lm_tuning):
+  stored = _flat(_raw_state(lm_tuning, 2)['params'])
+  config = _run_config(lm_tuning, 5)
+  iterator, make = _setup(config)
+  tied, tuned = make(0), make(1)
+  state = checkpoints.Checkpointer(str(lm_tuning)).restore(
+      2, tied.sharded_abstract_state(), iterator)
+  state, _ = training._switch_stage(state, tuned, jax.random.key(config.seed),
+                                    config.curriculum, 1)
+  head = state.params['model']['decoder']['logits_dense']['kernel']
+  np.testing.assert_array_equal(np.asarray(head), stored[EMBEDDING].T)
+  assert head.sharding == tuned.state_shardings.params['model']['decoder'][
+      'logits_dense']['kernel']
+  # The run did the same at step 2 and, in the stage's second step, trained
+  # the head away from the (frozen) embedding.
+  after = _flat(_raw_state(lm_tuning, 4)['params'])
+  np.testing.assert_array_equal(after[EMBEDDING], stored[EMBEDDING])
+  assert np.abs(after[HEAD] - stored[EMBEDDING].T).max() > 0
+
+
+def test_a_stage_schedule_counts_from_the_stage_start(lm_tuning):
+  rsqrt = lambda step: BASE_LR / np.sqrt(max(step, 1))
+  expected = {1: rsqrt(0), 2: rsqrt(1),                       # the run's, steps 0 and 1
+              3: 0.0, 4: STAGE_LR / STAGE_WARMUP,             # the stage's, from its start
+              5: rsqrt(4)}                                    # the run's again, at step 4
+  logged = _logged(lm_tuning, 'learning_rate')
+  assert sorted(logged) == sorted(expected)
+  np.testing.assert_allclose([logged[s] for s in expected], list(expected.values()), rtol=1e-6)
+  # The optimizer used these rates: 0 left the new head as initialised ...
+  stored = _flat(_raw_state(lm_tuning, 2)['params'])
+  np.testing.assert_array_equal(_flat(_raw_state(lm_tuning, 3)['params'])[HEAD],
+                                stored[EMBEDDING].T)
+  # ... and the last stage's fresh Adam moved every parameter by the run's
+  # rate at step 4, not at its own step count 0 (which would be twice that).
+  before, after = (_flat(_raw_state(lm_tuning, s)['params']) for s in (4, 5))
+  moves = np.concatenate([np.abs(after[p] - before[p]).ravel() for p in before])
+  np.testing.assert_allclose(np.median(moves), rsqrt(4), rtol=1e-3)
+  # Step counts restart with every fresh optimizer state.
+  assert [_counts(_raw_state(lm_tuning, s)['opt_state']) for s in (2, 3, 4, 5)] == [
+      {2}, {1}, {2}, {1}]
+
+
+@pytest.mark.parametrize('reset', [False, True])
+def test_reset_optimizer_zeroes_the_moments(lm_tuning, reset):
+  # A fourth stage that keeps the third's optimizer, with or without a reset.
+  stages = LM_TUNING[:2] + (
+      curriculum.Stage(span_corruption.SpanCorruption, steps=2,
+                       trainable=LM_TUNING[1].trainable),
+      curriculum.Stage(span_corruption.SpanCorruption, reset_optimizer=reset,
+                       trainable=LM_TUNING[1].trainable))
+  config = _run_config(lm_tuning, 5, stages)
+  assert config.curriculum.resets_optimizer(3) == reset
+  stored = _raw_state(lm_tuning, 4)  # the head-only stage's state after two steps
+  iterator, make = _setup(config)
+  state = checkpoints.Checkpointer(str(lm_tuning)).restore(
+      4, make(2).sharded_abstract_state(), iterator)
+  state, _ = training._switch_stage(state, make(3), jax.random.key(0), config.curriculum, 3)
+  moved = jax.device_get(state)
+  for path, value in _flat(stored['params']).items():
+    np.testing.assert_array_equal(_flat(moved.params)[path], value, err_msg=path)
+  old, new = _flat(stored['opt_state']), _flat(moved.opt_state)
+  assert len(new) == len(old)
+  moments = [path for path in old if old[path].ndim]
+  assert len(moments) == 2 and all(np.abs(old[path]).max() > 0 for path in moments)
+  for path in moments:
+    new_path = [p for p in new if p.endswith(path.split('/', 1)[1])]
+    expected = np.zeros_like(old[path]) if reset else old[path]
+    np.testing.assert_array_equal(new[new_path[0]] if new_path else new[path], expected)
+  assert _counts(moved.opt_state) == ({0} if reset else {2})
+
+
+@pytest.mark.parametrize('stop', [2, 3])
+def test_resume_in_any_stage_matches_the_uninterrupted_run(lm_tuning, tmp_path, stop):
+  # Stop at the switch (stage 0's structure, the head still to be made) or
+  # inside the head-only stage (its masked optimizer state), then go on.
+  (tmp_path / 'checkpoints').mkdir()
+  for step in range(1, stop + 1):
+    shutil.copytree(lm_tuning / 'checkpoints' / str(step), tmp_path / 'checkpoints' / str(step))
+  training.train(_run_config(tmp_path, 5))
+  expected, got = _logged(lm_tuning, 'loss'), _logged(tmp_path, 'loss')
+  assert sorted(got) == list(range(stop + 1, 6))
+  np.testing.assert_allclose([got[s] for s in sorted(got)],
+                             [expected[s] for s in sorted(got)], rtol=1e-6)
+  final, reference = _flat(_raw_state(tmp_path, 5)), _flat(_raw_state(lm_tuning, 5))
+  assert set(final) == set(reference)
+  for path, value in reference.items():
+    np.testing.assert_allclose(final[path], value, rtol=1e-6, atol=1e-7, err_msg=path)

@@ -20,12 +20,60 @@ Rules that let the trainer stay objective-agnostic:
   objective over the same architecture. A curriculum keeps the parameters
   and optimizer state whose paths two stages share and drops the rest.
 * Random numbers come from the ``dropout`` and ``sample`` RNG streams.
-* Non-trainable state (for example C-RTS's count matrix) lives in the
-  ``objective_state`` collection; the trainer applies it as mutable.
+
+Objective state (``objective_state`` collection)
+------------------------------------------------
+
+Non-trainable state (for example C-RTS's count matrix) lives in the
+``objective_state`` collection, which the trainer applies as mutable.
+Every micro-batch of a step reads the state as it was at the start of the
+step; the trainer sums the micro-batches' updates ``new - old`` and calls
+``settle_state(old + summed_updates)`` once per step (identity by default;
+C-RTS floors its counts there). Updates computed with global sums over the
+batch are thereby summed over data-parallel devices too. Evaluation never
+changes the state. The state must be numeric (updates are subtracted and
+added).
+
+Batch-coupled losses (``batch_coupled = True``)
+-----------------------------------------------
+
+A loss that uses other rows of the batch as negatives (COCO-LM's sequence
+contrastive loss, headless CWT) is not a sum of per-row terms, so splitting
+the batch into micro-batches or devices would change it. Such an objective
+sets ``batch_coupled = True``, has a field ``negatives: str`` (``'global'``
+or ``'device'``, see ``NEGATIVES``) and splits its loss in two:
+
+* ``__call__`` returns ``(loss, metrics)`` of its per-row terms as usual and
+  *sows* every parameter-dependent value the coupled term reads, rows
+  first, once per name, from the objective module itself::
+
+      self.sow('coupled', 'query', query)      # [batch, emb]
+      self.sow('coupled', 'weights', weights)  # [batch]
+
+* ``coupled_loss(coupled, denominators, num_groups)`` is a pure function
+  (no parameters, no RNG; decorate it with ``nn.nowrap``) of the FULL
+  batch's sown values ``{name: [batch, ...]}`` that returns
+  ``(loss, metrics)``. ``num_groups`` splits the rows into that many
+  contiguous equal blocks (``in_groups``) and takes negatives only inside a
+  block: 1 for ``negatives='global'`` (the whole data-parallel batch), the
+  number of batch shards of the mesh for ``negatives='device'`` (each
+  device's own rows). The trainer passes it and logs the choice.
+
+The trainer's loss is ``loss + coupled_loss``. With micro-batching it stays
+exact (GradCache-style, two passes): pass 1 computes every micro-batch's
+sown values, which are put back in the original row order; the coupled
+loss and its gradient with respect to them are taken on the full batch;
+pass 2 back-propagates each micro-batch's own loss plus
+``<coupled gradient, sown values>`` through the network, with the same
+dropout and sample RNGs as pass 1. Only floating-point sown values get a
+gradient; integer ones (weights, labels) are passed through. Pass 1 is an
+extra forward pass (roughly a third of a step's compute), paid only with
+``num_microbatches > 1``. Denominators of the coupled term come from
+``denominators(batch)``.
 """
 
 import dataclasses
-from typing import ClassVar, Dict, Mapping, Tuple
+from typing import Any, ClassVar, Dict, Mapping, Tuple
 
 import flax.linen as nn
 import jax
@@ -37,6 +85,8 @@ Metric = Tuple[Array, Array]  # (numerator, denominator), both scalars.
 Metrics = Dict[str, Metric]
 
 MODEL_FAMILIES = ('encoder_decoder', 'encoder', 'decoder')
+COUPLED = 'coupled'  # the collection batch-coupled objectives sow into.
+NEGATIVES = ('global', 'device')  # where a batch-coupled loss takes negatives.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +138,11 @@ def metric(numerator: Array, denominator: Array) -> Metric:
           jnp.asarray(denominator, jnp.float32))
 
 
+def in_groups(values: Array, num_groups: int) -> Array:
+  """``[batch, ...]`` → ``[num_groups, batch / num_groups, ...]`` contiguous blocks of rows."""
+  return values.reshape((num_groups, values.shape[0] // num_groups) + values.shape[1:])
+
+
 def safe_denominator(count: Array) -> Array:
   """``max(count, 1)`` as float32, so empty batches give a zero loss, not NaN."""
   return jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)
@@ -97,10 +152,13 @@ class Objective(nn.Module):
   """Base class of every loss module.
 
   Subclasses set ``model_family`` and ``input_features`` and implement
-  ``denominators`` and ``__call__``.
+  ``denominators`` and ``__call__``; batch-coupled ones also set
+  ``batch_coupled`` and implement ``coupled_loss`` (see the module
+  docstring); ones with an ``objective_state`` may override ``settle_state``.
   """
   model_family: ClassVar[str] = ''
   input_features: ClassVar[Tuple[str, ...]] = ()
+  batch_coupled: ClassVar[bool] = False
 
   def denominators(self, batch: Batch) -> Dict[str, Array]:
     """Per-term normalisers computed from the batch only (never from params).
@@ -127,3 +185,36 @@ class Objective(nn.Module):
       denominators, and metrics as ``(numerator, denominator)`` pairs.
     """
     raise NotImplementedError
+
+  @nn.nowrap
+  def coupled_loss(self, coupled: Mapping[str, Array],
+                   denominators: Mapping[str, Array],
+                   num_groups: int) -> Tuple[Array, Metrics]:
+    """The batch-coupled loss term of the FULL batch (``batch_coupled`` only).
+
+    Pure: it reads no parameters and no RNG, only its arguments.
+
+    Args:
+      coupled: ``{name: [batch, ...]}``, what ``__call__`` sowed into the
+        ``coupled`` collection, for all rows of the batch in their order.
+      denominators: the output of ``denominators`` on the full batch.
+      num_groups: rows form this many contiguous equal blocks
+        (``in_groups``); negatives come only from a row's own block.
+
+    Returns:
+      ``(loss, metrics)`` like ``__call__``; the trainer adds both to
+      ``__call__``'s (metric names must differ from those).
+    """
+    raise NotImplementedError(
+        f'{type(self).__name__} sets batch_coupled but has no coupled_loss')
+
+  @nn.nowrap
+  def settle_state(self, objective_state: Dict[str, Any]) -> Dict[str, Any]:
+    """The state after a step, from the step-start state plus all updates.
+
+    Called once per train step (never in evaluation) with
+    ``old + sum over micro-batches of (new - old)``, the ``objective_state``
+    collections as ``{collection: {name: array}}``. The default returns it
+    unchanged.
+    """
+    return objective_state
