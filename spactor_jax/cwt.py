@@ -25,15 +25,15 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
+from spactor_jax.objectives import base
+
 Array = jax.Array
 
 
 def _grouped(x: Array, num_groups: int) -> Array:
-  """``[batch, n, ...]`` → ``[num_groups, batch * n / num_groups, ...]`` (row-major)."""
-  rows = x.shape[0]
-  if rows % num_groups:
-    raise ValueError(f'{rows} rows do not split into {num_groups} negative groups.')
-  return x.reshape((num_groups, -1) + x.shape[2:])
+  """``[batch, n, ...]`` → ``[G, batch / G * n, ...]``: contiguous row blocks, flattened."""
+  blocks = base.in_groups(x, num_groups)  # [G, batch / G, n, ...]
+  return blocks.reshape((num_groups, -1) + x.shape[2:])
 
 
 def scores(outputs: Array, target_embeddings: Array, weights: Array,

@@ -4,11 +4,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import helpers
 from spactor_jax import cwt
 from spactor_jax import errors
 from spactor_jax import network
+from spactor_jax import partitioning
+from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 from spactor_jax.objectives import headless
 
@@ -127,8 +131,8 @@ def _coupled(objective, variables, batch):
   """``(loss, metrics, coupled)`` of a forward pass; coupled values unwrapped."""
   (loss, metrics), state = objective.apply(
       variables, batch, objective.denominators(batch), enable_dropout=False,
-      rngs={'sample': jax.random.key(1)}, mutable=[headless.COUPLED])
-  return loss, metrics, {k: v[0] for k, v in state[headless.COUPLED].items()}
+      rngs={'sample': jax.random.key(1)}, mutable=[base.COUPLED])
+  return loss, metrics, {k: v[0] for k, v in state[base.COUPLED].items()}
 
 
 def _init(objective, batch):
@@ -279,3 +283,43 @@ def test_headless_span_corruption_has_no_vocabulary_head():
   np.testing.assert_array_equal(coupled['target_embeddings'],
                                 table[batch['decoder_target_tokens']])
   assert coupled['outputs'].shape == (4, 8, CONFIG.emb_dim)
+
+
+# ------------------------------------------------------------ on meshes ---
+
+
+def _sgd_step(objective, batch, ici, num_microbatches=1):
+  """``(params before, their SGD(1) gradients, metrics)`` of one train step on ``ici``."""
+  trainer = helpers.make_trainer(
+      objective, helpers.batch_spec(batch), partitioning.MeshConfig(ici=ici),
+      jax.devices()[:int(np.prod(ici))], num_microbatches, optax.sgd(1.0), learning_rate=1.0)
+  state = trainer.init_state(jax.random.key(0))
+  before = jax.device_get(state.params)
+  state, metrics = trainer.train_step(
+      state, pipeline.global_arrays(batch, trainer.data_sharding), jax.random.key(1))
+  grads = jax.tree_util.tree_map(np.subtract, before, jax.device_get(state.params))
+  return before, grads, {k: float(v) for k, v in metrics.items()}
+
+
+def test_global_negatives_on_eight_devices_equal_one_device():
+  objective = headless.HeadlessCausalLM(CONFIG, VOCAB, negatives='global')
+  batch = _lm_batch(batch=8)
+  _, single_grads, single = _sgd_step(objective, batch, (1, 1, 1))
+  _, grads, metrics = _sgd_step(objective, batch, (8, 1, 1), num_microbatches=1)
+  np.testing.assert_allclose(metrics['cwt_loss'], single['cwt_loss'], rtol=1e-5)
+  np.testing.assert_allclose(metrics['cwt_accuracy'], single['cwt_accuracy'])
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                         grads, single_grads)
+
+
+def test_device_negatives_on_eight_devices_take_each_devices_rows():
+  objective = headless.HeadlessCausalLM(CONFIG, VOCAB, negatives='device')
+  batch = _lm_batch(batch=8)
+  params, _, metrics = _sgd_step(objective, batch, (8, 1, 1))
+  _, _, coupled = _coupled(objective, {'params': params}, batch)
+  ref, _, count = _numpy_cwt(coupled['outputs'], coupled['target_embeddings'],
+                             batch['decoder_loss_weights'], 1.0, 8)
+  np.testing.assert_allclose(metrics['cwt_loss'], ref / count, rtol=1e-5)
+  one_group = _numpy_cwt(coupled['outputs'], coupled['target_embeddings'],
+                         batch['decoder_loss_weights'], 1.0, 1)[0]
+  assert abs(one_group - ref) / count > 0.1  # the grouping matters

@@ -50,15 +50,13 @@ from spactor_jax.objectives import spactor
 from spactor_jax.objectives import span_corruption
 
 Array = jax.Array
-COUPLED = 'coupled'
-NEGATIVES = ('global', 'device')
 
 
 def check_cwt_settings(name: str, temperature: float, negatives: str) -> None:
   """One-line ``ConfigError`` for a bad temperature or negatives choice."""
   if temperature <= 0:
     raise errors.ConfigError(f'{name}.cwt_temperature must be positive, got {temperature}')
-  if negatives not in NEGATIVES:
+  if negatives not in base.NEGATIVES:
     raise errors.ConfigError(
         f"{name}.negatives must be 'global' or 'device', got {negatives!r}")
 
@@ -77,9 +75,9 @@ class _CWTTerm:
 
   def sow_targets(self, outputs: Array, target_embeddings: Array, weights: Array) -> None:
     """Sows ``[batch, n, emb]``, ``[batch, n, emb]``, ``[batch, n]`` for ``coupled_loss``."""
-    self.sow(COUPLED, 'outputs', outputs)
-    self.sow(COUPLED, 'target_embeddings', target_embeddings)
-    self.sow(COUPLED, 'weights', weights.astype(jnp.float32))
+    self.sow(base.COUPLED, 'outputs', outputs)
+    self.sow(base.COUPLED, 'target_embeddings', target_embeddings)
+    self.sow(base.COUPLED, 'weights', weights)  # from the batch: no gradient
 
   @nn.nowrap
   def coupled_loss(self, coupled: Mapping[str, Array], denominators: Mapping[str, Array],
@@ -122,7 +120,7 @@ def gather_selected(mask: Array, capacity: int) -> Tuple[Array, Array]:
   """
   selected = mask > 0
   order = jnp.argsort(~selected, axis=-1, stable=True)[:, :capacity]
-  return order, jnp.take_along_axis(selected, order, axis=-1).astype(jnp.float32)
+  return order, jnp.take_along_axis(selected, order, axis=-1).astype(jnp.int32)
 
 
 @gin.configurable
