@@ -86,7 +86,7 @@ class GenerateConfig:
 
 def _restore_params(run: training.RunConfig, step: Optional[int], vocab: base.VocabInfo
                     ) -> Dict[str, Any]:
-  """The parameters of a checkpoint, with the objective of its stage."""
+  """The parameters of a checkpoint with a vocabulary head, and the objective of its stage."""
   directory = epath.Path(run.model_dir) / 'checkpoints'
   manager = ocp.CheckpointManager(directory,
                                   item_handlers={'state': ocp.StandardCheckpointHandler()})
@@ -98,6 +98,7 @@ def _restore_params(run: training.RunConfig, step: Optional[int], vocab: base.Vo
   mesh = partitioning.make_mesh(run.mesh)
   spec = pipeline.batch_spec(run.data, run.model_family, run.batch_size)
   trainer = run.make_trainer(stage, mesh, spec, vocab)
+  check_has_head(trainer.abstract_state.params, run, type(trainer.objective).__name__, step)
   state = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(trainer.sharded_abstract_state()))).state
   manager.close()
@@ -184,7 +185,6 @@ def generate(run: training.RunConfig, config: GenerateConfig) -> List[str]:
   vocab = pipeline.vocab_info(vocabulary)
   restored = _restore_params(run, config.step, vocab)
   params, objective = restored['params'], restored['objective']
-  check_has_head(params, run, type(objective).__name__, restored['step'])
   if config.perplexity_batches:
     if run.model_family != 'decoder' or not hasattr(objective, 'logit_scale'):
       raise errors.ConfigError('perplexity_batches needs a decoder-only checkpoint of an '

@@ -29,8 +29,9 @@ outputs and the embedding table. Metrics: ``cwt_loss`` and ``cwt_accuracy``
 of its group), per target position.
 
 None of these owns a vocabulary head; the shared network lives under
-``model``, so a curriculum can continue with ``LMTuning`` (decoder-only) or
-``SpanCorruption`` (T5), which add the head.
+``model``, so a curriculum can continue with ``LMTuning`` (below; decoder-only:
+next-token cross-entropy through a new head initialised from the embedding)
+or ``SpanCorruption`` (T5), which add the head.
 """
 
 import math
