@@ -125,10 +125,24 @@ def greedy_spans(model: network.EncoderDecoder, params: Params, inputs: Array,
 _SENTINEL = re.compile(r'<extra_id_(\d+)>')
 
 
-def spans_from_targets(text: str) -> Dict[int, str]:
-  """``'<extra_id_0> a b <extra_id_1> c'`` → ``{0: 'a b', 1: 'c'}``."""
-  pieces = _SENTINEL.split(text)
-  return {int(pieces[i]): pieces[i + 1].strip() for i in range(1, len(pieces) - 1, 2)}
+def spans_from_ids(targets: np.ndarray, vocab: Any) -> Dict[int, List[int]]:
+  """Decoder ids ``<extra_id_0> a b <extra_id_1> c EOS`` → ``{0: [a, b], 1: [c]}``.
+
+  Args:
+    targets: ``[length]`` ids; reading stops at EOS or padding.
+    vocab: a ``base.VocabInfo`` (``<extra_id_k>`` is id ``vocab_size - 1 - k``).
+  """
+  spans: Dict[int, List[int]] = {}
+  current = None
+  for token in (int(t) for t in targets):
+    if token in (vocab.pad_id, vocab.eos_id):
+      break
+    if vocab.first_sentinel_id <= token < vocab.vocab_size:
+      current = vocab.vocab_size - 1 - token
+      spans[current] = []
+    elif current is not None:
+      spans[current].append(token)
+  return spans
 
 
 def fill_spans(text: str, spans: Dict[int, str]) -> str:

@@ -33,6 +33,7 @@ import seqio
 from spactor_jax import decoding
 from spactor_jax import errors
 from spactor_jax import gin_utils
+from spactor_jax import network
 from spactor_jax import partitioning
 from spactor_jax import runtime
 from spactor_jax import training
@@ -136,7 +137,6 @@ def perplexity(objective: base.Objective, params: Any, batches: Any) -> float:
 def continue_prompts(run: training.RunConfig, config: GenerateConfig, params: Any,
                      vocabulary: seqio.Vocabulary, prompts: List[str]) -> List[str]:
   """Decoder-only continuations of ``prompts`` (KV cache)."""
-  from spactor_jax import network  # pylint: disable=g-import-not-at-top
   model = network.DecoderOnly(run.model, decode_length=config.decode_length)
   ids = [list(vocabulary.encode(p)) for p in prompts]
   tokens, lengths = decoding.pad_prompts(ids, config.decode_length)
@@ -152,30 +152,13 @@ def fill_prompts(run: training.RunConfig, config: GenerateConfig, params: Any,
                  vocabulary: seqio.Vocabulary, vocab: base.VocabInfo,
                  prompts: List[str]) -> List[str]:
   """Encoder-decoder span filling: each prompt with its sentinels replaced."""
-  from spactor_jax import network  # pylint: disable=g-import-not-at-top
   inputs = decoding.encode_inputs(prompts, vocabulary.encode, config.input_length,
                                   vocabulary.eos_id)
   targets = np.asarray(decoding.greedy_spans(network.EncoderDecoder(run.model), params['model'],
                                              jnp.asarray(inputs), config.decode_length))
-  return [decoding.fill_spans(prompt, _spans(row, vocabulary, vocab))
+  return [decoding.fill_spans(prompt, {k: vocabulary.decode(ids) for k, ids in
+                                       decoding.spans_from_ids(row, vocab).items()})
           for prompt, row in zip(prompts, targets)]
-
-
-def _spans(targets: np.ndarray, vocabulary: seqio.Vocabulary,
-           vocab: base.VocabInfo) -> Dict[int, str]:
-  """Target ids ``<extra_id_0> a b <extra_id_1> c EOS`` → ``{0: 'a b', 1: 'c'}``."""
-  spans: Dict[int, List[int]] = {}
-  current = None
-  for token in targets:
-    token = int(token)
-    if token in (vocab.pad_id, vocab.eos_id):
-      break
-    if vocab.first_sentinel_id <= token < vocab.vocab_size:
-      current = vocab.vocab_size - 1 - token  # <extra_id_0> is the last id.
-      spans[current] = []
-    elif current is not None:
-      spans[current].append(token)
-  return {k: vocabulary.decode(ids) for k, ids in spans.items()}
 
 
 def generate(run: training.RunConfig, config: GenerateConfig) -> List[str]:

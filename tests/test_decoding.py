@@ -7,6 +7,7 @@ import numpy as np
 
 from spactor_jax import decoding
 from spactor_jax import network
+from spactor_jax.objectives import base
 
 CONFIG = network.TransformerConfig(
     vocab_size=48, emb_dim=32, num_heads=4, head_dim=8, num_encoder_layers=2,
@@ -82,7 +83,10 @@ def test_top_k_sampling_draws_only_among_the_k_best():
 
 
 def test_spans_are_put_back_in_place_of_the_sentinels():
-  spans = decoding.spans_from_targets('<extra_id_0> quick brown <extra_id_1> lazy <extra_id_2>')
-  assert spans == {0: 'quick brown', 1: 'lazy', 2: ''}
+  vocab = base.VocabInfo(vocab_size=40, num_sentinels=4)  # <extra_id_0> = 39, ... 36
+  spans = decoding.spans_from_ids(np.array([39, 5, 6, 38, 7, 37, 1, 9, 0]), vocab)
+  assert spans == {0: [5, 6], 1: [7], 2: []}  # stops at EOS
+  words = {5: 'quick', 6: 'brown', 7: 'lazy'}
+  text = {k: ' '.join(words[i] for i in ids) for k, ids in spans.items()}
   assert decoding.fill_spans('The <extra_id_0> fox jumps over the <extra_id_1> dog.',
-                             spans) == 'The quick brown fox jumps over the lazy dog.'
+                             text) == 'The quick brown fox jumps over the lazy dog.'
