@@ -302,10 +302,11 @@ def _sgd_step(objective, batch, ici, num_microbatches=1):
 
 
 def test_global_negatives_on_eight_devices_equal_one_device():
+  """Also with two micro-batches: the coupled loss is taken on the full batch."""
   objective = headless.HeadlessCausalLM(CONFIG, VOCAB, negatives='global')
-  batch = _lm_batch(batch=8)
+  batch = _lm_batch(batch=16)
   _, single_grads, single = _sgd_step(objective, batch, (1, 1, 1))
-  _, grads, metrics = _sgd_step(objective, batch, (8, 1, 1), num_microbatches=1)
+  _, grads, metrics = _sgd_step(objective, batch, (8, 1, 1), num_microbatches=2)
   np.testing.assert_allclose(metrics['cwt_loss'], single['cwt_loss'], rtol=1e-5)
   np.testing.assert_allclose(metrics['cwt_accuracy'], single['cwt_accuracy'])
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
