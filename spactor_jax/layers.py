@@ -301,6 +301,10 @@ class MultiHeadDotProductAttention(nn.Module):
     param_dtype: parameter dtype.
     kernel_init: initializer of the projections (the query's is divided by
       ``sqrt(head_dim)``).
+    decode: keep keys and values in a ``cache`` collection (self-attention
+      of autoregressive decoding): ``init`` on the full decoding length sizes
+      the cache, each later call writes its positions at the cache index and
+      attends over the whole cache (the caller masks the unwritten slots).
   """
   num_heads: int
   head_dim: int
@@ -308,6 +312,7 @@ class MultiHeadDotProductAttention(nn.Module):
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
   kernel_init: Initializer = attention_kernel_init
+  decode: bool = False
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array] = None,
@@ -339,6 +344,9 @@ class MultiHeadDotProductAttention(nn.Module):
     value = nn.with_logical_constraint(
         projection(kernel_init=self.kernel_init, name='value')(inputs_kv), head_axes)
 
+    if self.decode:
+      key, value = self._cached(key, value)
+
     total_bias = None if mask is None else mask_to_bias(mask)
     if bias is not None:
       total_bias = bias if total_bias is None else total_bias + bias
@@ -352,6 +360,20 @@ class MultiHeadDotProductAttention(nn.Module):
                        kernel_axes=('joined_kv', 'embed'), kernel_init=self.kernel_init,
                        dtype=self.dtype, param_dtype=self.param_dtype, name='out')(x)
     return nn.with_logical_constraint(out, ('batch', 'length', 'embed'))
+
+
+  def _cached(self, key: Array, value: Array) -> Tuple[Array, Array]:
+    """Writes ``[batch, n, heads, head_dim]`` at the cache index; returns the full cache."""
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+    index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+    if self.is_initializing():
+      return key, value
+    start = (0, index.value, 0, 0)
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+    index.value = index.value + key.shape[1]
+    return cached_key.value, cached_value.value
 
 
 class MlpBlock(nn.Module):

@@ -91,10 +91,11 @@ def _norm(config: TransformerConfig, name: Optional[str] = None) -> layers.RMSNo
   return layers.RMSNorm(dtype=config.dtype, param_dtype=config.param_dtype, name=name)
 
 
-def _attention(config: TransformerConfig, name: str) -> layers.MultiHeadDotProductAttention:
+def _attention(config: TransformerConfig, name: str,
+               decode: bool = False) -> layers.MultiHeadDotProductAttention:
   return layers.MultiHeadDotProductAttention(
       num_heads=config.num_heads, head_dim=config.head_dim, dropout_rate=config.dropout_rate,
-      dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+      dtype=config.dtype, param_dtype=config.param_dtype, decode=decode, name=name)
 
 
 def _mlp(config: TransformerConfig) -> layers.MlpBlock:
@@ -188,6 +189,7 @@ class DecoderLayer(nn.Module):
   """Pre-norm causal self-attention, optional cross-attention, gated MLP."""
   config: TransformerConfig
   cross_attention: bool = True
+  decode: bool = False  # self-attention keys and values in a KV cache.
 
   @nn.compact
   def __call__(self, x: Array, encoded: Optional[Array], self_mask: Array, self_bias: Array,
@@ -198,7 +200,8 @@ class DecoderLayer(nn.Module):
     in_len]``. Returns ``[batch, tgt_len, emb]``."""
     cfg = self.config
     y = _norm(cfg, 'pre_self_attention_layer_norm')(x)
-    y = _attention(cfg, 'self_attention')(y, y, self_mask, self_bias, deterministic)
+    y = _attention(cfg, 'self_attention', self.decode)(y, y, self_mask, self_bias,
+                                                       deterministic)
     x = _constrain(x + _dropout(cfg, y, deterministic))
     if self.cross_attention:
       y = _norm(cfg, 'pre_cross_attention_layer_norm')(x)
@@ -270,17 +273,25 @@ class Decoder(nn.Module):
     config: network config.
     shared_embedding: token embedder for the inputs (and the tied head).
     cross_attention: whether layers attend to ``encoded``.
+    decode_length: None, or autoregressive decoding with a KV cache of this
+      many positions (``spactor_jax.decoding``): ``init`` with
+      ``[batch, decode_length]`` inputs creates the ``cache`` collection,
+      then each call feeds the next tokens (no segment ids).
   """
   config: TransformerConfig
   shared_embedding: nn.Module
   cross_attention: bool = True
+  decode_length: Optional[int] = None
 
   def setup(self) -> None:
     cfg = self.config
-    layer_cls = _maybe_remat(DecoderLayer, cfg, deterministic_argnum=6)
+    decode = self.decode_length is not None
+    layer_cls = DecoderLayer if decode else _maybe_remat(DecoderLayer, cfg, deterministic_argnum=6)
     self.relpos_bias = _relpos(cfg, bidirectional=False)
-    self.layers = [layer_cls(cfg, cross_attention=self.cross_attention)
+    self.layers = [layer_cls(cfg, cross_attention=self.cross_attention, decode=decode)
                    for _ in range(cfg.num_decoder_layers)]
+    if decode:
+      self.position = self.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
     self.decoder_norm = _norm(cfg)
     self.embedding_dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     self.output_dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
@@ -310,8 +321,11 @@ class Decoder(nn.Module):
     cfg = self.config
     deterministic = not enable_dropout
     length = decoder_input_tokens.shape[1]
-    self_mask = _decoder_self_mask(length, decoder_segment_ids)
-    self_bias = self.relpos_bias(length, length)  # [1, heads, tgt_len, tgt_len]
+    if self.decode_length is not None and not self.is_initializing():
+      self_mask, self_bias = self._cached_mask_and_bias(length)
+    else:
+      self_mask = _decoder_self_mask(length, decoder_segment_ids)
+      self_bias = self.relpos_bias(length, length)  # [1, heads, tgt_len, tgt_len]
     cross_mask = None
     if self.cross_attention:
       if encoded is None or encoder_input_tokens is None:
@@ -324,6 +338,21 @@ class Decoder(nn.Module):
       x = layer(x, encoded, self_mask, self_bias, cross_mask, deterministic)
     x = self.decoder_norm(x)
     return _constrain(self.output_dropout(x, deterministic=deterministic))
+
+  def _cached_mask_and_bias(self, length: int) -> Tuple[Array, Array]:
+    """Queries at cache positions ``[p, p + length)`` over all ``decode_length`` slots.
+
+    Returns the causal mask ``[1, 1, length, decode_length]`` (slots not yet
+    written are in the future) and the bias ``[1, heads, length, decode_length]``;
+    advances the position.
+    """
+    start = self.position.value
+    queries = start + jnp.arange(length)
+    mask = (jnp.arange(self.decode_length)[None, :] <= queries[:, None])[None, None]
+    bias = self.relpos_bias(self.decode_length, self.decode_length)
+    bias = jax.lax.dynamic_slice_in_dim(bias, start, length, axis=2)
+    self.position.value = start + length
+    return mask, bias
 
   def logits(self, hidden: Array) -> Array:
     """``[batch, length, emb] -> [batch, length, vocab]`` float32 logits."""
@@ -411,13 +440,17 @@ class EncoderOnly(nn.Module):
 
 
 class DecoderOnly(nn.Module):
-  """Causal LM with T5 relative position biases and no cross-attention."""
+  """Causal LM with T5 relative position biases and no cross-attention.
+
+  ``decode_length`` (None in training) switches on the decoder's KV cache.
+  """
   config: TransformerConfig
+  decode_length: Optional[int] = None
 
   def setup(self) -> None:
     self.token_embedder = _make_embedder(self.config)
     self.decoder = Decoder(self.config, shared_embedding=self.token_embedder,
-                           cross_attention=False)
+                           cross_attention=False, decode_length=self.decode_length)
 
   def embed(self, tokens: Array) -> Array:
     """``[batch, length]`` ids -> ``[batch, length, emb]`` (no dropout)."""

@@ -126,11 +126,8 @@ class SpacTor(base.Objective):
     metrics.update(blocks.rtd_metrics(rtd_logits, labels, non_pad))
     rtd_loss = metrics['rtd_loss'][0] / denominators['encoder_tokens']
 
-    decoder_logits = self.model.decode(
-        encoded, replaced, batch['decoder_input_tokens'], segment_ids,
-        batch.get('decoder_segment_ids'), enable_dropout=enable_dropout)
-    sc_loss, sc_metrics = span_corruption.span_corruption_loss(
-        decoder_logits, batch, denominators['targets'], self.z_loss)
+    sc_loss, sc_metrics = self.decoder_loss(encoded, replaced, batch, denominators,
+                                            enable_dropout=enable_dropout)
     metrics.update(sc_metrics)
 
     num_replaced = jnp.sum(labels)
@@ -152,6 +149,20 @@ class SpacTor(base.Objective):
     metrics['heldout_sc_loss'] = span_corruption.heldout_sc_loss(
         self.model, batch, self.z_loss)
     return loss, metrics
+
+  def decoder_loss(self, encoded: Array, replaced: Array, batch: base.Batch,
+                   denominators: Mapping[str, Array], *,
+                   enable_dropout: bool) -> Tuple[Array, base.Metrics]:
+    """``L_SC`` and its metrics: the decoder's span-corruption loss on the replaced input.
+
+    Args: ``encoded [batch, in_len, emb]``, ``replaced [batch, in_len]``
+    (the encoder input), the batch and the full batch's denominators.
+    """
+    decoder_logits = self.model.decode(
+        encoded, replaced, batch['decoder_input_tokens'], batch.get('encoder_segment_ids'),
+        batch.get('decoder_segment_ids'), enable_dropout=enable_dropout)
+    return span_corruption.span_corruption_loss(
+        decoder_logits, batch, denominators['targets'], self.z_loss)
 
   def generator_logits(self, tokens: Array, mlm_mask: Array,
                        segment_ids: Optional[Array] = None, *,
