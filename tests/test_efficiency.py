@@ -1,0 +1,185 @@
+"""Scanned layers, remat policies, the fused attention path and precision."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from spactor_jax import errors
+from spactor_jax import layers
+from spactor_jax import network
+from spactor_jax import scan_conversion
+from spactor_jax.train_state import TrainState
+
+TINY = network.TransformerConfig(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8,
+                                 num_encoder_layers=2, num_decoder_layers=3, mlp_dim=48)
+
+# Two packed rows with padding: segments of 4 + 3 inputs and 3 + 2 targets.
+ENC = jnp.array([[5, 6, 7, 1, 10, 11, 1, 0], [9, 8, 7, 6, 5, 4, 3, 1]])
+ENC_SEG = jnp.array([[1, 1, 1, 1, 2, 2, 2, 0], [1] * 8])
+DEC = jnp.array([[0, 8, 9, 0, 12, 0], [0, 3, 4, 5, 6, 7]])
+DEC_SEG = jnp.array([[1, 1, 1, 2, 2, 0], [1] * 6])
+
+
+def _init(config):
+  return jax.jit(network.EncoderDecoder(config).init)(jax.random.PRNGKey(0), ENC, DEC)['params']
+
+
+@functools.lru_cache(maxsize=None)
+def _unscanned_params():
+  return nn.unbox(_init(TINY))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference():
+  """Logits and gradients of the unscanned einsum network without remat."""
+  return _loss_and_grads(TINY, _unscanned_params())
+
+
+def _loss_and_grads(config, params):
+  model = network.EncoderDecoder(config)
+
+  def loss(p):
+    logits = model.apply({'params': p}, ENC, DEC, ENC_SEG, DEC_SEG)
+    weights = (DEC_SEG > 0)[..., None]
+    return jnp.sum(jnp.where(weights, jax.nn.log_softmax(logits), 0.0)[..., :7]), logits
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return logits, grads
+
+
+def _assert_trees_close(got, want, rtol=1e-4, atol=1e-5):
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
+
+
+# -------------------------------------------------------------- scanning ---
+
+
+def test_scanned_layout_stacks_layers_with_a_layers_axis():
+  scanned = jax.eval_shape(lambda: _init(TINY.replace(scan_layers=True)))
+  assert set(scanned['encoder']) == {'relpos_bias', 'encoder_norm', 'layers'}
+  assert set(scanned['decoder']) == {'relpos_bias', 'decoder_norm', 'logits_dense', 'layers'}
+  wo = scanned['decoder']['layers']['mlp']['wo']['kernel']
+  assert wo.value.shape == (3, 48, 32) and wo.names == ('layers', 'mlp', 'embed')
+  query = scanned['encoder']['layers']['attention']['query']['kernel']
+  assert query.value.shape == (2, 32, 32) and query.names == ('layers', 'embed', 'joined_kv')
+
+
+def test_checkpoint_conversion_round_trip_and_shapes():
+  unscanned = _unscanned_params()
+  scanned = scan_conversion.to_scanned(unscanned)
+  want = nn.unbox(jax.eval_shape(lambda: _init(TINY.replace(scan_layers=True))))
+  assert (jax.tree_util.tree_map(np.shape, scanned) ==
+          jax.tree_util.tree_map(lambda x: x.shape, want))
+  # Row i of a stacked leaf is layer i's leaf.
+  np.testing.assert_array_equal(scanned['decoder']['layers']['mlp']['wo']['kernel'][2],
+                                unscanned['decoder']['layers_2']['mlp']['wo']['kernel'])
+  back = scan_conversion.to_unscanned(scanned)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(unscanned)
+  for got, expected in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(unscanned)):
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize('policy', ['none', 'save_named'])
+def test_scanned_outputs_and_gradients_equal_unscanned(policy):
+  unscanned = _unscanned_params()
+  want_logits, want_grads = _reference()
+  config = TINY.replace(scan_layers=True, remat_policy=policy)
+  logits, grads = _loss_and_grads(config, scan_conversion.to_scanned(unscanned))
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+  _assert_trees_close(scan_conversion.to_unscanned(grads), want_grads)
+
+
+# 'full' and 'minimal' are also in test_network.test_remat_matches_plain.
+@pytest.mark.parametrize('policy', ['dots_saveable', 'save_named'])
+def test_remat_policies_give_the_plain_gradients(policy):
+  params = _unscanned_params()
+  want_logits, want_grads = _reference()
+  logits, grads = _loss_and_grads(TINY.replace(remat_policy=policy), params)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-6, atol=1e-6)
+  _assert_trees_close(grads, want_grads)
+
+
+def test_save_named_policy_keeps_only_the_named_activations(capsys):
+  params = _unscanned_params()
+  config = TINY.replace(remat_policy='save_named', remat_saved_names=('mlp_hidden',))
+  model = network.EncoderDecoder(config)
+  loss = lambda p: jnp.sum(model.apply({'params': p}, ENC, DEC, ENC_SEG, DEC_SEG))
+  jax.ad_checkpoint.print_saved_residuals(loss, params)
+  names = capsys.readouterr().out
+  assert "named 'mlp_hidden'" in names
+  assert "named 'attention_out'" not in names and "named 'query'" not in names
+
+
+def test_optimizer_state_converts_with_the_params():
+  # Width 128 so Adafactor factors the kernels (and keeps (1,) placeholders).
+  config = network.TransformerConfig(vocab_size=64, emb_dim=128, num_heads=4, head_dim=32,
+                                     num_encoder_layers=2, num_decoder_layers=2, mlp_dim=256)
+  params = nn.unbox(_init(config))
+  tx = optax.adafactor(learning_rate=0.1, min_dim_size_to_factor=128)
+  grads = jax.tree_util.tree_map(lambda x: jnp.cos(x * 3.0), params)
+
+  def one_step(p, g):
+    # The statistics after one update. (Not the updated parameters: optax's
+    # Adafactor scales and clips an update by the RMS of its whole leaf, so a
+    # stacked leaf is scaled by the RMS over all its layers.)
+    _, state = tx.update(g, tx.init(p), p)
+    return TrainState(step=jnp.int32(1), params=p, opt_state=state, objective_state={})
+
+  one_step = jax.jit(one_step)
+  unscanned = one_step(params, grads)
+  scanned = one_step(scan_conversion.to_scanned(params), scan_conversion.to_scanned(grads))
+  _assert_trees_close(scan_conversion.convert_state(unscanned, scanned=True), scanned)
+  _assert_trees_close(scan_conversion.convert_state(scanned, scanned=False), unscanned)
+
+
+def test_bad_config_names_are_one_line_errors():
+  with pytest.raises(errors.ConfigError, match='remat_policy'):
+    network.TransformerConfig(remat_policy='dots')
+  with pytest.raises(errors.ConfigError, match='remat_saved_names'):
+    network.TransformerConfig(remat_saved_names=('mlp',))
+  with pytest.raises(errors.ConfigError, match='attention_impl'):
+    network.TransformerConfig(attention_impl='flash')
+  with pytest.raises(errors.ConfigError, match='dropout_rate=0'):
+    network.TransformerConfig(attention_impl='dot_product_attention', dropout_rate=0.1)
+
+
+# ------------------------------------------------------------- attention ---
+
+
+def _numpy_attention(query, key, value, bias, mask):
+  """T5 attention in float64 NumPy: softmax(q.k + bias) over the allowed keys."""
+  q, k, v = (np.asarray(x, np.float64) for x in (query, key, value))
+  logits = np.einsum('bqhd,bkhd->bhqk', q, k) + np.asarray(bias, np.float64)
+  logits = np.where(np.asarray(mask), logits, -np.inf)
+  logits -= logits.max(-1, keepdims=True)
+  weights = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  return np.einsum('bhqk,bkhd->bqhd', weights, v)
+
+
+@pytest.mark.parametrize('impl', layers.ATTENTION_IMPLS)
+def test_attention_paths_match_numpy_with_bias_and_packing(impl):
+  rng = np.random.RandomState(0)
+  q, k, v = (jnp.asarray(rng.randn(2, 8, 4, 8), jnp.float32) for _ in range(3))
+  bias = jnp.asarray(rng.randn(1, 4, 8, 8), jnp.float32)
+  mask = network._encoder_mask(ENC, ENC_SEG, None)  # pylint: disable=protected-access
+  if impl == 'einsum':
+    got = layers.dot_product_attention(q, k, v, layers.mask_to_bias(mask) + bias)
+  else:
+    got = layers.fused_dot_product_attention(q, k, v, bias, mask)
+  valid = np.asarray(ENC_SEG > 0)  # padded queries see no key: their output is arbitrary
+  np.testing.assert_allclose(np.asarray(got)[valid],
+                             _numpy_attention(q, k, v, bias, mask)[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_attention_network_matches_einsum_outputs_and_gradients():
+  params = _unscanned_params()
+  want_logits, want_grads = _reference()
+  logits, grads = _loss_and_grads(TINY.replace(attention_impl='dot_product_attention'), params)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+  _assert_trees_close(grads, want_grads, rtol=1e-4, atol=1e-5)
