@@ -10,9 +10,12 @@ import optax
 import pytest
 
 from spactor_jax import errors
+from spactor_jax import generator as generator_lib
 from spactor_jax import layers
 from spactor_jax import network
 from spactor_jax import scan_conversion
+from spactor_jax.objectives import base
+from spactor_jax.objectives import spactor
 from spactor_jax.train_state import TrainState
 
 TINY = network.TransformerConfig(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8,
@@ -183,3 +186,84 @@ def test_fused_attention_network_matches_einsum_outputs_and_gradients():
   logits, grads = _loss_and_grads(TINY.replace(attention_impl='dot_product_attention'), params)
   np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
   _assert_trees_close(grads, want_grads, rtol=1e-4, atol=1e-5)
+
+
+# -------------------------------------------- sparse generator (SpacTor) ---
+
+SPACTOR_CONFIG = network.TransformerConfig(vocab_size=32, emb_dim=32, num_heads=4, head_dim=8,
+                                           num_encoder_layers=2, num_decoder_layers=1,
+                                           mlp_dim=64)
+SPACTOR_VOCAB = base.VocabInfo(vocab_size=16, num_sentinels=4)
+
+
+def _spactor_batch(batch_size=4, inputs=64, targets=8):
+  """Rows of two packed segments (the second row padded), ~30% selected."""
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(3, 12, (batch_size, inputs))
+  segments = np.ones((batch_size, inputs), np.int32)
+  segments[:, inputs // 2:] = 2
+  tokens[1, 40:], segments[1, 40:] = 0, 0
+  selected = (rng.rand(batch_size, inputs) < 0.3) & (tokens > 0)
+  ones = np.ones((batch_size, targets), np.int32)
+  return {'encoder_input_tokens': tokens.astype(np.int32), 'encoder_segment_ids': segments,
+          'encoder_mlm_mask': selected.astype(np.int32),
+          'decoder_input_tokens': rng.randint(3, 16, (batch_size, targets)).astype(np.int32),
+          'decoder_target_tokens': rng.randint(3, 16, (batch_size, targets)).astype(np.int32),
+          'decoder_loss_weights': ones, 'decoder_segment_ids': ones}
+
+
+def _spactor_step(objective, params, batch):
+  def loss_fn(p):
+    (loss, metrics), state = objective.apply(
+        {'params': p}, batch, objective.denominators(batch), enable_dropout=False,
+        rngs={'sample': jax.random.key(2)}, mutable=['intermediates'])
+    return loss, (metrics, state['intermediates'])
+  (loss, (metrics, inter)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  return loss, metrics, inter, grads
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_spactor():
+  batch = _spactor_batch()
+  objective = spactor.SpacTor(config=SPACTOR_CONFIG, vocab=SPACTOR_VOCAB,
+                              generator_capacity_factor=0.0)
+  params = nn.unbox(objective.init({'params': jax.random.key(0), 'sample': jax.random.key(1)},
+                                   batch, objective.denominators(batch),
+                                   enable_dropout=False))['params']
+  return batch, params, _spactor_step(objective, params, batch)
+
+
+# Rate 0.3: capacity 40 of 64, no row overflows; rate 0.05: capacity 16 and
+# every row selects more (the dense fallback runs).
+@pytest.mark.parametrize('rate,overflows', [(0.3, False), (0.05, True)])
+def test_sparse_generator_equals_dense(rate, overflows):
+  batch, params, (want_loss, want_metrics, want_inter, want_grads) = _dense_spactor()
+  capacity = generator_lib.selection_capacity(64, rate)
+  assert (batch['encoder_mlm_mask'].sum(1) > capacity).any() == overflows
+  objective = spactor.SpacTor(config=SPACTOR_CONFIG, vocab=SPACTOR_VOCAB,
+                              generator_selection_rate=rate)
+  loss, metrics, inter, grads = _spactor_step(objective, params, batch)
+  for name in ('samples', 'replaced', 'rtd_labels'):
+    np.testing.assert_array_equal(inter[name], want_inter[name], err_msg=name)
+  assert 0 < want_inter['rtd_labels'][0].sum()
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  _assert_trees_close(metrics, want_metrics, rtol=1e-6, atol=1e-6)
+  _assert_trees_close(grads, want_grads, rtol=1e-5, atol=1e-6)
+
+
+def test_selection_capacity_formula():
+  assert generator_lib.selection_capacity(512, 0.15) == 128  # ceil(115.2) + 8 -> 128
+  assert generator_lib.selection_capacity(64, 0.3) == 40  # ceil(28.8) + 8 = 37 -> 40
+  assert generator_lib.selection_capacity(16, 0.5) == 16  # never above the length
+  with pytest.raises(errors.ConfigError, match='capacity factor'):
+    generator_lib.selection_capacity(64, 0.15, factor=0.5)
+
+
+def test_gathered_positions_scatter_back():
+  mask = jnp.array([[0, 1, 1, 0, 1, 1], [1, 0, 0, 0, 0, 0]])
+  positions, valid = generator_lib.selected_positions(mask, 3)
+  np.testing.assert_array_equal(positions[:, :3][np.asarray(valid)], [1, 2, 4, 0])
+  np.testing.assert_array_equal(valid, [[True, True, True], [True, False, False]])
+  values = jnp.array([[7, 8, 9], [5, 6, 6]])
+  np.testing.assert_array_equal(generator_lib.scatter_positions(values, positions, valid, 6),
+                                [[0, 7, 8, 0, 9, 0], [5, 0, 0, 0, 0, 0]])
