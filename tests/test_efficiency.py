@@ -267,3 +267,49 @@ def test_gathered_positions_scatter_back():
   values = jnp.array([[7, 8, 9], [5, 6, 6]])
   np.testing.assert_array_equal(generator_lib.scatter_positions(values, positions, valid, 6),
                                 [[0, 7, 8, 0, 9, 0], [5, 0, 0, 0, 0, 0]])
+
+
+# ------------------------------------------------------------- precision ---
+
+
+def _primitive_inputs(jaxpr, names):
+  """Dtypes of the inputs of every equation named in ``names``, sub-jaxprs included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in names:
+      found.extend(v.aval.dtype for v in eqn.invars)
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          found.extend(_primitive_inputs(inner, names))
+  return found
+
+
+def test_bfloat16_spactor_has_float32_losses_and_softmaxes():
+  batch = _spactor_batch(batch_size=2)
+  config = SPACTOR_CONFIG.replace(dtype='bfloat16')
+  objective = spactor.SpacTor(config=config, vocab=SPACTOR_VOCAB)
+  variables = objective.init({'params': jax.random.key(0), 'sample': jax.random.key(1)},
+                             batch, objective.denominators(batch), enable_dropout=False)
+  params = nn.unbox(variables)['params']
+  assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
+
+  def loss_fn(p):
+    return objective.apply({'params': p}, batch, objective.denominators(batch),
+                           enable_dropout=False, rngs={'sample': jax.random.key(2)})
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss_fn, has_aux=True))(params).jaxpr
+  # Every softmax, logsumexp and sigmoid cross-entropy exponentiates in float32.
+  exp_inputs = _primitive_inputs(jaxpr, ('exp', 'log1p', 'log'))
+  assert exp_inputs and set(exp_inputs) == {jnp.dtype(jnp.float32)}
+  # The network does run in bfloat16: most matmuls take bfloat16 operands.
+  dot_inputs = _primitive_inputs(jaxpr, ('dot_general',))
+  assert dot_inputs.count(jnp.dtype(jnp.bfloat16)) > len(dot_inputs) // 2
+
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  assert loss.dtype == jnp.float32 and np.isfinite(loss)
+  for name, (numerator, denominator) in metrics.items():
+    assert numerator.dtype == denominator.dtype == jnp.float32, name
+    assert np.isfinite(numerator), name
+  assert all(g.dtype == jnp.float32 and np.isfinite(g).all()
+             for g in jax.tree_util.tree_leaves(grads))
