@@ -8,8 +8,10 @@ a Python loop of ``n`` layer copies; True: one ``nn.scan`` body), the
 gradient of a span-corruption-shaped loss (inputs 512 / targets 114, batch
 2) is traced, lowered and compiled by XLA for the default device. Prints one
 JSON object: per layout and depth the seconds to trace and lower
-(``lower_s``) and to compile (``compile_s``), and the compiled FLOPs (equal
-for both layouts at each depth). The model is not run.
+(``lower_s``) and to compile (``compile_s``), and XLA's FLOP count of the
+program. The model is not run. XLA counts a loop body once: the scanned
+count is that of one layer per stack whatever the depth, the unscanned count
+is the real one.
 """
 
 import argparse

@@ -15,6 +15,10 @@ bf16 peak on GPU/TPU), the compiled program's peak device memory
 seconds to lower and compile it. ``--gin.NAME=VALUE`` bindings (e.g. scanned
 layers, a remat policy, the attention path) apply to the model config.
 Prints one JSON object.
+
+Measure MFU with unscanned layers: XLA's cost analysis counts the body of a
+loop once, so with ``scan_layers`` it reports the FLOPs of one layer per
+stack (``benchmarks/compile_time.py`` shows it).
 """
 
 import argparse
