@@ -241,18 +241,21 @@ def scatter_positions(values: Array, positions: Array, valid: Array, length: int
   return zeros.at[rows, positions].add(jnp.where(valid, values, 0))
 
 
-def _score_and_sample(logits: Array, targets: Array, weights: Array, rng: Array,
+def _score_and_sample(logits: Array, targets: Array, weights: Array, rng: Optional[Array],
                       temperature: float, allowed: Optional[Array], noise_ids: Array
                       ) -> Tuple[Array, Array, Array]:
-  """``(loss_sum, correct_sum, samples)`` of ``[batch, n, vocab]`` logits."""
+  """``(loss_sum, correct_sum, samples)`` of ``[batch, n, vocab]`` logits
+  (samples all 0 without ``rng``)."""
   loss_sum, _, correct = losses.cross_entropy_with_z_loss(logits, targets, weights, 0.0)
+  if rng is None:
+    return loss_sum, correct, jnp.zeros(targets.shape, jnp.int32)
   samples = gumbel_max_sample(rng, logits, temperature, allowed, noise_ids)
   return loss_sum, correct, samples
 
 
 def masked_lm_sample(logits_fn: Callable[[Array], Array], hidden: Array, targets: Array,
-                     mask: Array, denominator: Array, prefix: str, *, rng: Array,
-                     temperature: float, allowed: Optional[Array] = None,
+                     mask: Array, denominator: Array, prefix: str, *, rng: Optional[Array],
+                     temperature: float = 1.0, allowed: Optional[Array] = None,
                      capacity: Optional[int] = None
                      ) -> Tuple[Array, base.Metrics, Array]:
   """MLM loss, accuracy and samples of a generator at the selected positions.
@@ -275,7 +278,8 @@ def masked_lm_sample(logits_fn: Callable[[Array], Array], hidden: Array, targets
     mask: ``[batch, length]`` 1 at the selected positions.
     denominator: selected positions in the full batch.
     prefix: metric name prefix (``'generator'``).
-    rng: PRNG key of the samples.
+    rng: PRNG key of the samples; None for an MLM head that only needs the
+      loss (the samples are then all 0).
     temperature: sampling temperature.
     allowed: ``[vocab]`` bool ids that may be drawn.
     capacity: static positions per row (``selection_capacity``); None
