@@ -6,7 +6,6 @@ resumes from the latest checkpoint in ``model_dir``.
 
 import dataclasses
 import logging
-import signal
 from typing import Callable, Dict, Optional
 
 import gin
@@ -17,28 +16,19 @@ import seqio
 from spactor_jax import checkpoints
 from spactor_jax import curriculum as curriculum_lib
 from spactor_jax import errors
+from spactor_jax import guards
 from spactor_jax import metrics_log
+from spactor_jax import model_dir as model_dir_lib
 from spactor_jax import network
 from spactor_jax import partitioning
 from spactor_jax import runtime
 from spactor_jax import trainer as trainer_lib
 from spactor_jax import train_state
+from spactor_jax import validation
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 
 log = logging.getLogger('spactor_jax')
-
-
-class _Preemption:
-  """Turns SIGTERM into a request to checkpoint and stop after this step."""
-
-  def __init__(self):
-    self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
 
 
 def _global_batch_spec(iterator, process_count: int) -> trainer_lib.BatchSpec:
@@ -65,6 +55,10 @@ class RunConfig:
     log_every_steps: how often to print and write summaries.
     seed: parameter-initialisation and train-step RNG seed.
     checkpointer: a ``Checkpointer`` factory taking ``model_dir``.
+    on_nonfinite: a NaN/Inf loss, gradient or update is never applied;
+      ``'skip'`` logs it and goes on, ``'stop'`` ends the run (exit 1).
+    max_consecutive_nonfinite: with ``'skip'``, end the run after this many
+      skipped updates in a row.
   """
   model_dir: str = gin.REQUIRED
   data: pipeline.DataConfig = gin.REQUIRED
@@ -79,6 +73,8 @@ class RunConfig:
   log_every_steps: int = 50
   seed: int = 0
   checkpointer: Callable[..., checkpoints.Checkpointer] = checkpoints.Checkpointer
+  on_nonfinite: str = 'skip'
+  max_consecutive_nonfinite: int = 10
 
   @property
   def model_family(self) -> str:
@@ -103,6 +99,8 @@ class RunConfig:
 
 def train(config: RunConfig) -> Optional[Dict[str, float]]:
   """Trains, checkpoints and logs; returns the last logged averages."""
+  validation.validate(config)  # before anything compiles or reads data.
+  model_dir_lib.check_or_record(config)  # before any restore.
   curriculum = config.curriculum
   device_mesh = partitioning.make_mesh(config.mesh)
   shard = seqio.ShardInfo(jax.process_index(), jax.process_count())
@@ -118,21 +116,22 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
   make_trainer = lambda index: config.make_trainer(index, device_mesh, batch_spec, vocab)
   total_steps = config.total_steps
 
-  start = checkpointer.latest_step() or 0
+  start, trainer, state = checkpoints.resume(
+      checkpointer, curriculum.index_of_state, make_trainer, iterator)
   stage = curriculum.index_of_state(start)
-  trainer = make_trainer(stage)
   log.info('mesh %s, %s, global batch %d, %d steps, stage %s',
            partitioning.describe(device_mesh), runtime.process_info(),
            config.batch_size, total_steps, curriculum.stages[stage].name)
-  if start:
-    state = checkpointer.restore(start, trainer.sharded_abstract_state(), iterator)
+  if state is not None:
     log.info('resumed from %s at step %d', checkpointer.directory, start)
   else:
     state = trainer.init_state(rng)
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
   log.info('%s parameters: %s', curriculum.stages[stage].name, f'{num_params:,}')
 
-  preemption = _Preemption()
+  preemption = guards.Preemption()
+  nonfinite = guards.NonFiniteGuard(config.on_nonfinite,
+                                    config.max_consecutive_nonfinite)
   averages = None
   step = start
   compiling = True  # the next step compiles: log it on its own line.
@@ -149,6 +148,8 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
       batch = pipeline.global_arrays(next(iterator), trainer.data_sharding)
       state, metrics = trainer.train_step(state, batch, rng)
       step += 1
+      nonfinite.observe(step, metrics, settle=(
+          step % checkpointer.save_every_steps == 0 or step == total_steps))
       metrics['stage'] = stage
       logger.record(metrics)
       if compiling:
@@ -158,10 +159,10 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
         averages = logger.flush(step, curriculum.stages[stage].name)
       checkpointer.save(step, state, iterator, force=step == total_steps)
     if preemption.requested:
-      checkpointer.save(step, state, iterator, force=True)
-      log.info('SIGTERM: saved a checkpoint at step %d; run the same '
-               'command again to resume', step)
+      nonfinite.settle()
+      preemption.report(step, checkpointer.save(step, state, iterator, force=True))
   finally:
+    preemption.close()
     checkpointer.close()
     logger.close()
   return averages
