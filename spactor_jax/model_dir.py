@@ -1,6 +1,7 @@
 """What a model directory was made with, recorded once and checked on resume.
 
-On the first start, ``<model_dir>/run_identity.json`` records the model's
+When training first starts (after every check has passed),
+``<model_dir>/run_identity.json`` records the model's
 shape-defining settings, the curriculum (each stage's objective and steps),
 the task and the feature lengths. A later start with a configuration that
 differs in any of them is refused in one line that says what the directory
@@ -60,33 +61,36 @@ def _difference(held: Dict[str, Any], asked: Dict[str, Any]):
   return None
 
 
-def check_or_record(config: Any) -> None:
-  """Records the identity on first start; refuses an incompatible resume.
+def check(config: Any) -> None:
+  """Refuses a configuration the model directory was not made with.
 
   Raises:
     ConfigError: the directory was made with a different model, curriculum,
       task or lengths, or its identity file is unreadable.
   """
   path = epath.Path(config.model_dir) / IDENTITY_FILE
-  asked = identity(config)
-  if path.exists():
-    try:
-      held = json.loads(path.read_text())
-    except (ValueError, OSError) as exc:
-      raise errors.ConfigError(
-          f'{path} is unreadable ({errors.first_line(exc)}); restore it or '
-          'use a new MODEL_DIR') from None
-    difference = _difference(held, asked)
-    if difference:
-      setting, was, now = difference
-      raise errors.ConfigError(
-          f'{config.model_dir} was made with {setting} = {was!r} but this run '
-          f'asks for {now!r}; resume with the same setting or use a new '
-          'MODEL_DIR')
+  if not path.exists():
     return
-  if not runtime.is_main_process():
+  try:
+    held = json.loads(path.read_text())
+  except (ValueError, OSError) as exc:
+    raise errors.ConfigError(
+        f'{path} is unreadable ({errors.first_line(exc)}); restore it or '
+        'use a new MODEL_DIR') from None
+  difference = _difference(held, identity(config))
+  if difference:
+    setting, was, now = difference
+    raise errors.ConfigError(
+        f'{config.model_dir} was made with {setting} = {was!r} but this run '
+        f'asks for {now!r}; resume with the same setting or use a new '
+        'MODEL_DIR')
+
+
+def record(config: Any) -> None:
+  """Writes the identity once, when training is about to start; never rewrites."""
+  path = epath.Path(config.model_dir) / IDENTITY_FILE
+  if path.exists() or not runtime.is_main_process():
     return
-  path.parent.mkdir(parents=True, exist_ok=True)
   partial = path.parent / f'.{IDENTITY_FILE}.partial'
-  partial.write_text(json.dumps(asked, indent=1, sort_keys=True) + '\n')
+  partial.write_text(json.dumps(identity(config), indent=1, sort_keys=True) + '\n')
   os.replace(os.fspath(partial), os.fspath(path))

@@ -100,7 +100,7 @@ class RunConfig:
 def train(config: RunConfig) -> Optional[Dict[str, float]]:
   """Trains, checkpoints and logs; returns the last logged averages."""
   validation.validate(config)  # before anything compiles or reads data.
-  model_dir_lib.check_or_record(config)  # before any restore.
+  model_dir_lib.check(config)  # before any restore.
   curriculum = config.curriculum
   device_mesh = partitioning.make_mesh(config.mesh)
   shard = seqio.ShardInfo(jax.process_index(), jax.process_count())
@@ -119,6 +119,7 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
   start, trainer, state = checkpoints.resume(
       checkpointer, curriculum.index_of_state, make_trainer, iterator)
   stage = curriculum.index_of_state(start)
+  model_dir_lib.record(config)
   log.info('mesh %s, %s, global batch %d, %d steps, stage %s',
            partitioning.describe(device_mesh), runtime.process_info(),
            config.batch_size, total_steps, curriculum.stages[stage].name)
