@@ -22,6 +22,7 @@ next older one is tried. A failed save is reported in one line naming the
 step; committed checkpoints are never touched by it.
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -74,6 +75,17 @@ class DamagedCheckpoint(Exception):
     super().__init__(f'{reason}: {detail}')
     self.reason = reason
     self.detail = detail
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+  """Silences orbax's (absl) log while it reads checkpoints that may be damaged."""
+  orbax_log = logging.getLogger('absl')
+  disabled, orbax_log.disabled = orbax_log.disabled, True
+  try:
+    yield
+  finally:
+    orbax_log.disabled = disabled
 
 
 # --- fingerprints ------------------------------------------------------------
@@ -142,11 +154,12 @@ class Checkpointer:
         max_to_keep=keep,
         enable_async_checkpointing=async_save,
         create=True)
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'data': DataIteratorHandler(),
-                       'integrity': ocp.JsonCheckpointHandler()})
+    with _orbax_quiet():  # a damaged step is reported by ``resume``.
+      self.manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={'state': ocp.StandardCheckpointHandler(),
+                         'data': DataIteratorHandler(),
+                         'integrity': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -254,11 +267,13 @@ class Checkpointer:
     except Exception as exc:  # pylint: disable=broad-except
       raise DamagedCheckpoint('unreadable', f'cannot read its metadata: '
                               f'{errors.first_line(exc)}') from exc
+    if not jax.tree_util.tree_leaves(saved):
+      raise DamagedCheckpoint('unreadable', 'its array metadata is missing')
     _check_same_model(step, saved, target)
     try:
       state = self.restore(step, target, data_iterator)
     except Exception as exc:  # pylint: disable=broad-except
-      raise DamagedCheckpoint('unreadable', errors.first_line(exc)) from exc
+      raise DamagedCheckpoint('unreadable', _short(exc)) from exc
     prints = fingerprint(state)
     expected = self._saved_fingerprint(step_dir)
     if expected is not None:
@@ -342,11 +357,23 @@ def check_settings(save_every_steps: Any, keep: Any, on_save_error: Any) -> None
         f"{', '.join(repr(a) for a in SAVE_ERROR_ACTIONS)}")
 
 
+def _short(exc: BaseException, limit: int = 160) -> str:
+  """The gist of a restore error (tensorstore appends pages of details)."""
+  line = errors.first_line(exc).split(' See full TensorStore details')[0]
+  return line if len(line) <= limit else line[:limit] + '...'
+
+
+def _path_name(path: Tuple[Any, ...]) -> str:
+  """``opt_state.0.count`` for dict, attribute and sequence keys alike."""
+  return '.'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                  for k in path)
+
+
 def _check_same_model(step: int, saved: Any, target: TrainState) -> None:
   """ConfigError when the checkpoint's arrays are not the target's."""
-  saved_leaves = {jax.tree_util.keystr(path): leaf for path, leaf in
+  saved_leaves = {_path_name(path): leaf for path, leaf in
                   jax.tree_util.tree_flatten_with_path(saved)[0]}
-  target_leaves = {jax.tree_util.keystr(path): leaf for path, leaf in
+  target_leaves = {_path_name(path): leaf for path, leaf in
                    jax.tree_util.tree_flatten_with_path(target)[0]}
   def spec(leaf):
     return f'{tuple(leaf.shape)} {jnp.dtype(leaf.dtype).name}'
@@ -395,8 +422,9 @@ def resume(checkpointer: Checkpointer, stage_of: Callable[[int], int],
   for step in sorted(checkpointer.manager.all_steps(), reverse=True):
     trainer = trainer_at(step)
     try:
-      state = checkpointer.verified_restore(
-          step, trainer.sharded_abstract_state(), data_iterator)
+      with _orbax_quiet():  # one line per damaged checkpoint, ours.
+        state = checkpointer.verified_restore(
+            step, trainer.sharded_abstract_state(), data_iterator)
     except DamagedCheckpoint as damage:
       name = checkpointer.set_aside(step, damage)
       set_aside.append(name)

@@ -154,7 +154,6 @@ DAMAGE = [
     ('deleted state/ folder', _delete('state')),
     ('64 inverted bytes in an array file', _invert_64_bytes),
     ('deleted data-iterator files', _delete('data/data_iterator.*')),
-    ('garbage process manifest', _garbage('state/ocdbt.process_0/manifest.ocdbt')),
     ('truncated data-iterator file', _truncate_data_iterator),
 ]
 
