@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from spactor_jax import errors
+from spactor_jax import guards
 from spactor_jax import partitioning
 from spactor_jax.objectives import base
 from spactor_jax.train_state import TrainState
@@ -387,6 +388,9 @@ class Trainer:
         tokens=count_input_tokens(batch))
     new_state = TrainState(step=state.step + 1, params=params,
                            opt_state=opt_state, objective_state=objective_state)
+    new_state, step_metrics[guards.FLAG] = guards.keep_finite_update(
+        state, new_state, loss=loss, grad_norm=step_metrics['grad_norm'],
+        update_norm=optax.tree.norm(updates))
     return new_state, step_metrics
 
   def _jitted_step(self):
