@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable, Dict, Tuple
 
@@ -235,6 +236,7 @@ def main(argv=None) -> Dict[str, object]:
       raise SystemExit(f'unknown setting {setting!r}; use encoder, decoder or t5')
     results[setting] = {'vocab_size': cfg.vocab_size,
                         **measure(steps, tokens, args.warmup, args.steps, seconds)}
+    print(json.dumps({setting: results[setting]}), file=sys.stderr, flush=True)  # progress
   print(json.dumps(results, indent=2))
   return results
 

@@ -330,7 +330,7 @@ def test_device_negatives_on_eight_devices_take_each_devices_rows():
 
 QUICKSTART = [
     '--gin_file=gin_configs/quickstart_headless_causal_lm_then_lm_tuning.gin',
-    '--gin.PRETRAIN_STEPS=2', '--gin.TRAIN_STEPS=4', '--gin.BATCH_SIZE=4',
+    '--gin.PRETRAIN_STEPS=2', '--gin.TRAIN_STEPS=4', '--gin.BATCH_SIZE=8',
     "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", '--gin.CHECKPOINT_EVERY_STEPS=1',
     '--gin.Checkpointer.keep=None', '--gin.TransformerConfig.emb_dim=32',
     '--gin.TransformerConfig.num_heads=2', '--gin.TransformerConfig.head_dim=16',
