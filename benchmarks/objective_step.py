@@ -151,7 +151,7 @@ def synthetic_batch(batch_size: int, inputs: int, targets: int, seed: int = 0
   }
 
 
-def _xla_flops(compiled) -> float:
+def xla_flops(compiled) -> float:
   cost = compiled.cost_analysis()
   return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
 
@@ -170,7 +170,7 @@ def fallback_flops(cfg: network.TransformerConfig, batch: Dict[str, np.ndarray])
         logits_fn, hidden, tokens, mask, jnp.float32(1), 'g', rng=jax.random.key(0),
         temperature=1.0, allowed=None, capacity=None)
     return loss_value, samples
-  return _xla_flops(jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(
+  return xla_flops(jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(
       hidden, table).compile())
 
 
@@ -183,7 +183,7 @@ class _Step:
     start = time.perf_counter()
     self.compiled = trainer.lower(trainer.abstract_state, trainer.abstract_batch(), rng).compile()
     self.compile_s = time.perf_counter() - start
-    self.xla_flops = _xla_flops(self.compiled)
+    self.xla_flops = xla_flops(self.compiled)
     self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
     self.times = []
     if not run:
