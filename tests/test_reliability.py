@@ -380,7 +380,8 @@ def test_sigint_saves_a_checkpoint_and_exits_zero(tmp_path):
 
 def test_second_signal_exits_at_once_and_keeps_committed_checkpoints(tmp_path):
   model_dir = str(tmp_path / 'twice')
-  status, lines = _signal_at_step(_start(model_dir), 3,
+  # At step 6, step 4's save has waited for step 2's: step 2 is committed.
+  status, lines = _signal_at_step(_start(model_dir), 6,
                                   [signal.SIGTERM, signal.SIGINT])
   # Python runs pending handlers in signal-number order: either may be second.
   second = {128 + signal.SIGINT: 'SIGINT', 128 + signal.SIGTERM: 'SIGTERM'}.get(status)
