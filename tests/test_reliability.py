@@ -482,6 +482,14 @@ BAD_INPUTS = [
      "{trained} was made with TASK = 'pdtext_span_corruption' but this run asks for "
      "'pdtext_spactor'", 2),
     (['--gin.MODEL_DIR={tmp}/run', 'stray_argument'], "unknown arguments ['stray_argument']", 2),
+    (['--gin.RunConfig.seed=-1'], 'RunConfig.seed = -1 must be an integer >= 0', 2),
+    (['--gin.TransformerConfig.num_decoder_layers=-1'],
+     'TransformerConfig.num_decoder_layers = -1 must be an integer >= 0', 2),
+    (["--gin.TransformerConfig.vocab_size='big'"],
+     "TransformerConfig.vocab_size = 'big' must be a positive integer", 2),
+    (['--gin.TASK_FEATURE_LENGTHS=[64, 16]'],
+     'TASK_FEATURE_LENGTHS = [64, 16] must be a dict', 2),
+    (['--gin.Checkpointer.keep=-1'], 'Checkpointer.keep = -1 must be a positive integer', 2),
 ]
 
 
