@@ -42,9 +42,11 @@ def generator_config(config: network.TransformerConfig, depth_fraction: float,
   """The generator's network configuration, derived from the host's.
 
   Depth: ``round(depth_fraction * num_encoder_layers)`` layers (at least 1).
-  Width: ``emb_dim``, ``num_heads`` and ``mlp_dim`` scaled by
-  ``width_fraction`` (rounded, at least 1), ``head_dim`` unchanged, as in
-  ELECTRA's smaller generators.
+  Width, in whole attention heads as in ELECTRA's smaller generators:
+  ``round(width_fraction * num_heads)`` heads (at least 1) of the same
+  ``head_dim``, and ``emb_dim`` and ``mlp_dim`` scaled by the same ratio of
+  heads (rounded), so the widths stay multiples of the host's when its are
+  (ELECTRA-base's 1/3: 4 heads, width 256, MLP 1024 of 12, 768, 3072).
 
   Args:
     config: the host (discriminator) network configuration.
@@ -59,11 +61,11 @@ def generator_config(config: network.TransformerConfig, depth_fraction: float,
     if not 0.0 < value <= 1.0:
       raise errors.ConfigError(f'{name} must be in (0, 1], got {value}; the generator '
                                'is at most as deep and as wide as the encoder')
-  scale = lambda size: max(1, round(width_fraction * size))
+  num_heads = max(1, round(width_fraction * config.num_heads))
+  scale = lambda size: max(1, round(size * num_heads / config.num_heads))
   return config.replace(
       num_encoder_layers=max(1, round(depth_fraction * config.num_encoder_layers)),
-      emb_dim=scale(config.emb_dim), num_heads=scale(config.num_heads),
-      mlp_dim=scale(config.mlp_dim))
+      emb_dim=scale(config.emb_dim), num_heads=num_heads, mlp_dim=scale(config.mlp_dim))
 
 
 class Generator(nn.Module):
