@@ -42,6 +42,7 @@ setuptools.setup(
         'console_scripts': [
             'spactor-train=spactor_jax.train:main',
             'spactor-aot=spactor_jax.aot:main',
+            'spactor-eval=spactor_jax.eval:main',
         ],
     },
 )

@@ -18,12 +18,14 @@ from spactor_jax import trainer as trainer_lib
 from spactor_jax.objectives import base
 
 
-def load_model_config(name: str, dtype: str = 'float32') -> network.TransformerConfig:
-  """``gin_configs/models/<name>.gin`` with activations in ``dtype``."""
+def load_model_config(name: str, dtype: str = 'float32',
+                      bindings: Sequence[str] = ()) -> network.TransformerConfig:
+  """``gin_configs/models/<name>.gin`` with activations in ``dtype`` and extra
+  gin ``bindings`` (``'TransformerConfig.scan_layers=True'``)."""
   gin.clear_config()
   gin.parse_config_files_and_bindings(
       [os.path.join(ROOT, 'gin_configs', 'models', f'{name}.gin')],
-      [f"TransformerConfig.dtype = '{dtype}'"])
+      [f"TransformerConfig.dtype = '{dtype}'", *bindings])
   config = network.TransformerConfig()
   gin.clear_config()
   return config

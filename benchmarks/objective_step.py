@@ -1,19 +1,34 @@
 r"""Cost of a hybrid SpacTor train step relative to a plain span-corruption step.
 
 For each model size (``gin_configs/models/{small,base}.gin``, run in float32
-because bfloat16 is slow on CPU) both objectives' full train steps (forward,
-backward, Adafactor update) are compiled once and timed on the same synthetic
-batch, alternating SC and hybrid steps so that machine load hits both alike.
-Prints one JSON object::
+because bfloat16 is slow on CPU) three full train steps (forward, backward,
+Adafactor update) are compiled once and timed on the same synthetic batch,
+in turn so that machine load hits all alike: ``sc`` (span corruption),
+``hybrid`` (SpacTor, generator logits only at the selected positions, the
+default) and ``hybrid_dense`` (SpacTor with
+``generator_capacity_factor=0``: generator logits at every position, as
+before the sparse head). Prints one JSON object::
 
     python benchmarks/objective_step.py [--configs small base] [--steps 2]
+    python benchmarks/objective_step.py --configs base --flops_only
 
-Per config: ``time_s`` (median step seconds) and their ``time_ratio``;
-``analytic_flops`` (the formula below) and ``flops_ratio``; the compiled
-XLA cost analysis' FLOPs and ratio as a cross-check; ``time_within_10pct``,
+Per config: ``time_s`` (median step seconds) and ``time_ratio`` (hybrid /
+sc); ``analytic_flops`` (the formula below) and ``flops_ratio``; the
+compiled XLA cost analysis' FLOPs and ``xla_flops_ratio`` (hybrid / sc) and
+``xla_flops_ratio_dense`` (hybrid_dense / sc); ``time_within_10pct``,
 whether ``|time_ratio / flops_ratio - 1| <= 0.10``; and ``run_flops_ratio``,
 the FLOPs of a SpacTor run relative to an SC run of the same length,
 ``(tau * hybrid + (T - tau) * sc) / (T * sc)`` for tau = 250k of T = 1M.
+``--flops_only`` compiles without running (no times).
+
+XLA's cost analysis counts a ``lax.cond`` as its costliest branch, so the
+compiled count of the sparse ``hybrid`` step includes the dense fallback of
+``generator.masked_lm_sample``, which runs only when a row selects more
+positions than the capacity. ``xla_fallback_flops`` is that branch's count
+(the dense generator loss and sampling, forward plus rematerialised forward
+and backward, compiled alone);
+``xla_flops_executed`` subtracts it from the hybrid step's count, and
+``xla_flops_ratio_executed`` is the executed hybrid / SC ratio.
 
 Analytic FLOPs: every matrix product counted as ``2 * m * k * n``, training =
 3 x forward (the backward pass computes gradients for both the activations
@@ -29,7 +44,9 @@ input projections, vocabulary ``V``, per row (forward):
 * SC = encoder layers on ``L`` + decoder layers + logits ``2 T d V``;
 * hybrid = SC + generator layers (its own ``d, h, f``) on ``L`` tokens +
   projections ``2 * 2 L d d_gen`` when the generator is narrower + MLM logits
-  at *all* ``L`` positions ``2 L d V`` + RTD head ``2 L d d + 2 L d``.
+  at ``C`` positions ``2 C d V`` + RTD head ``2 L d d + 2 L d``, where ``C``
+  is the per-row capacity (``generator.selection_capacity``, 128 of 512) for
+  the sparse head and ``L`` for the dense one.
 
 Not counted: embeddings lookups, norms, softmaxes, Gumbel noise, the optimizer.
 """
@@ -43,11 +60,13 @@ import time
 from typing import Dict
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import common  # pylint: disable=g-bad-import-order  # puts the repository on sys.path
 # pylint: disable=g-import-not-at-top
 from spactor_jax import generator as generator_lib
+from spactor_jax import layers
 from spactor_jax import network
 from spactor_jax.objectives import base
 from spactor_jax.objectives import span_corruption
@@ -96,12 +115,14 @@ def sc_forward_flops(cfg: network.TransformerConfig, inputs: int, targets: int) 
 
 
 def hybrid_forward_flops(cfg: network.TransformerConfig, inputs: int, targets: int,
-                         depth_fraction: float, width_fraction: float) -> int:
-  """Forward FLOPs of the hybrid SpacTor objective for one row."""
+                         depth_fraction: float, width_fraction: float,
+                         logit_positions: int) -> int:
+  """Forward FLOPs of the hybrid SpacTor objective for one row whose generator
+  computes vocabulary logits at ``logit_positions`` positions."""
   gen = generator_lib.generator_config(cfg, depth_fraction, width_fraction)
   projections = 2 * _dense(inputs, cfg.emb_dim, gen.emb_dim) if gen.emb_dim != cfg.emb_dim else 0
   generator = (gen.num_encoder_layers * _encoder_layer(inputs, gen) + projections +
-               _dense(inputs, cfg.emb_dim, cfg.vocab_size))
+               _dense(logit_positions, cfg.emb_dim, cfg.vocab_size))
   rtd_head = _dense(inputs, cfg.emb_dim, cfg.emb_dim) + _dense(inputs, cfg.emb_dim, 1)
   return sc_forward_flops(cfg, inputs, targets) + generator + rtd_head
 
@@ -131,22 +152,49 @@ def synthetic_batch(batch_size: int, inputs: int, targets: int, seed: int = 0
   }
 
 
+def xla_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+
+
+def fallback_flops(cfg: network.TransformerConfig, batch: Dict[str, np.ndarray]) -> float:
+  """XLA FLOPs of the sparse generator's dense fallback as a train step counts
+  it: its forward pass, then (rematerialised) forward and backward again."""
+  tokens = jnp.asarray(batch['encoder_input_tokens'])
+  mask = jnp.asarray(batch['encoder_mlm_mask'])
+  hidden = jax.ShapeDtypeStruct(tokens.shape + (cfg.emb_dim,), cfg.dtype)
+  table = jax.ShapeDtypeStruct((cfg.vocab_size, cfg.emb_dim), cfg.param_dtype)
+
+  def loss(hidden, table):
+    logits_fn = lambda h: generator_lib.tied_logits(
+        lambda x: layers.attend(table, x, cfg.dtype), h)
+    loss_value, _, samples = generator_lib.masked_lm_sample(
+        logits_fn, hidden, tokens, mask, jnp.float32(1), 'g', rng=jax.random.key(0),
+        temperature=1.0, allowed=None, capacity=None)
+    return loss_value, samples
+  forward = xla_flops(jax.jit(loss).lower(hidden, table).compile())
+  backward = xla_flops(jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(
+      hidden, table).compile())
+  return forward + backward
+
+
 class _Step:
   """One objective's compiled train step, its state and its XLA FLOPs."""
 
-  def __init__(self, objective: base.Objective, batch: Dict[str, np.ndarray]):
+  def __init__(self, objective: base.Objective, batch: Dict[str, np.ndarray], run: bool):
     trainer = common.make_trainer(objective, batch, jax.devices()[:1])
     rng = jax.random.key(0)
     start = time.perf_counter()
     self.compiled = trainer.lower(trainer.abstract_state, trainer.abstract_batch(), rng).compile()
     self.compile_s = time.perf_counter() - start
-    cost = self.compiled.cost_analysis()
-    self.xla_flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+    self.xla_flops = xla_flops(self.compiled)
     self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
+    self.times = []
+    if not run:
+      return
     self.state = trainer.init_state(rng)
     self.batch = jax.device_put(batch, trainer.data_sharding)
     self.rng = rng
-    self.times = []
 
   def run(self, record: bool) -> None:
     start = time.perf_counter()
@@ -157,42 +205,59 @@ class _Step:
 
 
 def measure(name: str, batch_size: int, inputs: int, targets: int, steps: int,
-            warmup: int) -> Dict[str, object]:
-  """Times and counts both steps for one model size."""
+            warmup: int, flops_only: bool = False) -> Dict[str, object]:
+  """Times and counts the three steps for one model size."""
   cfg = common.load_model_config(name)
   batch = synthetic_batch(batch_size, inputs, targets)
-  hybrid_objective = spactor.SpacTor(config=cfg, vocab=VOCAB)
-  steps_by_name = {
-      'sc': _Step(span_corruption.SpanCorruption(config=cfg, vocab=VOCAB), batch),
-      'hybrid': _Step(hybrid_objective, batch)}
+  hybrid = spactor.SpacTor(config=cfg, vocab=VOCAB)
+  objectives = {'sc': span_corruption.SpanCorruption(config=cfg, vocab=VOCAB),
+                'hybrid': hybrid,
+                'hybrid_dense': spactor.SpacTor(config=cfg, vocab=VOCAB,
+                                                generator_capacity_factor=0.0)}
+  steps_by_name = {k: _Step(o, batch, run=not flops_only) for k, o in objectives.items()}
+  capacity = generator_lib.selection_capacity(inputs, hybrid.generator_selection_rate,
+                                              hybrid.generator_capacity_factor)
+  hybrid_flops = lambda positions: 3 * batch_size * hybrid_forward_flops(
+      cfg, inputs, targets, hybrid.generator_depth_fraction, hybrid.generator_width_fraction,
+      positions)
+  analytic = {'sc': 3 * batch_size * sc_forward_flops(cfg, inputs, targets),
+              'hybrid': hybrid_flops(capacity), 'hybrid_dense': hybrid_flops(inputs)}
+  flops_ratio = analytic['hybrid'] / analytic['sc']
+  xla = {k: s.xla_flops for k, s in steps_by_name.items()}
+  fallback = fallback_flops(cfg, batch)
+  result = {
+      'batch_size': batch_size,
+      'generator_capacity': capacity,
+      'params': {k: s.num_params for k, s in steps_by_name.items()},
+      'compile_s': {k: round(s.compile_s, 1) for k, s in steps_by_name.items()},
+      'analytic_flops': analytic,
+      'flops_ratio': round(flops_ratio, 4),
+      'flops_ratio_dense': round(analytic['hybrid_dense'] / analytic['sc'], 4),
+      'xla_flops': xla,
+      'xla_flops_ratio': round(xla['hybrid'] / xla['sc'], 4),
+      'xla_flops_ratio_dense': round(xla['hybrid_dense'] / xla['sc'], 4),
+      'xla_fallback_flops': fallback,
+      'xla_flops_executed': xla['hybrid'] - fallback,
+      'xla_flops_ratio_executed': round((xla['hybrid'] - fallback) / xla['sc'], 4),
+      'run_flops_ratio': round((TAU * flops_ratio + (TOTAL_STEPS - TAU)) / TOTAL_STEPS, 4),
+  }
+  if flops_only:
+    return result
   for index in range(warmup + steps):
     for step in steps_by_name.values():
       step.run(record=index >= warmup)
-  analytic = {
-      'sc': 3 * batch_size * sc_forward_flops(cfg, inputs, targets),
-      'hybrid': 3 * batch_size * hybrid_forward_flops(
-          cfg, inputs, targets, hybrid_objective.generator_depth_fraction,
-          hybrid_objective.generator_width_fraction)}
   median = {k: statistics.median(s.times) for k, s in steps_by_name.items()}
   time_ratio = median['hybrid'] / median['sc']
-  flops_ratio = analytic['hybrid'] / analytic['sc']
-  xla = {k: s.xla_flops for k, s in steps_by_name.items()}
-  return {
-      'batch_size': batch_size,
-      'params': {k: s.num_params for k, s in steps_by_name.items()},
-      'compile_s': {k: round(s.compile_s, 1) for k, s in steps_by_name.items()},
+  result.update({
       'step_times_s': {k: [round(t, 3) for t in s.times] for k, s in steps_by_name.items()},
       'time_s': {k: round(v, 3) for k, v in median.items()},
       'time_ratio': round(time_ratio, 4),
-      'analytic_flops': analytic,
-      'flops_ratio': round(flops_ratio, 4),
-      'xla_flops': xla,
-      'xla_flops_ratio': round(xla['hybrid'] / xla['sc'], 4),
+      'time_ratio_dense': round(median['hybrid_dense'] / median['sc'], 4),
       'achieved_gflops_per_s': {k: round(analytic[k] / median[k] / 1e9, 1) for k in median},
       'time_over_flops_ratio': round(time_ratio / flops_ratio, 4),
       'time_within_10pct': abs(time_ratio / flops_ratio - 1) <= 0.10,
-      'run_flops_ratio': round((TAU * flops_ratio + (TOTAL_STEPS - TAU)) / TOTAL_STEPS, 4),
-  }
+  })
+  return result
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -204,6 +269,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--targets_length', type=int, default=114)
   parser.add_argument('--steps', type=int, default=2, help='timed steps per objective')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps per objective')
+  parser.add_argument('--flops_only', action='store_true', help='compile only; no timing')
   return parser.parse_args(argv)
 
 
@@ -218,7 +284,7 @@ def main(argv=None) -> Dict[str, object]:
   }
   for name, batch_size in zip(args.configs, batch_sizes):
     results[name] = measure(name, batch_size, args.inputs_length, args.targets_length,
-                            args.steps, args.warmup)
+                            args.steps, args.warmup, args.flops_only)
   print(json.dumps(results, indent=2))
   return results
 

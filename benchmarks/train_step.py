@@ -1,13 +1,27 @@
-r"""Train-step throughput and model FLOPs utilisation of span corruption.
+r"""Train-step throughput, MFU, memory and compile time per objective and size.
 
-    python benchmarks/train_step.py [--configs tiny,small] [--dtype float32]
+    python benchmarks/train_step.py [--configs tiny,small] [--batch_sizes 8,4] \
+      [--objectives span_corruption,spactor] [--dtype float32] \
+      [--gin.TransformerConfig.scan_layers=True ...]
 
-For each model size: the median step time of the jitted, sharded span
-corruption train step (Adafactor, inputs 512 / targets 114, synthetic tokens),
-tokens per second (encoder + decoder positions), the step's FLOPs as XLA
-counts them for the compiled program, and MFU = those FLOPs per second
-divided by a matmul peak measured on the same device and dtype in the same
-run. Prints one JSON object.
+For each objective (span corruption; SpacTor's hybrid step) and model size:
+the median step time of the jitted, sharded train step (Adafactor, inputs 512
+/ targets 114, synthetic tokens), tokens per second (encoder + decoder
+positions), the step's FLOPs as XLA counts them for the compiled program,
+MFU = those FLOPs per second over a matmul peak (measured on the same device
+and dtype in the same run on CPU; ``--peak_flops`` gives a chip's published
+bf16 peak on GPU/TPU), the compiled program's peak device memory
+(``memory_analysis``: arguments + outputs + temporaries - aliased) and the
+seconds to lower and compile it. ``--gin.NAME=VALUE`` bindings (e.g. scanned
+layers, a remat policy, the attention path) apply to the model config.
+Prints one JSON object.
+
+Measure MFU with unscanned layers: XLA's cost analysis counts the body of a
+loop once, so with ``scan_layers`` it reports the FLOPs of one layer per
+stack (``benchmarks/compile_time.py`` shows it). It also counts a
+``lax.cond`` as its costliest branch: for SpacTor the count of the sparse
+generator's dense overflow fallback (which runs only when a row selects more
+than the capacity, never on these batches) is subtracted.
 """
 
 import argparse
@@ -16,16 +30,18 @@ import platform
 import statistics
 import sys
 import time
-from typing import Dict
+from typing import Dict, List
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import common  # pylint: disable=g-bad-import-order  # puts the repository on sys.path
 # pylint: disable=g-import-not-at-top
-from spactor_jax.objectives import base
+import objective_step
 from spactor_jax.objectives import span_corruption
+from spactor_jax.objectives import spactor
+
+OBJECTIVES = {'span_corruption': span_corruption.SpanCorruption, 'spactor': spactor.SpacTor}
 
 
 def matmul_peak(dtype: str, size: int = 2048, repeats: int = 10) -> float:
@@ -42,38 +58,42 @@ def matmul_peak(dtype: str, size: int = 2048, repeats: int = 10) -> float:
   return 2 * size ** 3 / best
 
 
-def synthetic_batch(batch_size: int, inputs: int, targets: int,
-                    vocab_size: int) -> Dict[str, np.ndarray]:
-  """Full rows of random non-special tokens in the encoder-decoder layout."""
-  rng = np.random.RandomState(0)
-  tokens = lambda length: rng.randint(3, vocab_size - 200, (batch_size, length)).astype(np.int32)
-  return {
-      'encoder_input_tokens': tokens(inputs),
-      'decoder_input_tokens': tokens(targets),
-      'decoder_target_tokens': tokens(targets),
-      'decoder_loss_weights': np.ones((batch_size, targets), np.int32),
-  }
+def peak_memory_bytes(compiled) -> int:
+  """Device memory of one step: the compiler's peak, else arguments + outputs +
+  temporaries - aliased (CPU reports no peak)."""
+  memory = compiled.memory_analysis()
+  summed = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+            memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  return int(max(getattr(memory, 'peak_memory_in_bytes', 0), summed))
 
 
-def measure(name: str, batch_size: int, dtype: str, steps: int, peak: float,
-            inputs: int = 512, targets: int = 114) -> Dict[str, float]:
-  """Times the train step of one model size."""
-  config = common.load_model_config(name, dtype)
-  batch = synthetic_batch(batch_size, inputs, targets, config.vocab_size)
-  objective = span_corruption.SpanCorruption(
-      config=config, vocab=base.VocabInfo(vocab_size=config.vocab_size - 28))
+def measure(objective_name: str, name: str, batch_size: int, dtype: str, steps: int,
+            peak: float, bindings: List[str], inputs: int = 512,
+            targets: int = 114) -> Dict[str, float]:
+  """Compiles and times the train step of one objective and model size."""
+  config = common.load_model_config(name, dtype, bindings)
+  batch = objective_step.synthetic_batch(batch_size, inputs, targets)
+  objective = OBJECTIVES[objective_name](config=config, vocab=objective_step.VOCAB)
   trainer = common.make_trainer(objective, batch)
   state = trainer.init_state(jax.random.key(0))
   batch = {k: jax.device_put(v, trainer.data_sharding) for k, v in batch.items()}
   rng = jax.random.key(1)
+  start = time.perf_counter()
   compiled = trainer.lower(state, batch, rng).compile()
-  flops = float(compiled.cost_analysis()['flops'])
-  state, metrics = trainer.train_step(state, batch, rng)  # warm-up
+  compile_s = time.perf_counter() - start
+  counted = objective_step.xla_flops(compiled)
+  # XLA counts lax.cond's costliest branch: SpacTor's sparse generator's dense
+  # overflow fallback, which does not run on these batches.
+  fallback = 0.0
+  if objective_name == 'spactor' and objective.generator_capacity_factor:
+    fallback = objective_step.fallback_flops(config, batch)
+  flops = counted - fallback
+  state, metrics = compiled(state, batch, rng)  # warm-up
   jax.block_until_ready(metrics)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    state, metrics = trainer.train_step(state, batch, rng)
+    state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   step_time = statistics.median(times)
@@ -83,11 +103,15 @@ def measure(name: str, batch_size: int, dtype: str, steps: int, peak: float,
       'batch_size': batch_size,
       'inputs_length': inputs,
       'targets_length': targets,
+      'compile_seconds': round(compile_s, 1),
       'step_seconds': round(step_time, 4),
       'tokens_per_second': round(batch_size * (inputs + targets) / step_time, 1),
       'flops_per_step': flops,
+      'xla_counted_flops': counted,
+      'xla_untaken_fallback_flops': fallback,
       'model_flops_per_second': round(flops / step_time, 1),
       'mfu': round(flops / step_time / peak, 4),
+      'peak_memory_bytes': peak_memory_bytes(compiled),
   }
 
 
@@ -98,20 +122,31 @@ def main() -> None:
                       help='batch size per config, in the same order')
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--steps', type=int, default=5)
-  args = parser.parse_args()
-  peak = matmul_peak(args.dtype)
+  parser.add_argument('--objectives', default='span_corruption,spactor')
+  parser.add_argument('--peak_flops', type=float, default=None,
+                      help='the chip peak FLOP/s for MFU (default: a matmul peak measured now)')
+  args, extra = parser.parse_known_args()
+  bindings = [arg[len('--gin.'):] for arg in extra if arg.startswith('--gin.')]
+  if len(bindings) != len(extra):
+    parser.error(f'unknown arguments {extra}')
+  peak = args.peak_flops or matmul_peak(args.dtype)
   result = {
       'device': str(jax.devices()[0].device_kind),
       'num_devices': jax.device_count(),
       'platform': platform.processor() or platform.machine(),
       'dtype': args.dtype,
-      'matmul_peak_flops_per_second': round(peak, 1),
+      'peak_flops_per_second': round(peak, 1),
+      'peak_source': 'given' if args.peak_flops else 'matmul measured in this run',
       'flops_source': 'XLA cost analysis of the compiled train step',
+      'gin_bindings': bindings,
   }
-  for name, batch_size in zip(args.configs.split(','),
-                              [int(b) for b in args.batch_sizes.split(',')]):
-    result[name] = measure(name, batch_size, args.dtype, args.steps, peak)
-    print(json.dumps({name: result[name]}), file=sys.stderr)
+  for objective_name in args.objectives.split(','):
+    result[objective_name] = {}
+    for name, batch_size in zip(args.configs.split(','),
+                                [int(b) for b in args.batch_sizes.split(',')]):
+      result[objective_name][name] = measure(objective_name, name, batch_size, args.dtype,
+                                             args.steps, peak, bindings)
+      print(json.dumps({objective_name: {name: result[objective_name][name]}}), file=sys.stderr)
   print(json.dumps(result, indent=2))
 
 

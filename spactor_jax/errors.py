@@ -10,6 +10,14 @@ class ConfigError(ValueError):
   """
 
 
+class RunError(RuntimeError):
+  """A failure while training (a failed save, non-finite numerics, ...).
+
+  Reported like ``ConfigError`` as one ``error: <message>`` line, with exit
+  status 1: the configuration was valid but the run could not go on.
+  """
+
+
 def first_line(exc: BaseException) -> str:
   """The first non-empty line of an exception's message (or its type's name)."""
   lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

@@ -6,6 +6,14 @@ narrower) bidirectional encoder over them, and ``tied_logits`` turns its
 output into vocabulary logits through the host's embedding table. Replaced
 tokens are drawn with ``gumbel_max_sample`` outside the gradient.
 
+Only the selected positions need vocabulary logits. ``masked_lm_sample``
+computes the MLM loss, its accuracy and the samples from logits at the
+selected positions only (gather -> logits -> sample -> scatter) with a
+static per-row ``selection_capacity``; rows with more selected positions
+than the capacity (rare) get the rest from a dense pass that runs only when
+some row overflows. Its results equal the dense computation's: the Gumbel
+noise of a position depends on the position, not on the array it sits in.
+
 Parameter layout under the generator's name::
 
     embed_projection/kernel    [emb, gen_emb]   ('embed', 'mlp')   if widths differ
@@ -14,7 +22,7 @@ Parameter layout under the generator's name::
 """
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -22,7 +30,9 @@ import jax.numpy as jnp
 
 from spactor_jax import errors
 from spactor_jax import layers
+from spactor_jax import losses
 from spactor_jax import network
+from spactor_jax.objectives import base
 
 Array = jax.Array
 
@@ -107,18 +117,20 @@ def tied_logits(attend: Callable[[Array], Array], hidden: Array) -> Array:
   """MLM logits through the shared embedding, T5X's tied-head scaling.
 
   Args:
-    attend: the host's ``attend`` (``[..., emb] -> [..., vocab]``).
+    attend: the host's ``attend`` (``[..., emb] -> [..., vocab]``), or
+      ``functools.partial(layers.attend, table, dtype=...)``.
     hidden: ``[batch, length, emb]``.
 
   Returns:
     ``[batch, length, vocab]`` float32 logits ``hidden @ E^T / sqrt(emb)``.
   """
-  logits = attend(hidden) / jnp.sqrt(hidden.shape[-1]).astype(hidden.dtype)
-  return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+  logits = attend(hidden).astype(jnp.float32) / jnp.sqrt(jnp.float32(hidden.shape[-1]))
+  return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
 
 
 def gumbel_max_sample(rng: Array, logits: Array, temperature: float,
-                      allowed: Optional[Array] = None) -> Array:
+                      allowed: Optional[Array] = None,
+                      noise_ids: Optional[Array] = None) -> Array:
   """Draws one token per position from ``softmax(logits / temperature)``.
 
   Two-level Gumbel-max, exact: the vocabulary is cut into blocks of
@@ -128,32 +140,181 @@ def gumbel_max_sample(rng: Array, logits: Array, temperature: float,
   Gumbel draws per position instead of ``V``: on CPU, generating ``V`` random
   numbers per position costs more than the generator's logits themselves.
   The logits are taken under ``stop_gradient`` (the draw is not
-  differentiable).
+  differentiable). Each position's noise comes from
+  ``fold_in(rng, noise_id)``, so a position draws the same token whether its
+  logits sit in a dense ``[batch, length, vocab]`` array or in a gathered one.
 
   Args:
     rng: PRNG key.
-    logits: ``[batch, length, vocab]``.
+    logits: ``[batch, n, vocab]``.
     temperature: softmax temperature (> 0).
     allowed: ``[vocab]`` bool, the ids that may be drawn; None allows all.
+    noise_ids: ``[batch, n]`` int32 id of each position's noise (positions
+      with equal ids draw the same noise); None means ``row * n + column``.
 
   Returns:
-    ``[batch, length]`` int32 sampled ids.
+    ``[batch, n]`` int32 sampled ids.
   """
   scores = jax.lax.stop_gradient(logits).astype(jnp.float32) / temperature
   if allowed is not None:
     scores = jnp.where(allowed, scores, -jnp.inf)
+  if noise_ids is None:
+    noise_ids = jnp.arange(math.prod(scores.shape[:2]), dtype=jnp.int32).reshape(scores.shape[:2])
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, noise_ids.reshape(-1))
+  block_keys, id_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
   vocab = scores.shape[-1]
   block = 2 ** math.ceil(math.log2(math.sqrt(vocab)))
   num_blocks = -(-vocab // block)
   scores = jnp.pad(scores, [(0, 0)] * (scores.ndim - 1) + [(0, num_blocks * block - vocab)],
                    constant_values=-jnp.inf)
-  scores = scores.reshape(scores.shape[:-1] + (num_blocks, block))  # [batch, length, blocks, B]
-  block_rng, id_rng = jax.random.split(rng)
-  chosen = _gumbel_argmax(block_rng, jax.nn.logsumexp(scores, axis=-1))  # [batch, length]
+  scores = scores.reshape(scores.shape[:-1] + (num_blocks, block))  # [batch, n, blocks, B]
+  chosen = _gumbel_argmax(block_keys, jax.nn.logsumexp(scores, axis=-1))  # [batch, n]
   inside = jnp.take_along_axis(scores, chosen[..., None, None], axis=-2)[..., 0, :]
-  return (chosen * block + _gumbel_argmax(id_rng, inside)).astype(jnp.int32)
+  return (chosen * block + _gumbel_argmax(id_keys, inside)).astype(jnp.int32)
 
 
-def _gumbel_argmax(rng: Array, scores: Array) -> Array:
-  """``argmax(scores + Gumbel noise)`` over the last axis: ``[..., n] -> [...]``."""
-  return jnp.argmax(scores + jax.random.gumbel(rng, scores.shape, jnp.float32), axis=-1)
+def _gumbel_argmax(keys: Array, scores: Array) -> Array:
+  """``argmax(scores + Gumbel noise)`` over the last axis: ``[b, n, k] -> [b, n]``,
+  the noise of position ``i`` (row-major) drawn from ``keys[i]``."""
+  noise = jax.vmap(lambda key: jax.random.gumbel(key, scores.shape[-1:], jnp.float32))(keys)
+  return jnp.argmax(scores + noise.reshape(scores.shape), axis=-1)
+
+
+# ------------------------------------------------- selected positions only ---
+
+
+def selection_capacity(length: int, rate: float, factor: float = 1.5, slack: int = 8) -> int:
+  """Static per-row number of positions the sparse MLM head computes.
+
+  ``min(length, round_up(ceil(rate * length * factor) + slack, 8))``: the
+  expected selections per row (``rate * length``) with head-room ``factor``
+  for rows whose packed examples select more (each example rounds its count
+  up, so a row of ``k`` examples selects up to ``rate * length + k``), plus
+  ``slack`` for short rows, rounded to a multiple of 8 for the matmul
+  tiles. Rows that select more are still exact (``masked_lm_sample``); they
+  only cost a dense pass. E.g. length 512 at rate 0.15: 128.
+
+  Args:
+    length: row length (positions).
+    rate: expected fraction of positions selected, in ``(0, 1]``.
+    factor: head-room over the expected count (>= 1).
+    slack: positions added after the scaling.
+
+  Raises:
+    ConfigError: for a rate outside ``(0, 1]`` or a factor below 1.
+  """
+  if not 0.0 < rate <= 1.0 or factor < 1.0:
+    raise errors.ConfigError(f'selection rate {rate} must be in (0, 1] and capacity factor '
+                             f'{factor} at least 1')
+  capacity = math.ceil(rate * length * factor) + slack
+  return min(length, -(-capacity // 8) * 8)
+
+
+def selected_positions(mask: Array, capacity: int) -> Tuple[Array, Array]:
+  """The first ``capacity`` selected positions of each row, in order.
+
+  Args:
+    mask: ``[batch, length]`` 1 at the selected positions.
+    capacity: positions kept per row.
+
+  Returns:
+    ``(positions, valid)``: ``[batch, capacity]`` int32 distinct positions
+    (selected ones first, then unselected filler) and ``[batch, capacity]``
+    bool, True at the selected ones.
+  """
+  selected = mask.astype(jnp.bool_)
+  order = jnp.argsort(~selected, axis=-1, stable=True)[:, :capacity].astype(jnp.int32)
+  return order, jnp.take_along_axis(selected, order, axis=-1)
+
+
+def gather_positions(x: Array, positions: Array) -> Array:
+  """``x [batch, length, ...]`` at ``positions [batch, n]`` -> ``[batch, n, ...]``."""
+  index = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def scatter_positions(values: Array, positions: Array, valid: Array, length: int) -> Array:
+  """Inverse of ``gather_positions`` for ``[batch, n]`` values: ``[batch, length]``
+  holding ``values`` at the valid positions and 0 elsewhere."""
+  rows = jnp.arange(values.shape[0])[:, None]
+  zeros = jnp.zeros((values.shape[0], length), values.dtype)
+  return zeros.at[rows, positions].add(jnp.where(valid, values, 0))
+
+
+def _score_and_sample(logits: Array, targets: Array, weights: Array, rng: Optional[Array],
+                      temperature: float, allowed: Optional[Array], noise_ids: Array
+                      ) -> Tuple[Array, Array, Array]:
+  """``(loss_sum, correct_sum, samples)`` of ``[batch, n, vocab]`` logits
+  (samples all 0 without ``rng``)."""
+  loss_sum, _, correct = losses.cross_entropy_with_z_loss(logits, targets, weights, 0.0)
+  if rng is None:
+    return loss_sum, correct, jnp.zeros(targets.shape, jnp.int32)
+  samples = gumbel_max_sample(rng, logits, temperature, allowed, noise_ids)
+  return loss_sum, correct, samples
+
+
+def masked_lm_sample(logits_fn: Callable[[Array], Array], hidden: Array, targets: Array,
+                     mask: Array, denominator: Array, prefix: str, *, rng: Optional[Array],
+                     temperature: float = 1.0, allowed: Optional[Array] = None,
+                     capacity: Optional[int] = None
+                     ) -> Tuple[Array, base.Metrics, Array]:
+  """MLM loss, accuracy and samples of a generator at the selected positions.
+
+  Equals ``blocks.masked_lm_loss(logits_fn(hidden), ...)`` plus
+  ``gumbel_max_sample`` at every position, but with ``capacity`` the
+  vocabulary logits are computed only at each row's first ``capacity``
+  selected positions (``[batch, capacity, vocab]`` instead of ``[batch,
+  length, vocab]``). Selected positions beyond the capacity are scored and
+  sampled by a dense pass under ``lax.cond`` that runs only when some row
+  overflows (rematerialised, so it stores nothing for the backward pass).
+
+  Args:
+    logits_fn: ``[batch, n, emb] -> [batch, n, vocab]`` float32 logits, a
+      pure function (no Flax module calls: it may run inside ``lax.cond``),
+      e.g. ``lambda h: tied_logits(functools.partial(layers.attend, table,
+      dtype=dtype), h)``.
+    hidden: ``[batch, length, emb]`` generator output.
+    targets: ``[batch, length]`` original ids.
+    mask: ``[batch, length]`` 1 at the selected positions.
+    denominator: selected positions in the full batch.
+    prefix: metric name prefix (``'generator'``).
+    rng: PRNG key of the samples; None for an MLM head that only needs the
+      loss (the samples are then all 0).
+    temperature: sampling temperature.
+    allowed: ``[vocab]`` bool ids that may be drawn.
+    capacity: static positions per row (``selection_capacity``); None
+      computes the logits densely at every position.
+
+  Returns:
+    ``(loss, metrics, samples)``: the per-selected-token loss,
+    ``{prefix}_loss`` and ``{prefix}_accuracy`` as (sum, count) pairs, and
+    ``[batch, length]`` int32 samples at the selected positions (0 elsewhere).
+  """
+  batch, length = mask.shape
+  mask = mask.astype(jnp.bool_)
+  noise_ids = jnp.arange(batch * length, dtype=jnp.int32).reshape(batch, length)
+
+  def dense(weights: Array) -> Tuple[Array, Array, Array]:
+    loss_sum, correct, samples = _score_and_sample(
+        logits_fn(hidden), targets, weights, rng, temperature, allowed, noise_ids)
+    return loss_sum, correct, jnp.where(weights, samples, 0)
+
+  if capacity is None or capacity >= length:
+    loss_sum, correct, samples = dense(mask)
+  else:
+    positions, valid = selected_positions(mask, capacity)
+    loss_sum, correct, sparse_samples = _score_and_sample(
+        logits_fn(gather_positions(hidden, positions)),
+        jnp.take_along_axis(targets, positions, axis=1), valid, rng, temperature, allowed,
+        jnp.take_along_axis(noise_ids, positions, axis=1))
+    samples = scatter_positions(sparse_samples, positions, valid, length)
+    overflow = mask & (jnp.cumsum(mask, axis=1) > capacity)  # [batch, length]
+    none = lambda weights: (jnp.float32(0), jnp.float32(0), jnp.zeros_like(samples))
+    extra_loss, extra_correct, extra_samples = jax.lax.cond(
+        jnp.any(overflow), jax.checkpoint(dense), none, overflow)
+    loss_sum, correct = loss_sum + extra_loss, correct + extra_correct
+    samples = jnp.where(overflow, extra_samples, samples)
+  count = jnp.sum(mask)
+  metrics = {f'{prefix}_loss': base.metric(loss_sum, count),
+             f'{prefix}_accuracy': base.metric(correct, count)}
+  return loss_sum / denominator, metrics, samples

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -131,6 +132,37 @@ def dot_product_attention(query: Array, key: Array, value: Array,
   return jnp.einsum('bhqk,bkhd->bqhd', weights, value.astype(dtype))
 
 
+ATTENTION_IMPLS = ('einsum', 'dot_product_attention')
+
+
+def fused_dot_product_attention(query: Array, key: Array, value: Array,
+                                bias: Optional[Array], mask: Optional[Array],
+                                dtype: DType = jnp.float32) -> Array:
+  """The same attention through ``jax.nn.dot_product_attention``.
+
+  On GPU JAX picks cuDNN's fused (flash) kernel when the shapes and dtypes
+  allow it and XLA's composition otherwise; on CPU and TPU it is XLA's
+  composition (logits with float32 accumulation, float32 softmax). No
+  dropout on the attention weights.
+
+  Args:
+    query: ``[batch, q_len, heads, head_dim]``.
+    key: ``[batch, k_len, heads, head_dim]``.
+    value: ``[batch, k_len, heads, head_dim]``.
+    bias: float, broadcastable to ``[batch, heads, q_len, k_len]`` (T5's
+      relative position bias), or None.
+    mask: bool, broadcastable to ``[batch, heads, q_len, k_len]``, or None.
+    dtype: dtype of the inputs and of the result.
+
+  Returns:
+    ``[batch, q_len, heads, head_dim]`` attended values.
+  """
+  query, key, value = (jnp.asarray(x, dtype) for x in (query, key, value))
+  if bias is not None:
+    bias = jnp.asarray(bias, dtype)
+  return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=1.0)
+
+
 class DenseGeneral(nn.Module):
   """Bias-free dense layer over one or more input axes (T5X ``DenseGeneral``).
 
@@ -144,6 +176,8 @@ class DenseGeneral(nn.Module):
     kernel_init: initializer called with the flattened shape.
     dtype: computation dtype.
     param_dtype: kernel storage dtype.
+    output_dtype: dtype of the result (the product accumulates in it); None
+      means ``dtype``. Heads use float32 with bfloat16 inputs.
   """
   features: Union[int, Tuple[int, ...]]
   kernel_axes: Axes
@@ -151,6 +185,7 @@ class DenseGeneral(nn.Module):
   kernel_init: Initializer = default_kernel_init
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
+  output_dtype: Optional[DType] = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -164,7 +199,8 @@ class DenseGeneral(nn.Module):
     kernel = jnp.asarray(kernel, self.dtype).reshape(in_dims + features)
     contract = (axis, tuple(range(len(axis))))
     return jax.lax.dot_general(jnp.asarray(inputs, self.dtype), kernel,
-                               (contract, ((), ())))
+                               (contract, ((), ())),
+                               preferred_element_type=self.output_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -219,8 +255,19 @@ class Embed(nn.Module):
     return nn.with_logical_constraint(out, ('batch', 'length', 'embed'))
 
   def attend(self, query: Array) -> Array:
-    """``[..., features] -> [..., num_embeddings]``: query times the table transposed."""
-    return jnp.dot(jnp.asarray(query, self.dtype), jnp.asarray(self.embedding, self.dtype).T)
+    """``[..., features] -> [..., num_embeddings]`` float32: query times the table
+    transposed (in ``dtype``, accumulated and returned in float32)."""
+    return attend(self.embedding, query, self.dtype)
+
+
+def attend(table: Array, query: Array, dtype: DType) -> Array:
+  """``[..., features] -> [..., vocab]`` float32 product with ``table [vocab, features]``.
+
+  A pure function of the table, so callers may use it inside JAX transforms
+  (``lax.cond``, ``jax.checkpoint``) with the table as a traced value.
+  """
+  return jnp.dot(jnp.asarray(query, dtype), jnp.asarray(table, dtype).T,
+                 preferred_element_type=jnp.float32)
 
 
 def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool = True,
@@ -301,6 +348,18 @@ class MultiHeadDotProductAttention(nn.Module):
     param_dtype: parameter dtype.
     kernel_init: initializer of the projections (the query's is divided by
       ``sqrt(head_dim)``).
+    decode: keep keys and values in a ``cache`` collection (self-attention
+      of autoregressive decoding): ``init`` on the full decoding length sizes
+      the cache, each later call writes its positions at the cache index and
+      attends over the whole cache (the caller masks the unwritten slots).
+    attention_impl: ``'einsum'`` (``dot_product_attention`` above, the
+      reference) or ``'dot_product_attention'`` (``jax.nn``'s, cuDNN flash
+      attention on GPU; no attention-weights dropout).
+
+  Activations named for rematerialisation policies
+  (``jax.ad_checkpoint.checkpoint_name``): ``query``, ``key``, ``value``
+  (``[batch, length, heads, head_dim]``) and ``attention_out``
+  (``[batch, q_len, emb]``).
   """
   num_heads: int
   head_dim: int
@@ -308,6 +367,8 @@ class MultiHeadDotProductAttention(nn.Module):
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
   kernel_init: Initializer = attention_kernel_init
+  decode: bool = False
+  attention_impl: str = 'einsum'
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array] = None,
@@ -332,26 +393,53 @@ class MultiHeadDotProductAttention(nn.Module):
         kernel_axes=('embed', 'joined_kv'), dtype=self.dtype, param_dtype=self.param_dtype)
     head_axes = ('batch', 'length', 'heads', 'kv')
     # [batch, length, heads, head_dim]
-    query = nn.with_logical_constraint(
-        projection(kernel_init=query_init, name='query')(inputs_q), head_axes)
-    key = nn.with_logical_constraint(
-        projection(kernel_init=self.kernel_init, name='key')(inputs_kv), head_axes)
-    value = nn.with_logical_constraint(
-        projection(kernel_init=self.kernel_init, name='value')(inputs_kv), head_axes)
+    query = checkpoint_name(nn.with_logical_constraint(
+        projection(kernel_init=query_init, name='query')(inputs_q), head_axes), 'query')
+    key = checkpoint_name(nn.with_logical_constraint(
+        projection(kernel_init=self.kernel_init, name='key')(inputs_kv), head_axes), 'key')
+    value = checkpoint_name(nn.with_logical_constraint(
+        projection(kernel_init=self.kernel_init, name='value')(inputs_kv), head_axes), 'value')
 
-    total_bias = None if mask is None else mask_to_bias(mask)
-    if bias is not None:
-      total_bias = bias if total_bias is None else total_bias + bias
-    dropout_rng = None
-    if not deterministic and self.dropout_rate > 0.0:
-      dropout_rng = self.make_rng('dropout')
-    x = dot_product_attention(query, key, value, total_bias, dropout_rng=dropout_rng,
-                              dropout_rate=self.dropout_rate, dtype=self.dtype)
+    if self.decode:
+      key, value = self._cached(key, value)
+
+    if self.attention_impl == 'dot_product_attention':
+      if not deterministic and self.dropout_rate > 0.0:
+        raise ValueError("attention_impl='dot_product_attention' has no attention dropout; "
+                         "use attention_impl='einsum' or dropout_rate=0")
+      x = fused_dot_product_attention(query, key, value, bias, mask, self.dtype)
+    elif self.attention_impl == 'einsum':
+      total_bias = None if mask is None else mask_to_bias(mask)
+      if bias is not None:
+        total_bias = bias if total_bias is None else total_bias + bias
+      dropout_rng = None
+      if not deterministic and self.dropout_rate > 0.0:
+        dropout_rng = self.make_rng('dropout')
+      x = dot_product_attention(query, key, value, total_bias, dropout_rng=dropout_rng,
+                                dropout_rate=self.dropout_rate, dtype=self.dtype)
+    else:
+      raise ValueError(f'attention_impl must be one of {ATTENTION_IMPLS}, '
+                       f'got {self.attention_impl!r}')
     x = nn.with_logical_constraint(x, head_axes)
     out = DenseGeneral(features=inputs_q.shape[-1], axis=(-2, -1),
                        kernel_axes=('joined_kv', 'embed'), kernel_init=self.kernel_init,
                        dtype=self.dtype, param_dtype=self.param_dtype, name='out')(x)
-    return nn.with_logical_constraint(out, ('batch', 'length', 'embed'))
+    out = nn.with_logical_constraint(out, ('batch', 'length', 'embed'))
+    return checkpoint_name(out, 'attention_out')
+
+
+  def _cached(self, key: Array, value: Array) -> Tuple[Array, Array]:
+    """Writes ``[batch, n, heads, head_dim]`` at the cache index; returns the full cache."""
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+    index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+    if self.is_initializing():
+      return key, value
+    start = (0, index.value, 0, 0)
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+    index.value = index.value + key.shape[1]
+    return cached_key.value, cached_value.value
 
 
 class MlpBlock(nn.Module):
@@ -366,6 +454,9 @@ class MlpBlock(nn.Module):
     intermediate_dropout_rate: dropout on the hidden activations.
     dtype: activation dtype.
     param_dtype: parameter dtype.
+
+  The activation named for rematerialisation policies: ``mlp_hidden``
+  (``[batch, length, mlp]``, after the gating).
   """
   intermediate_dim: int
   activations: Tuple[str, ...] = ('gelu', 'linear')
@@ -383,7 +474,7 @@ class MlpBlock(nn.Module):
                        param_dtype=self.param_dtype, name=dense_name)(inputs)
       hidden.append(_activation(name)(x))
     # [batch, length, mlp]
-    x = functools.reduce(jnp.multiply, hidden)
+    x = checkpoint_name(functools.reduce(jnp.multiply, hidden), 'mlp_hidden')
     x = nn.Dropout(self.intermediate_dropout_rate, broadcast_dims=(-2,))(
         x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'mlp'))

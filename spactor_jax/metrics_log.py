@@ -7,12 +7,20 @@ the last line and prints, e.g.::
     lr 1.00e-02 | 4.20 steps/s | 18,432 tokens/s | ETA 3m10s
 
 and writes the same scalars to a TensorBoard event file in
-``<model_dir>/train``. Only the main process writes.
+``<model_dir>/train``. A window's average of an objective's metric is the sum
+of its numerators over the sum of its denominators (the metric of the
+window's tokens as one batch), never a mean of per-step ratios; ``loss``,
+``grad_norm``, ``learning_rate`` and ``stage`` are per-step values averaged
+per step, and ``tokens`` are summed into the rates.
+
+Held-out evaluations print one ``eval step N/T [stage] ...`` line and go to
+``<model_dir>/eval`` under the same tags, so TensorBoard draws the train and
+eval curves of a metric in one chart. Only the main process writes.
 """
 
 import logging
 import time
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -36,6 +44,29 @@ def format_duration(seconds: float) -> str:
   return f'{seconds}s'
 
 
+def window_averages(steps: Sequence[Mapping[str, Any]]) -> Dict[str, float]:
+  """Averages of a window of host step metrics.
+
+  Args:
+    steps: one dictionary per step; a value is a ``(numerator,
+      denominator)`` pair or a per-step scalar.
+
+  Returns:
+    ``sum(numerators) / sum(denominators)`` for pairs (0 where the
+    denominators sum to 0) and the per-step mean for scalars.
+  """
+  averages = {}
+  for name in steps[0]:
+    values = [step[name] for step in steps]
+    if isinstance(values[0], (tuple, list)):
+      numerator = float(np.sum([np.float64(v[0]) for v in values]))
+      denominator = float(np.sum([np.float64(v[1]) for v in values]))
+      averages[name] = numerator / denominator if denominator else 0.0
+    else:
+      averages[name] = float(np.mean(np.asarray(values, np.float64)))
+  return averages
+
+
 def _format_value(name: str, value: float) -> str:
   if name == 'learning_rate':
     return f'lr {value:.2e}'
@@ -51,6 +82,8 @@ class MetricLogger:
     self._pending: List[Mapping[str, jax.Array]] = []
     self._window_start = time.perf_counter()
     self._writer = None
+    self._eval_writer = None
+    self._model_dir = model_dir
     if enabled:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tf = tf
@@ -75,7 +108,7 @@ class MetricLogger:
     host = jax.device_get(self._pending)
     elapsed = max(time.perf_counter() - self._window_start, 1e-9)
     steps = len(host)
-    averages = {name: float(np.mean([m[name] for m in host])) for name in host[0]}
+    averages = window_averages(host)
     tokens = float(np.sum([m['tokens'] for m in host]))
     averages.pop('tokens')
     self._pending = []
@@ -97,7 +130,31 @@ class MetricLogger:
       self._writer.flush()
     return averages
 
-  def _line(self, step: int, stage: str, values: Dict[str, float], timing: str) -> str:
+  def write_eval(self, step: int, stage: str, metrics: Mapping[str, float],
+                 read: str, seconds: float) -> None:
+    """Prints one ``eval step N/T [stage] ...`` line and writes ``<model_dir>/eval``.
+
+    The evaluation's time is left out of the train rates of the window.
+
+    Args:
+      step: the completed train step the parameters are from.
+      stage: the curriculum stage's name.
+      metrics: the eval set's metrics (``evaluation.EvalSet.evaluate``).
+      read: what the evaluation read.
+      seconds: how long it took.
+    """
+    self._window_start += seconds
+    if not self.enabled:
+      return
+    log.info('eval %s', self._line(step, stage, metrics, f'{read} in {seconds:.1f}s'))
+    if self._eval_writer is None:
+      self._eval_writer = self._tf.summary.create_file_writer(f'{self._model_dir}/eval')
+    with self._eval_writer.as_default(step=step):
+      for name, value in metrics.items():
+        self._tf.summary.scalar(name, value)
+    self._eval_writer.flush()
+
+  def _line(self, step: int, stage: str, values: Mapping[str, float], timing: str) -> str:
     rate_keys = ('steps_per_second', 'tokens_per_second')
     ordered = ([k for k in _FIRST if k in values] +
                sorted(k for k in values if k not in _FIRST + _LAST + _HIDDEN + rate_keys) +
@@ -107,5 +164,6 @@ class MetricLogger:
     return f'step {step:>{width}}/{self.total_steps} [{stage}] ' + ' | '.join(parts)
 
   def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
+    for writer in (self._writer, self._eval_writer):
+      if writer is not None:
+        writer.close()

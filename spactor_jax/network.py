@@ -6,6 +6,13 @@ names are explicit so parameter paths are stable across objectives:
 ``layers_{i}``, ``relpos_bias``, ``encoder_norm`` / ``decoder_norm``,
 ``logits_dense``).
 
+With ``TransformerConfig.scan_layers`` each stack's layers run under
+``nn.scan`` (one compiled layer body whatever the depth, as T5X's and
+MaxText's ``scan_layers``): the parameters of all layers are stacked under
+``layers`` with a leading layer axis (logical name ``'layers'``, mapped to
+no mesh axis) instead of ``layers_0 .. layers_{n-1}``;
+``scan_conversion`` converts between the two layouts.
+
 Differences from T5X worth knowing: each stack owns *one* relative position
 bias table shared by all its layers (as the original Mesh-TF T5 does), and
 the decoder's padding is handled by the causal mask plus segment ids, since
@@ -13,21 +20,42 @@ packing is expressed with segment ids only.
 """
 
 import dataclasses
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
 
+from spactor_jax import errors
 from spactor_jax import layers
 
 Array = jax.Array
 
-REMAT_POLICIES = {
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'minimal': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+# Activations tagged with ``checkpoint_name`` in ``layers`` (the names
+# ``remat_policy='save_named'`` may keep).
+NAMED_ACTIVATIONS = ('query', 'key', 'value', 'attention_out', 'mlp_hidden')
+
+
+def _remat_policy(name: str, saved_names: Tuple[str, ...]) -> Optional[Callable[..., Any]]:
+  """The ``jax.checkpoint`` policy of a ``remat_policy`` name (None for 'none').
+
+  * ``full``: save nothing, recompute the whole layer in the backward pass;
+  * ``dots_saveable``: save every matmul output, recompute the rest;
+  * ``minimal``: save the matmuls without batch dimensions (the projections,
+    not the attention scores);
+  * ``save_named``: save only the activations named in ``remat_saved_names``.
+  """
+  return {
+      'none': None,
+      'full': jax.checkpoint_policies.nothing_saveable,
+      'dots_saveable': jax.checkpoint_policies.dots_saveable,
+      'minimal': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+      'save_named': jax.checkpoint_policies.save_only_these_names(*saved_names),
+  }[name]
+
+
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'minimal', 'save_named')
 
 
 @gin.configurable
@@ -53,33 +81,62 @@ class TransformerConfig:
   relative_attention_max_distance: int = 128
   logits_via_embedding: bool = False
   remat_policy: str = 'none'
+  remat_saved_names: Tuple[str, ...] = ('attention_out', 'mlp_hidden')
+  scan_layers: bool = False
+  attention_impl: str = 'einsum'
 
   def __post_init__(self) -> None:
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
     object.__setattr__(self, 'param_dtype', jnp.dtype(self.param_dtype))
     object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
-    if self.remat_policy not in ('none', *REMAT_POLICIES):
-      raise ValueError(f"TransformerConfig.remat_policy must be 'none', 'full' or 'minimal', "
-                       f'got {self.remat_policy!r}.')
+    object.__setattr__(self, 'remat_saved_names', tuple(self.remat_saved_names))
+    if self.remat_policy not in REMAT_POLICIES:
+      raise errors.ConfigError(f'TransformerConfig.remat_policy must be one of {REMAT_POLICIES}, '
+                               f'got {self.remat_policy!r}')
+    unknown = sorted(set(self.remat_saved_names) - set(NAMED_ACTIVATIONS))
+    if unknown:
+      raise errors.ConfigError(f'TransformerConfig.remat_saved_names has unknown names {unknown}; '
+                               f'choose among {NAMED_ACTIVATIONS}')
+    if self.attention_impl not in layers.ATTENTION_IMPLS:
+      raise errors.ConfigError(f'TransformerConfig.attention_impl must be one of '
+                               f'{layers.ATTENTION_IMPLS}, got {self.attention_impl!r}')
+    if self.attention_impl == 'dot_product_attention' and self.dropout_rate > 0:
+      raise errors.ConfigError("attention_impl='dot_product_attention' has no attention-weights "
+                               "dropout; set dropout_rate=0 or attention_impl='einsum'")
 
   def replace(self, **kwargs: Any) -> 'TransformerConfig':
     """A copy with the given fields changed."""
     return dataclasses.replace(self, **kwargs)
 
 
-def _maybe_remat(layer_cls: type, config: TransformerConfig, deterministic_argnum: int) -> type:
-  """Wraps a layer class in ``nn.remat`` according to ``config.remat_policy``.
+def _layer_class(layer_cls: type, config: TransformerConfig, num_layers: int,
+                 deterministic_argnum: int) -> type:
+  """The class of one layer (unscanned) or of the whole scanned stack.
+
+  Wraps ``layer_cls`` in ``nn.remat`` according to ``config.remat_policy``
+  and, with ``config.scan_layers``, in ``nn.scan`` over ``num_layers``
+  layers whose parameters gain a leading ``'layers'`` axis; every argument
+  but the hidden states is broadcast to all layers. Instances of the scanned
+  class take ``scanned=True`` and return ``(hidden, None)``.
 
   Args:
-    layer_cls: the layer module class.
+    layer_cls: the layer module class (``EncoderLayer`` or ``DecoderLayer``).
     config: the network config.
+    num_layers: depth of the stack.
     deterministic_argnum: positional index of ``deterministic`` in
-      ``__call__``, counting ``self`` as 0 (it must be static).
+      ``__call__``, counting ``self`` as 0 (it must be static); it is the
+      last argument.
   """
-  if config.remat_policy == 'none':
+  policy = _remat_policy(config.remat_policy, config.remat_saved_names)
+  if config.remat_policy != 'none':
+    layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not config.scan_layers,
+                         static_argnums=(deterministic_argnum,))
+  if not config.scan_layers:
     return layer_cls
-  return nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat_policy],
-                  static_argnums=(deterministic_argnum,))
+  return nn.scan(layer_cls, variable_axes={'params': 0}, split_rngs={'params': True,
+                                                                      'dropout': True},
+                 in_axes=(nn.broadcast,) * (deterministic_argnum - 1), length=num_layers,
+                 metadata_params={nn.PARTITION_NAME: 'layers'})
 
 
 def _dropout(config: TransformerConfig, x: Array, deterministic: bool) -> Array:
@@ -91,10 +148,12 @@ def _norm(config: TransformerConfig, name: Optional[str] = None) -> layers.RMSNo
   return layers.RMSNorm(dtype=config.dtype, param_dtype=config.param_dtype, name=name)
 
 
-def _attention(config: TransformerConfig, name: str) -> layers.MultiHeadDotProductAttention:
+def _attention(config: TransformerConfig, name: str,
+               decode: bool = False) -> layers.MultiHeadDotProductAttention:
   return layers.MultiHeadDotProductAttention(
       num_heads=config.num_heads, head_dim=config.head_dim, dropout_rate=config.dropout_rate,
-      dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+      dtype=config.dtype, param_dtype=config.param_dtype, decode=decode,
+      attention_impl=config.attention_impl, name=name)
 
 
 def _mlp(config: TransformerConfig) -> layers.MlpBlock:
@@ -168,8 +227,14 @@ def _cross_mask(encoder_input_tokens: Array, encoder_segment_ids: Optional[Array
 
 
 class EncoderLayer(nn.Module):
-  """Pre-norm self-attention + gated MLP block."""
+  """Pre-norm self-attention + gated MLP block.
+
+  Attributes:
+    config: network config.
+    scanned: return ``(hidden, None)``, the form ``nn.scan`` needs.
+  """
   config: TransformerConfig
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, bias: Array, deterministic: bool) -> Array:
@@ -181,13 +246,22 @@ class EncoderLayer(nn.Module):
     x = _constrain(x + _dropout(cfg, y, deterministic))
     y = _norm(cfg, 'pre_mlp_layer_norm')(x)
     y = _mlp(cfg)(y, deterministic)
-    return _constrain(x + _dropout(cfg, y, deterministic))
+    x = _constrain(x + _dropout(cfg, y, deterministic))
+    return (x, None) if self.scanned else x
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm causal self-attention, optional cross-attention, gated MLP."""
+  """Pre-norm causal self-attention, optional cross-attention, gated MLP.
+
+  Attributes:
+    config: network config.
+    cross_attention: whether the layer attends to ``encoded``.
+    scanned: return ``(hidden, None)``, the form ``nn.scan`` needs.
+  """
   config: TransformerConfig
   cross_attention: bool = True
+  decode: bool = False  # self-attention keys and values in a KV cache.
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, x: Array, encoded: Optional[Array], self_mask: Array, self_bias: Array,
@@ -198,7 +272,8 @@ class DecoderLayer(nn.Module):
     in_len]``. Returns ``[batch, tgt_len, emb]``."""
     cfg = self.config
     y = _norm(cfg, 'pre_self_attention_layer_norm')(x)
-    y = _attention(cfg, 'self_attention')(y, y, self_mask, self_bias, deterministic)
+    y = _attention(cfg, 'self_attention', self.decode)(y, y, self_mask, self_bias,
+                                                       deterministic)
     x = _constrain(x + _dropout(cfg, y, deterministic))
     if self.cross_attention:
       y = _norm(cfg, 'pre_cross_attention_layer_norm')(x)
@@ -207,7 +282,8 @@ class DecoderLayer(nn.Module):
       x = _constrain(x + _dropout(cfg, y, deterministic))
     y = _norm(cfg, 'pre_mlp_layer_norm')(x)
     y = _mlp(cfg)(y, deterministic)
-    return _constrain(x + _dropout(cfg, y, deterministic))
+    x = _constrain(x + _dropout(cfg, y, deterministic))
+    return (x, None) if self.scanned else x
 
 
 class Encoder(nn.Module):
@@ -252,9 +328,12 @@ class Encoder(nn.Module):
 
     x = _dropout(cfg, input_embeddings.astype(cfg.dtype), deterministic)
     x = _constrain(x)  # [batch, length, emb]
-    layer_cls = _maybe_remat(EncoderLayer, cfg, deterministic_argnum=4)
-    for i in range(cfg.num_encoder_layers):
-      x = layer_cls(cfg, name=f'layers_{i}')(x, mask, bias, deterministic)
+    layer_cls = _layer_class(EncoderLayer, cfg, cfg.num_encoder_layers, deterministic_argnum=4)
+    if cfg.scan_layers:
+      x, _ = layer_cls(cfg, scanned=True, name='layers')(x, mask, bias, deterministic)
+    else:
+      for i in range(cfg.num_encoder_layers):
+        x = layer_cls(cfg, name=f'layers_{i}')(x, mask, bias, deterministic)
     x = _norm(cfg, 'encoder_norm')(x)
     return _constrain(_dropout(cfg, x, deterministic))
 
@@ -270,24 +349,41 @@ class Decoder(nn.Module):
     config: network config.
     shared_embedding: token embedder for the inputs (and the tied head).
     cross_attention: whether layers attend to ``encoded``.
+    decode_length: None, or autoregressive decoding with a KV cache of this
+      many positions (``spactor_jax.decoding``): ``init`` with
+      ``[batch, decode_length]`` inputs creates the ``cache`` collection,
+      then each call feeds the next tokens (no segment ids).
   """
   config: TransformerConfig
   shared_embedding: nn.Module
   cross_attention: bool = True
+  decode_length: Optional[int] = None
 
   def setup(self) -> None:
     cfg = self.config
-    layer_cls = _maybe_remat(DecoderLayer, cfg, deterministic_argnum=6)
+    decode = self.decode_length is not None
+    if decode and cfg.scan_layers:
+      raise ValueError('KV-cached decoding runs unscanned layers; convert the parameters with '
+                       'scan_conversion.to_unscanned and set scan_layers=False')
     self.relpos_bias = _relpos(cfg, bidirectional=False)
-    self.layers = [layer_cls(cfg, cross_attention=self.cross_attention)
-                   for _ in range(cfg.num_decoder_layers)]
+    if decode:
+      self.layers = [DecoderLayer(cfg, cross_attention=self.cross_attention, decode=True)
+                     for _ in range(cfg.num_decoder_layers)]
+      self.position = self.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
+    else:
+      layer_cls = _layer_class(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic_argnum=6)
+      if cfg.scan_layers:  # parameters under 'layers'
+        self.layers = layer_cls(cfg, cross_attention=self.cross_attention, scanned=True)
+      else:  # parameters under 'layers_0', 'layers_1', ...
+        self.layers = [layer_cls(cfg, cross_attention=self.cross_attention)
+                       for _ in range(cfg.num_decoder_layers)]
     self.decoder_norm = _norm(cfg)
     self.embedding_dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     self.output_dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     if not cfg.logits_via_embedding:
       self.logits_dense = layers.DenseGeneral(
-          cfg.vocab_size, kernel_axes=('embed', 'vocab'), dtype=jnp.float32,
-          param_dtype=cfg.param_dtype)
+          cfg.vocab_size, kernel_axes=('embed', 'vocab'), dtype=cfg.dtype,
+          param_dtype=cfg.param_dtype, output_dtype=jnp.float32)
 
   def __call__(self, decoder_input_tokens: Array, encoded: Optional[Array] = None,
                encoder_input_tokens: Optional[Array] = None,
@@ -310,8 +406,11 @@ class Decoder(nn.Module):
     cfg = self.config
     deterministic = not enable_dropout
     length = decoder_input_tokens.shape[1]
-    self_mask = _decoder_self_mask(length, decoder_segment_ids)
-    self_bias = self.relpos_bias(length, length)  # [1, heads, tgt_len, tgt_len]
+    if self.decode_length is not None and not self.is_initializing():
+      self_mask, self_bias = self._cached_mask_and_bias(length)
+    else:
+      self_mask = _decoder_self_mask(length, decoder_segment_ids)
+      self_bias = self.relpos_bias(length, length)  # [1, heads, tgt_len, tgt_len]
     cross_mask = None
     if self.cross_attention:
       if encoded is None or encoder_input_tokens is None:
@@ -320,13 +419,32 @@ class Decoder(nn.Module):
 
     x = self.shared_embedding(decoder_input_tokens.astype(jnp.int32))
     x = _constrain(self.embedding_dropout(x.astype(cfg.dtype), deterministic=deterministic))
-    for layer in self.layers:
-      x = layer(x, encoded, self_mask, self_bias, cross_mask, deterministic)
+    if self.config.scan_layers:
+      x, _ = self.layers(x, encoded, self_mask, self_bias, cross_mask, deterministic)
+    else:
+      for layer in self.layers:
+        x = layer(x, encoded, self_mask, self_bias, cross_mask, deterministic)
     x = self.decoder_norm(x)
     return _constrain(self.output_dropout(x, deterministic=deterministic))
 
+  def _cached_mask_and_bias(self, length: int) -> Tuple[Array, Array]:
+    """Queries at cache positions ``[p, p + length)`` over all ``decode_length`` slots.
+
+    Returns the causal mask ``[1, 1, length, decode_length]`` (slots not yet
+    written are in the future) and the bias ``[1, heads, length, decode_length]``;
+    advances the position.
+    """
+    start = self.position.value
+    queries = start + jnp.arange(length)
+    mask = (jnp.arange(self.decode_length)[None, :] <= queries[:, None])[None, None]
+    bias = self.relpos_bias(self.decode_length, self.decode_length)
+    bias = jax.lax.dynamic_slice_in_dim(bias, start, length, axis=2)
+    self.position.value = start + length
+    return mask, bias
+
   def logits(self, hidden: Array) -> Array:
-    """``[batch, length, emb] -> [batch, length, vocab]`` float32 logits."""
+    """``[batch, length, emb] -> [batch, length, vocab]`` float32 logits (the
+    product in ``config.dtype``, accumulated in float32)."""
     if self.config.logits_via_embedding:
       # T5X rescales tied logits by 1/sqrt(emb_dim).
       logits = self.shared_embedding.attend(hidden) / jnp.sqrt(hidden.shape[-1])
@@ -411,13 +529,17 @@ class EncoderOnly(nn.Module):
 
 
 class DecoderOnly(nn.Module):
-  """Causal LM with T5 relative position biases and no cross-attention."""
+  """Causal LM with T5 relative position biases and no cross-attention.
+
+  ``decode_length`` (None in training) switches on the decoder's KV cache.
+  """
   config: TransformerConfig
+  decode_length: Optional[int] = None
 
   def setup(self) -> None:
     self.token_embedder = _make_embedder(self.config)
     self.decoder = Decoder(self.config, shared_embedding=self.token_embedder,
-                           cross_attention=False)
+                           cross_attention=False, decode_length=self.decode_length)
 
   def embed(self, tokens: Array) -> Array:
     """``[batch, length]`` ids -> ``[batch, length, emb]`` (no dropout)."""

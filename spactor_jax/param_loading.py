@@ -148,10 +148,7 @@ def merge_params(loaded: Mapping[str, Any], initialised: Any, *,
     raise errors.ConfigError(
         f'shapes differ between the model and {where}: {_names(wrong)}; '
         'fix the model configuration or keep them initialised with dont_load')
-  used = {mapping[t] for t in targets if t in mapping}
-  unused = [mapping[t] for t in mapping
-            if mapping[t] not in used and not ignore(mapping[t])
-            and not (t in targets and keep(t))]
+  unused = [source for t, source in mapping.items() if t not in targets and not ignore(source)]
   if unused:
     raise errors.ConfigError(
         f'{len(unused)} parameters of {where} have no place in the model: '

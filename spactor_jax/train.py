@@ -5,8 +5,10 @@ r"""Pre-training entry point.
       --gin.MODEL_DIR=/tmp/spactor_quickstart
 
 Parses T5X-style gin flags, starts the multi-host runtime and runs
-``training.train``. Configuration mistakes end with one ``error:`` line and
-exit status 2.
+``training.train``. Every failure ends in one ``error:`` line: configuration
+and input mistakes exit with status 2, failures while training (a failed
+checkpoint, non-finite numerics) with 1, an interrupt before training began
+with 130. SIGTERM / SIGINT during training save a checkpoint and exit 0.
 """
 
 import sys
@@ -16,11 +18,20 @@ from spactor_jax import errors
 from spactor_jax import gin_utils
 from spactor_jax import runtime
 from spactor_jax import training
+from spactor_jax import validation
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Console entry point; returns the process exit status."""
-  return gin_utils.run_main(_train, argv)
+  try:
+    return gin_utils.run_main(_train, argv)
+  except errors.RunError as exc:
+    print(f'error: {exc}', file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print('error: interrupted before training began; nothing was saved',
+          file=sys.stderr)
+    return 130
 
 
 def _train(flags: gin_utils.GinFlags, rest: List[str]) -> None:
@@ -28,8 +39,23 @@ def _train(flags: gin_utils.GinFlags, rest: List[str]) -> None:
     raise errors.ConfigError(
         f'unknown arguments {rest}; use --gin_file=F and --gin.NAME=VALUE')
   gin_utils.parse_with_tasks(flags)
+  validation.check_gin_bindings()
   runtime.initialize()
-  training.train(gin_utils.call(training.RunConfig))
+  training.train(_run_config())
+
+
+def _run_config() -> training.RunConfig:
+  """Builds the gin-bound ``RunConfig``; a constructor's complaint is one line."""
+  try:
+    return gin_utils.call(training.RunConfig)
+  except (TypeError, ValueError) as exc:
+    if isinstance(exc, errors.ConfigError):
+      raise
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    where = next((line for line in lines if line.startswith('In call to')), '')
+    raise errors.ConfigError(
+        f'{lines[0] if lines else type(exc).__name__} ({where.rstrip(":")}); '
+        'fix that binding') from None
 
 
 if __name__ == '__main__':

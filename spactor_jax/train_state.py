@@ -51,6 +51,28 @@ def _is_optimizer_leaf(path: str) -> bool:
   return path.startswith('opt_state/')
 
 
+def _carried(old: Dict[str, Any], new: Dict[str, Any],
+             reset_optimizer: bool) -> Dict[str, Any]:
+  """The leaves of ``old`` that ``new`` keeps; a changed shape is an error."""
+  carried = {}
+  for key, leaf in new.items():
+    if key not in old or (reset_optimizer and _is_optimizer_leaf(key)):
+      continue
+    if old[key].shape != leaf.shape:
+      raise errors.ConfigError(
+          f'{key} has shape {tuple(old[key].shape)} in the stage that ends '
+          f'but {tuple(leaf.shape)} in the next; stages must agree on the shape '
+          'of what they share (rename the new one or make the shapes match)')
+    carried[key] = old[key]
+  return carried
+
+
+def check_carry_over(abstract_old: TrainState, abstract_next: TrainState, *,
+                     reset_optimizer: bool = False) -> None:
+  """Raises the error that ``carry_over`` would, from the states' shapes alone."""
+  _carried(by_path(abstract_old), by_path(abstract_next), reset_optimizer)
+
+
 def carry_over(old: TrainState, abstract_next: TrainState,
                init_next: Callable[[], TrainState], *,
                reset_optimizer: bool = False) -> Tuple[TrainState, int, int]:
@@ -79,16 +101,7 @@ def carry_over(old: TrainState, abstract_next: TrainState,
   old_leaves = by_path(old)
   next_flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_next)
   keys = [path_str(path) for path, _ in next_flat]
-  carried = {}
-  for key, (_, leaf) in zip(keys, next_flat):
-    if key not in old_leaves or (reset_optimizer and _is_optimizer_leaf(key)):
-      continue
-    if old_leaves[key].shape != leaf.shape:
-      raise errors.ConfigError(
-          f'{key} has shape {tuple(old_leaves[key].shape)} in the stage that ends '
-          f'but {tuple(leaf.shape)} in the next; stages must agree on the shape '
-          'of what they share (rename the new one or make the shapes match)')
-    carried[key] = old_leaves[key]
+  carried = _carried(old_leaves, by_path(abstract_next), reset_optimizer)
   fresh = {}
   if len(carried) < len(keys):
     fresh = by_path(init_next())
@@ -104,6 +117,28 @@ def carry_over(old: TrainState, abstract_next: TrainState,
   return jax.tree_util.tree_unflatten(treedef, leaves), len(carried), dropped
 
 
+def check_init_from(params: Any, operations: Sequence[Tuple[str, str, str]]) -> None:
+  """Checks ``init_from`` operations against the (abstract) parameters.
+
+  Raises:
+    ConfigError: a path that is not a parameter, or a shape that does not fit.
+  """
+  params = by_path(params)
+  for target, source, operation in operations:
+    for role, path in (('target', target), ('source', source)):
+      if path not in params:
+        raise errors.ConfigError(
+            f'Stage.init_from {role} {path!r} is not a parameter of the stage '
+            f'(parameters: {", ".join(sorted(params)[:4])}, ...); fix the path')
+    shape = tuple(params[source].shape)
+    made = shape[::-1] if operation == 'transpose' else shape
+    if made != tuple(params[target].shape):
+      raise errors.ConfigError(
+          f'Stage.init_from: {source} {shape} {operation} gives {made} but '
+          f'{target} is {tuple(params[target].shape)}; use the operation '
+          "('copy' or 'transpose') that gives the target's shape")
+
+
 def init_from(state: TrainState, operations: Sequence[Tuple[str, str, str]],
               param_shardings: Any) -> TrainState:
   """Sets parameters from others: ``(target, source, 'copy' | 'transpose')``.
@@ -115,23 +150,12 @@ def init_from(state: TrainState, operations: Sequence[Tuple[str, str, str]],
   Raises:
     ConfigError: a path that is not a parameter, or a shape that does not fit.
   """
+  check_init_from(state.params, operations)
   params = by_path(state.params)
   shardings = by_path(param_shardings)
   for target, source, operation in operations:
-    for role, path in (('target', target), ('source', source)):
-      if path not in params:
-        raise errors.ConfigError(
-            f'Stage.init_from {role} {path!r} is not a parameter of the stage '
-            f'(parameters: {", ".join(sorted(params)[:4])}, ...); fix the path')
-    value = params[source]
-    shape = value.shape[::-1] if operation == 'transpose' else value.shape
-    if tuple(shape) != tuple(params[target].shape):
-      raise errors.ConfigError(
-          f'Stage.init_from: {source} {tuple(value.shape)} {operation} gives '
-          f'{tuple(shape)} but {target} is {tuple(params[target].shape)}; '
-          "use 'copy' or 'transpose' so that the shapes match")
     op = jnp.transpose if operation == 'transpose' else jnp.copy
-    new = jax.jit(op, out_shardings=shardings[target])(value)
+    new = jax.jit(op, out_shardings=shardings[target])(params[source])
     params[target].delete()
     params[target] = new
   flat, treedef = jax.tree_util.tree_flatten_with_path(state.params)

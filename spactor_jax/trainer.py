@@ -13,7 +13,7 @@ the step by every micro-batch; updates are summed and settled once.
 """
 
 import logging
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from spactor_jax import errors
+from spactor_jax import guards
 from spactor_jax import partitioning
 from spactor_jax.objectives import base
 from spactor_jax.train_state import TrainState
@@ -28,7 +29,10 @@ from spactor_jax.train_state import TrainState
 log = logging.getLogger('spactor_jax')
 
 BatchSpec = Mapping[str, Tuple[Tuple[int, ...], Any]]  # name -> (shape, dtype)
-StepMetrics = Dict[str, jax.Array]
+# A step's metrics: the objective's ``(numerator, denominator)`` pairs, whose
+# windows average as sums over sums, and per-step scalars (``loss``,
+# ``grad_norm``, ``learning_rate``, ``tokens``).
+StepMetrics = Dict[str, Union[jax.Array, base.Metric]]
 
 
 def _dummy_batch(batch_spec: BatchSpec, batch_size: int = 1) -> Dict[str, jax.Array]:
@@ -41,11 +45,6 @@ def count_input_tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
   """Non-padding tokens the model reads: all ``*_input_tokens`` features."""
   return sum(jnp.sum(value != 0) for name, value in batch.items()
              if name.endswith('_input_tokens')).astype(jnp.float32)
-
-
-def metric_values(metrics: base.Metrics) -> StepMetrics:
-  """``{name: (numerator, denominator)}`` → ``{name: numerator / denominator}``."""
-  return {name: num / jnp.maximum(den, 1e-12) for name, (num, den) in metrics.items()}
 
 
 def _split_microbatches(batch: Any, num_microbatches: int) -> Any:
@@ -125,6 +124,7 @@ class Trainer:
     self.abstract_state, self.state_shardings = self._abstract_state()
     self._jitted = None
     self._jitted_eval = None
+    self._jitted_denominators = None
 
   def _validate_batch(self):
     missing = sorted(set(self.objective.input_features) - set(self.batch_spec))
@@ -225,26 +225,36 @@ class Trainer:
   # --- step ------------------------------------------------------------------
 
   def _apply(self, params, objective_state, batch, denominators, rngs, *,
-             enable_dropout: bool):
+             enable_dropout: bool, evaluate: bool = False):
     """One forward pass: ``(loss, metrics, sown, state_updates)``.
+
+    With ``evaluate`` the objective's ``evaluate`` method runs (no dropout)
+    instead of ``__call__``.
 
     ``sown`` is ``{name: [rows, ...]}`` from the ``coupled`` collection
     (``None`` unless the objective is batch-coupled); ``state_updates`` are
     the objective-state collections after the pass.
     """
     mutable = list(objective_state) + ([base.COUPLED] if self.batch_coupled else [])
-    (loss, metrics), variables = self.objective.apply(
-        {'params': params, **objective_state}, batch, denominators,
-        enable_dropout=enable_dropout, rngs=rngs, mutable=mutable)
+    variables = {'params': params, **objective_state}
+    if evaluate:
+      (loss, metrics), variables = self.objective.apply(
+          variables, batch, denominators, rngs=rngs, mutable=mutable,
+          method=type(self.objective).evaluate)
+    else:
+      (loss, metrics), variables = self.objective.apply(
+          variables, batch, denominators, enable_dropout=enable_dropout, rngs=rngs,
+          mutable=mutable)
     variables = dict(variables)
     sown = _sown_values(variables.pop(base.COUPLED, {})) if self.batch_coupled else None
     return loss, metrics, sown, {**objective_state, **variables}
 
   def _full_loss(self, params, objective_state, batch, denominators, rngs, *,
-                 enable_dropout: bool):
+                 enable_dropout: bool, evaluate: bool = False):
     """``(loss, metrics, state_updates)`` of a whole batch, coupled term included."""
     loss, metrics, sown, updates = self._apply(
-        params, objective_state, batch, denominators, rngs, enable_dropout=enable_dropout)
+        params, objective_state, batch, denominators, rngs, enable_dropout=enable_dropout,
+        evaluate=evaluate)
     if self.batch_coupled:
       coupled, coupled_metrics = self._coupled_loss(sown, denominators)
       loss, metrics = loss + coupled, {**metrics, **coupled_metrics}
@@ -370,15 +380,18 @@ class Trainer:
     objective_state = self.objective.settle_state(objective_state)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    scalars = metric_values(metrics)
-    scalars.update(
+    step_metrics: StepMetrics = dict(metrics)
+    step_metrics.update(
         loss=loss,
         grad_norm=optax.tree.norm(grads),
         learning_rate=jnp.asarray(self.learning_rate(state.step), jnp.float32),
         tokens=count_input_tokens(batch))
     new_state = TrainState(step=state.step + 1, params=params,
                            opt_state=opt_state, objective_state=objective_state)
-    return new_state, scalars
+    new_state, step_metrics[guards.FLAG] = guards.keep_finite_update(
+        state, new_state, loss=loss, grad_norm=step_metrics['grad_norm'],
+        update_norm=optax.tree.norm(updates))
+    return new_state, step_metrics
 
   def _jitted_step(self):
     if self._jitted is None:
@@ -405,20 +418,60 @@ class Trainer:
     return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self.data_sharding)
             for name, (shape, dtype) in self.batch_spec.items()}
 
-  def eval_loss(self, state: TrainState, batch: Mapping[str, jax.Array]
-                ) -> StepMetrics:
-    """Metrics of one batch without dropout or an update."""
+  def eval_loss(self, state: TrainState, batch: Mapping[str, jax.Array],
+                denominators: Optional[Mapping[str, jax.Array]] = None,
+                rng: Optional[jax.Array] = None) -> StepMetrics:
+    """The objective's ``evaluate`` on one batch: no dropout, no update.
+
+    Compiled once per trainer (stage) for a given batch shape.
+    ``objective_state`` is read, never changed.
+
+    Args:
+      state: the train state (not donated).
+      batch: the global batch, ``[batch, length]`` per feature.
+      denominators: of the whole eval set (``eval_denominators``); default
+        this batch's own, which makes ``loss`` the batch's loss.
+      rng: the ``sample`` stream's key; default ``jax.random.key(0)``.
+
+    Returns:
+      ``loss`` (a scalar: this batch's share of the eval set's loss) and the
+      objective's metrics as ``(numerator, denominator)`` pairs.
+    """
+    batch = dict(batch)
+    if denominators is None:
+      denominators = self.eval_denominators([batch])
+    rng = jax.random.key(0) if rng is None else rng
     if self._jitted_eval is None:
       self._jitted_eval = jax.jit(self._evaluate, in_shardings=(
-          self.state_shardings, self.batch_shardings), out_shardings=self._replicated)
+          self.state_shardings, self.data_sharding, self._replicated,
+          self._replicated), out_shardings=self._replicated)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return self._jitted_eval(state, dict(batch))
+      return self._jitted_eval(state, batch, dict(denominators), rng)
 
-  def _evaluate(self, state: TrainState, batch: Dict[str, jax.Array]) -> StepMetrics:
-    denominators = self.objective.denominators(batch)
+  def eval_denominators(self, batches: Sequence[Mapping[str, jax.Array]]
+                        ) -> Dict[str, jax.Array]:
+    """``objective.denominators`` of the batches concatenated (the eval set).
+
+    Args:
+      batches: global batches, ``[batch, length]`` per feature.
+
+    Returns:
+      Float32 scalars, as from one batch holding every row.
+    """
+    if self._jitted_denominators is None:
+      def denominators(batches):
+        whole = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *batches)
+        return self.objective.denominators(whole)
+      self._jitted_denominators = jax.jit(
+          denominators, out_shardings=self._replicated)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._jitted_denominators([dict(b) for b in batches])
+
+  def _evaluate(self, state: TrainState, batch: Dict[str, jax.Array],
+                denominators: Dict[str, jax.Array], rng: jax.Array) -> StepMetrics:
     loss, metrics, _ = self._full_loss(
-        state.params, state.objective_state, batch, denominators,
-        {'sample': jax.random.key(0)}, enable_dropout=False)
-    scalars = metric_values(metrics)
-    scalars['loss'] = loss
-    return scalars
+        state.params, state.objective_state, batch, denominators, {'sample': rng},
+        enable_dropout=False, evaluate=True)
+    step_metrics: StepMetrics = dict(metrics)
+    step_metrics['loss'] = loss
+    return step_metrics

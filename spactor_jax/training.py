@@ -6,7 +6,6 @@ resumes from the latest checkpoint in ``model_dir``.
 
 import dataclasses
 import logging
-import signal
 from typing import Callable, Dict, Optional
 
 import gin
@@ -17,29 +16,21 @@ import seqio
 from spactor_jax import checkpoints
 from spactor_jax import curriculum as curriculum_lib
 from spactor_jax import errors
+from spactor_jax import evaluation
+from spactor_jax import guards
 from spactor_jax import metrics_log
+from spactor_jax import model_dir as model_dir_lib
 from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import partitioning
 from spactor_jax import runtime
 from spactor_jax import trainer as trainer_lib
 from spactor_jax import train_state
+from spactor_jax import validation
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 
 log = logging.getLogger('spactor_jax')
-
-
-class _Preemption:
-  """Turns SIGTERM into a request to checkpoint and stop after this step."""
-
-  def __init__(self):
-    self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
 
 
 def _global_batch_spec(iterator, process_count: int) -> trainer_lib.BatchSpec:
@@ -65,8 +56,18 @@ class RunConfig:
     mesh: device mesh shape and logical rules.
     num_microbatches: gradient-accumulation steps per train step.
     log_every_steps: how often to print and write summaries.
+    eval_every_steps: how often (and at the last step) to evaluate the
+      current stage's objective on held-out data; 0: never.
+    eval_batches: global batches of the held-out set, read once (``None``:
+      the whole split).
+    eval_task: the held-out task (default: the train task).
+    eval_split: the held-out split, read unshuffled.
     seed: parameter-initialisation and train-step RNG seed.
     checkpointer: a ``Checkpointer`` factory taking ``model_dir``.
+    on_nonfinite: a NaN/Inf loss, gradient or update is never applied;
+      ``'skip'`` logs it and goes on, ``'stop'`` ends the run (exit 1).
+    max_consecutive_nonfinite: with ``'skip'``, end the run after this many
+      skipped updates in a row.
   """
   model_dir: str = gin.REQUIRED
   data: pipeline.DataConfig = gin.REQUIRED
@@ -79,8 +80,14 @@ class RunConfig:
   mesh: partitioning.MeshConfig = partitioning.MeshConfig()
   num_microbatches: int = 1
   log_every_steps: int = 50
+  eval_every_steps: int = 0
+  eval_batches: Optional[int] = 4
+  eval_task: Optional[str] = None
+  eval_split: str = 'validation'
   seed: int = 0
   checkpointer: Callable[..., checkpoints.Checkpointer] = checkpoints.Checkpointer
+  on_nonfinite: str = 'skip'
+  max_consecutive_nonfinite: int = 10
 
   @property
   def model_family(self) -> str:
@@ -116,6 +123,8 @@ class RunConfig:
 
 def train(config: RunConfig) -> Optional[Dict[str, float]]:
   """Trains, checkpoints and logs; returns the last logged averages."""
+  validation.validate(config)  # before anything compiles or reads data.
+  model_dir_lib.check(config)  # before any restore.
   curriculum = config.curriculum
   device_mesh = partitioning.make_mesh(config.mesh)
   shard = seqio.ShardInfo(jax.process_index(), jax.process_count())
@@ -131,21 +140,25 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
   make_trainer = lambda index: config.make_trainer(index, device_mesh, batch_spec, vocab)
   total_steps = config.total_steps
 
-  start = checkpointer.latest_step() or 0
+  start, trainer, state = checkpoints.resume(
+      checkpointer, curriculum.index_of_state, make_trainer, iterator)
   stage = curriculum.index_of_state(start)
-  trainer = make_trainer(stage)
+  model_dir_lib.record(config)
   log.info('mesh %s, %s, global batch %d, %d steps, stage %s',
            partitioning.describe(device_mesh), runtime.process_info(),
            config.batch_size, total_steps, curriculum.stages[stage].name)
-  if start:
-    state = checkpointer.restore(start, trainer.sharded_abstract_state(), iterator)
+  _check_stages(curriculum, stage, trainer, make_trainer)
+  if state is not None:
     log.info('resumed from %s at step %d', checkpointer.directory, start)
   else:
     state = _init_from(trainer.init_state(rng), trainer, curriculum.stages[0])
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
   log.info('%s parameters: %s', curriculum.stages[stage].name, f'{num_params:,}')
+  eval_set = _make_eval_set(config, trainer, vocab) if config.eval_every_steps else None
 
-  preemption = _Preemption()
+  preemption = guards.Preemption()
+  nonfinite = guards.NonFiniteGuard(config.on_nonfinite,
+                                    config.max_consecutive_nonfinite)
   averages = None
   step = start
   compiling = True  # the next step compiles: log it on its own line.
@@ -163,6 +176,8 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
       batch = pipeline.global_arrays(next(iterator), trainer.data_sharding)
       state, metrics = trainer.train_step(state, batch, rng)
       step += 1
+      nonfinite.observe(step, metrics, settle=(
+          step % checkpointer.save_every_steps == 0 or step == total_steps))
       metrics['stage'] = stage
       logger.record(metrics)
       if compiling:
@@ -170,15 +185,51 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
         compiling = False
       elif step % config.log_every_steps == 0 or step == total_steps:
         averages = logger.flush(step, curriculum.stages[stage].name)
+      if eval_set is not None and (step % config.eval_every_steps == 0 or step == total_steps):
+        logger.write_eval(step, curriculum.stages[stage].name,
+                          *eval_set.timed_evaluate(trainer, state))
       checkpointer.save(step, state, iterator, force=step == total_steps)
     if preemption.requested:
-      checkpointer.save(step, state, iterator, force=True)
-      log.info('SIGTERM: saved a checkpoint at step %d; run the same '
-               'command again to resume', step)
+      nonfinite.settle()
+      preemption.report(step, checkpointer.save(step, state, iterator, force=True))
   finally:
-    checkpointer.close()
+    checkpointer.close()  # a second signal while it waits still exits at once.
+    preemption.close()
     logger.close()
   return averages
+
+
+def _make_eval_set(config: RunConfig, trainer: trainer_lib.Trainer,
+                   vocab: base.VocabInfo) -> evaluation.EvalSet:
+  """The held-out batches of the in-loop evaluation, read once."""
+  data = evaluation.eval_data_config(config.data, config.eval_task, config.eval_split)
+  eval_set = evaluation.make_eval_set(
+      data, config.model_family, config.batch_size, config.eval_batches,
+      trainer.data_sharding, vocab, config.model.vocab_size, config.seed)
+  log.info('held-out evaluation every %d steps on %d batches of %s',
+           config.eval_every_steps, len(eval_set.batches), eval_set.description)
+  return eval_set
+
+
+def _check_stages(curriculum: curriculum_lib.Curriculum, stage: int,
+                  trainer: trainer_lib.Trainer,
+                  make_trainer: Callable[[int], trainer_lib.Trainer]) -> None:
+  """Fails now, not at a switch, if a later stage cannot follow its predecessor.
+
+  Checks, on the states' shapes, what ``_switch_stage`` will do: shared
+  parameters and optimizer leaves keep their shapes, ``init_from`` paths exist
+  and fit (and every ``trainable`` pattern matches, when its trainer is made).
+  """
+  if stage == 0:
+    train_state.check_init_from(trainer.abstract_state.params,
+                                curriculum.stages[0].init_operations())
+  previous = trainer.abstract_state
+  for index in range(stage + 1, len(curriculum.stages)):
+    abstract = make_trainer(index).abstract_state
+    train_state.check_carry_over(previous, abstract,
+                                 reset_optimizer=curriculum.resets_optimizer(index))
+    train_state.check_init_from(abstract.params, curriculum.stages[index].init_operations())
+    previous = abstract
 
 
 def _switch_stage(state: train_state.TrainState, trainer: trainer_lib.Trainer,

@@ -7,7 +7,7 @@ in ``FAMILIES``. The text of a document is tokenized into ``targets`` and then
   reference function) → ``inputs``/``targets``;
 * ``spactor``: the same, plus ``mlm_mask`` on ``inputs``;
 * ``mlm`` / ``mlm_all_mask`` / ``rts`` / ``slm``: fixed-length chunks of the
-  concatenated documents, corrupted into ``inputs`` with ``targets`` the
+  concatenated documents, each starting with the CLS id, corrupted into ``inputs`` with ``targets`` the
   originals and ``mlm_mask`` the selected positions (80/10/10, all mask id,
   random tokens, random tokens);
 * ``causal_lm``: documents split into ``targets``-length pieces, for packed
@@ -113,7 +113,7 @@ def _family(family: str, vocabulary: seqio.Vocabulary):
                           feature_key='targets', max_length=65536),
         functools.partial(t5_preprocessors.reduce_concat_tokens,
                           feature_key='targets', batch_size=128),
-        t5_preprocessors.split_tokens_to_inputs_length,
+        preprocessors.split_tokens_for_encoder,
         seqio.preprocessors.append_eos,
         functools.partial(preprocessors.corrupt_for_encoder,
                           policy=ENCODER_POLICIES[family]),

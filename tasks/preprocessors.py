@@ -9,13 +9,17 @@ Features written (all ``[length]`` int32, aligned with ``inputs``):
 * ``mlm_mask``: 1 at the selected positions: a fraction ``rate`` of the
   *eligible* tokens (randomly rounded, so the expected rate is exact); pad,
   EOS, UNK, sentinels and ids at or above the mask id are never eligible.
-* For encoder-only tasks, ``inputs`` is the corrupted copy of ``targets``.
+* For encoder-only tasks, ``targets`` is the CLS id followed by the original
+  tokens (so every example, and every segment of a packed row, starts with
+  the sequence-level position), and ``inputs`` is the corrupted copy of
+  ``targets``; the CLS id is special, so it is never selected or replaced.
 """
 
 from typing import Mapping, Sequence
 
 import gin
 import seqio
+import t5.data.preprocessors as t5_preprocessors
 import tensorflow as tf
 
 from tasks import vocab as vocab_lib
@@ -95,6 +99,36 @@ def corrupt(tokens: tf.Tensor, selected: tf.Tensor, policy: str,
   return tf.where(selected, replacement, tokens)
 
 
+def split_tokens_for_encoder(dataset: tf.data.Dataset,
+                             sequence_length: Mapping[str, int],
+                             output_features: Mapping[str, seqio.Feature]
+                             ) -> tf.data.Dataset:
+  """Splits ``targets`` into chunks that leave room for the CLS id and EOS.
+
+  Like ``t5.data.preprocessors.split_tokens_to_inputs_length``, with one
+  more slot reserved: chunks of ``sequence_length['inputs'] - 2`` tokens
+  become examples of exactly the inputs length once ``append_eos`` and
+  ``corrupt_for_encoder`` have added EOS and CLS.
+
+  Args:
+    dataset: examples with ``targets`` ``[n]`` (concatenated documents).
+    sequence_length: the task feature lengths; ``inputs`` is used.
+    output_features: the task's features (``targets`` must add EOS).
+
+  Returns:
+    Examples with ``targets`` of at most ``inputs - 2`` tokens.
+  """
+  if not output_features['targets'].add_eos:
+    raise ValueError('split_tokens_for_encoder expects targets with add_eos')
+  return t5_preprocessors.split_tokens(
+      dataset, max_tokens_per_segment=sequence_length['inputs'] - 2)
+
+
+def prepend_cls(tokens: tf.Tensor, info: VocabInfo) -> tf.Tensor:
+  """``[n]`` ids → ``[n + 1]``: the CLS id, then the tokens."""
+  return tf.concat([tf.constant([info.cls_id], tokens.dtype), tokens], axis=0)
+
+
 @gin.configurable(module='tasks', denylist=['dataset', 'output_features'])
 def add_mlm_mask(dataset: tf.data.Dataset,
                  output_features: Mapping[str, seqio.Feature],
@@ -133,8 +167,11 @@ def corrupt_for_encoder(dataset: tf.data.Dataset,
                         random_prob: float = 0.1) -> tf.data.Dataset:
   """Builds encoder-only features from ``targets`` (the original tokens).
 
+  The CLS id is put in front of the tokens first; being special, it is
+  never selected, so ``mlm_mask`` is 0 there and ``inputs`` keeps it.
+
   Args:
-    dataset: examples with ``targets`` ``[length]`` (EOS included).
+    dataset: examples with ``targets`` ``[n]`` (EOS included).
     output_features: the task's features (for the vocabulary).
     policy: ``'bert'``, ``'mask'`` or ``'random'``; see ``corrupt``.
     rate: fraction of eligible tokens to select.
@@ -142,14 +179,14 @@ def corrupt_for_encoder(dataset: tf.data.Dataset,
     random_prob: for ``'bert'``, the probability of a random token.
 
   Returns:
-    Examples with ``inputs`` (corrupted), ``targets`` (originals) and
-    ``mlm_mask``, each ``[length]`` int32.
+    Examples with ``inputs`` (corrupted), ``targets`` (CLS and the
+    originals) and ``mlm_mask``, each ``[n + 1]`` int32.
   """
   info = vocab_lib.vocab_info(output_features['targets'].vocabulary)
 
   @seqio.map_over_dataset(num_seeds=3)
   def build(features, seeds):
-    tokens = features['targets']
+    tokens = prepend_cls(features['targets'], info)
     selected = select_positions(tokens, rate, seeds[0], info)
     return {
         'inputs': corrupt(tokens, selected, policy, seeds[1:], info,

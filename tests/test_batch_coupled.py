@@ -19,6 +19,7 @@ import pytest
 
 import helpers
 from spactor_jax import errors
+from spactor_jax import metrics_log
 from spactor_jax import partitioning
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
@@ -159,7 +160,7 @@ def _one_step(trainer, batch):
   state, metrics = trainer.train_step(
       state, pipeline.global_arrays(batch, trainer.data_sharding), jax.random.key(1))
   grads = jax.tree_util.tree_map(np.subtract, before, jax.device_get(state.params))
-  return before, grads, {k: float(v) for k, v in metrics.items()}
+  return before, grads, metrics_log.window_averages([jax.device_get(metrics)])
 
 
 def _assert_matches_reference(trainer, batch, num_groups):
@@ -222,7 +223,8 @@ def test_eval_includes_the_coupled_term():
   batch = _batch()
   trainer = _trainer(batch, 'device', (2, 2, 2))
   state = trainer.init_state(jax.random.key(0))
-  metrics = trainer.eval_loss(state, pipeline.global_arrays(batch, trainer.data_sharding))
+  metrics = metrics_log.window_averages([jax.device_get(
+      trainer.eval_loss(state, pipeline.global_arrays(batch, trainer.data_sharding)))])
   loss, infonce, _ = _reference_loss(jax.device_get(state.params), batch, 4)
   np.testing.assert_allclose(float(metrics['loss']), loss, rtol=1e-5)
   np.testing.assert_allclose(float(metrics['infonce_loss']), infonce, rtol=1e-5)

@@ -4,6 +4,7 @@ import functools
 import shutil
 
 from etils import epath
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,7 @@ from spactor_jax import errors
 from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import partitioning
+from spactor_jax import train_state
 from spactor_jax import training
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import span_corruption
@@ -183,6 +185,39 @@ def test_stage_settings_are_checked_and_give_optimizer_starts_and_schedules():
     assert message in str(info.value).splitlines()[0]  # gin appends its call site
 
 
+def test_a_stage_with_its_own_optimizer_in_gin():
+  try:
+    gin.parse_config("""
+        lm/Stage.objective = @SpanCorruption
+        lm/Stage.optimizer = @lm/adamw
+        lm/Stage.learning_rate = @lm/constant_schedule()
+        lm/constant_schedule.learning_rate = 1e-4
+        lm/constant_schedule.warmup_steps = 1000
+        lm/adamw.weight_decay = 0.0
+        lm/Stage.trainable = r'model/decoder/logits_dense/.*'
+        lm/Stage.reset_optimizer = True
+        lm/Stage.init_from = {'model/decoder/logits_dense/kernel':
+                              ('model/token_embedder/embedding', 'transpose')}
+        Curriculum.stages = [@lm/Stage()]
+    """)
+    stage, = curriculum.Curriculum().stages
+    tx = stage.optimizer(learning_rate=stage.learning_rate)
+  finally:
+    gin.clear_config()
+  assert stage.objective is span_corruption.SpanCorruption and stage.reset_optimizer
+  assert stage.trainable == 'model/decoder/logits_dense/.*'
+  assert stage.init_operations() == ((HEAD, EMBEDDING, 'transpose'),)
+  np.testing.assert_allclose([stage.learning_rate(s) for s in (0, 500, 1000, 5000)],
+                             [0, 5e-5, 1e-4, 1e-4], rtol=1e-6)
+  # AdamW without weight decay under a constant gradient: -lr * g / (|g| + eps).
+  params = {'w': jnp.ones(3)}
+  update = jax.jit(lambda state: tx.update({'w': jnp.full(3, 2.0)}, state, params))
+  state = tx.init(params)
+  for _ in range(501):
+    updates, state = update(state)
+  np.testing.assert_allclose(updates['w'], -5e-5 * 2 / (2 + 1e-6), rtol=1e-5)
+
+
 def test_a_shape_change_at_a_switch_is_an_error_naming_the_path(tmp_path):
   stages = (curriculum.Stage(span_corruption.SpanCorruption, steps=1),
             curriculum.Stage(WideSpanCorruption))
@@ -198,6 +233,20 @@ def test_a_shape_change_at_a_switch_is_an_error_naming_the_path(tmp_path):
   assert '(128, 256)' in message and '(128, 512)' in message
   # Nothing was deleted: the old state is still whole.
   assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state))
+  # A run with this curriculum stops before its first step, not at the switch.
+  with pytest.raises(errors.ConfigError) as info:
+    training.train(config)
+  assert str(info.value) == message
+  assert not list((tmp_path / 'checkpoints').glob('[0-9]*'))
+  # A trainable pattern or an init_from path that names no parameter.
+  nothing = _run_config(tmp_path, 2, (curriculum.Stage(span_corruption.SpanCorruption,
+                                                       trainable='model/decoder/head/.*'),))
+  with pytest.raises(errors.ConfigError, match=r"trainable = 'model/decoder/head/\.\*' matches "
+                     r"no parameter \(paths look like 'model/"):
+    _setup(nothing)[1](0)
+  with pytest.raises(errors.ConfigError, match=r"init_from source 'model/embedding' is not a "
+                     r'parameter of the stage \(parameters: model/decoder/'):
+    train_state.init_from(state, [(HEAD, 'model/embedding', 'copy')], first.state_shardings.params)
 
 
 def test_a_trainable_pattern_freezes_the_rest_bit_for_bit(lm_tuning):
@@ -246,11 +295,13 @@ def test_a_stage_schedule_counts_from_the_stage_start(lm_tuning):
   stored = _flat(_raw_state(lm_tuning, 2)['params'])
   np.testing.assert_array_equal(_flat(_raw_state(lm_tuning, 3)['params'])[HEAD],
                                 stored[EMBEDDING].T)
-  # ... and the last stage's fresh Adam moved every parameter by the run's
-  # rate at step 4, not at its own step count 0 (which would be twice that).
+  # ... and the last stage's fresh Adam, whose first update is
+  # lr * |g| / (|g| + eps) <= lr, used the run's rate at step 4, not at its
+  # own step count 0 (which would be twice that).
   before, after = (_flat(_raw_state(lm_tuning, s)['params']) for s in (4, 5))
   moves = np.concatenate([np.abs(after[p] - before[p]).ravel() for p in before])
-  np.testing.assert_allclose(np.median(moves), rsqrt(4), rtol=1e-3)
+  assert moves.max() <= rsqrt(4) * (1 + 1e-4)
+  assert np.percentile(moves[moves > 0], 90) > 0.98 * rsqrt(4)
   # Step counts restart with every fresh optimizer state.
   assert [_counts(_raw_state(lm_tuning, s)['opt_state']) for s in (2, 3, 4, 5)] == [
       {2}, {1}, {2}, {1}]
@@ -285,10 +336,10 @@ def test_reset_optimizer_zeroes_the_moments(lm_tuning, reset):
   assert _counts(moved.opt_state) == ({0} if reset else {2})
 
 
-@pytest.mark.parametrize('stop', [2, 3])
-def test_resume_in_any_stage_matches_the_uninterrupted_run(lm_tuning, tmp_path, stop):
-  # Stop at the switch (stage 0's structure, the head still to be made) or
-  # inside the head-only stage (its masked optimizer state), then go on.
+def test_resume_in_any_stage_matches_the_uninterrupted_run(lm_tuning, tmp_path):
+  # Stop inside the head-only stage (its masked optimizer state), resume
+  # across the next switch. (Resuming at a switch: see the init_from test.)
+  stop = 3
   (tmp_path / 'checkpoints').mkdir()
   for step in range(1, stop + 1):
     shutil.copytree(lm_tuning / 'checkpoints' / str(step), tmp_path / 'checkpoints' / str(step))

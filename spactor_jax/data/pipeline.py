@@ -8,12 +8,15 @@ and ``restore`` make a resumed run see exactly the batches an uninterrupted
 run would have seen, at O(1) cost.
 """
 
+import codecs
 import dataclasses
 import difflib
 import gzip
 import os
+import zlib
 from typing import Dict, Mapping, Optional, Tuple
 
+from google.protobuf.message import DecodeError
 import gin
 import jax
 import numpy as np
@@ -24,6 +27,7 @@ import tensorflow as tf
 import tasks
 from tasks.corpora import TextCorpus, TextFileSource
 from tasks.vocab import vocab_info
+from spactor_jax import errors
 from spactor_jax.data import feature_converters
 from spactor_jax.errors import ConfigError
 from spactor_jax.objectives.base import MODEL_FAMILIES
@@ -125,10 +129,37 @@ def _leaf_tasks(provider) -> list:
       provider]
 
 
+# Bytes of each corpus file read at start to check it is UTF-8 text.
+_CHECKED_BYTES = 1 << 16
+
+
 def _has_document(path: str) -> bool:
+  """Whether the file has a non-blank line; checks its start is UTF-8 text.
+
+  Raises:
+    ConfigError: the file is not valid gzip (``.gz``), holds NUL bytes or is
+      not UTF-8 in its first ``_CHECKED_BYTES`` bytes.
+  """
   opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rt', encoding='utf-8', errors='replace') as f:
-    return any(line.strip() for line in f)
+  decoder = codecs.getincrementaldecoder('utf-8')()
+  try:
+    with opener(path, 'rb') as f:
+      head = f.read(_CHECKED_BYTES)
+      if b'\x00' in head:
+        raise ConfigError(f'corpus file {path} is binary (it holds NUL bytes), '
+                          'not text with one document per line')
+      text = decoder.decode(head, final=len(head) < _CHECKED_BYTES)
+      if text.strip():
+        return True
+      return any(line.strip() for line in f)
+  except (OSError, EOFError, zlib.error) as e:
+    raise ConfigError(f'corpus file {path} is not a valid gzip file '
+                      f'({errors.first_line(e)}); re-create it or drop '
+                      'the .gz suffix if it is plain text') from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f'corpus file {path} is not UTF-8 text (byte '
+                      f'{head[e.start]:#04x} at offset {e.start}); convert it '
+                      'to UTF-8, one document per line') from None
 
 
 def _check_corpus(task: seqio.Task, split: str) -> None:
@@ -141,7 +172,7 @@ def _check_corpus(task: seqio.Task, split: str) -> None:
   if not files:
     raise ConfigError(f'corpus of task {task.name!r} ({split}): no file '
                       'matches the configured pattern(s)')
-  if not any(_has_document(f) for f in files):
+  if not any([_has_document(f) for f in files]):  # checks every file.
     raise ConfigError(f'corpus of task {task.name!r} ({split}) is empty: no '
                       f'non-blank line in {", ".join(files)}')
 
@@ -186,10 +217,12 @@ def _check_vocabulary(vocabulary: seqio.Vocabulary,
     return
   try:
     size = vocabulary.vocab_size
-  except (tf.errors.OpError, OSError, RuntimeError) as e:
+  except (tf.errors.OpError, OSError, RuntimeError, DecodeError) as e:
     path = getattr(vocabulary, 'sentencepiece_model_file', vocabulary)
-    raise ConfigError(f'cannot load vocabulary {path}: '
-                      f'{str(e).splitlines()[0]}') from e
+    what = ('it is not a SentencePiece model' if isinstance(e, DecodeError)
+            else errors.first_line(e))
+    raise ConfigError(f'cannot load vocabulary {path}: {what}; give a '
+                      'SentencePiece .model file') from None
   if size + 1 > model_vocab_size:
     raise ConfigError(f'vocabulary has {size} ids plus the mask id {size}, '
                       f'but the model embeds only {model_vocab_size}; set the '

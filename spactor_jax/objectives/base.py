@@ -70,6 +70,17 @@ gradient; integer ones (weights, labels) are passed through. Pass 1 is an
 extra forward pass (roughly a third of a step's compute), paid only with
 ``num_microbatches > 1``. Denominators of the coupled term come from
 ``denominators(batch)``.
+
+Held-out evaluation
+-------------------
+
+Held-out evaluation calls ``evaluate`` (default: ``__call__`` without
+dropout; the trainer adds ``coupled_loss`` for batch-coupled objectives) on a
+fixed set of batches with the denominators of the whole set, sums the losses
+and each metric's numerator and denominator over the set and divides once.
+Objectives over the encoder-decoder add ``heldout_sc_loss`` there, the
+span-corruption loss per target token of the unchanged input, so that runs
+with different objectives share one curve.
 """
 
 import dataclasses
@@ -218,3 +229,21 @@ class Objective(nn.Module):
     unchanged.
     """
     return objective_state
+
+  def evaluate(self, batch: Batch, denominators: Mapping[str, Array]
+               ) -> Tuple[Array, Metrics]:
+    """The loss and metrics of one held-out batch, without dropout.
+
+    The trainer applies this with the ``sample`` RNG stream fixed per eval
+    batch and discards any update of ``objective_state``. Override it to add
+    metrics that only make sense on held-out data, keeping ``__call__``'s.
+
+    Args:
+      batch: features, each ``[batch, length]``.
+      denominators: ``denominators`` of the whole eval set, so that the
+        losses of its batches add up to the eval set's loss.
+
+    Returns:
+      ``(loss, metrics)`` as ``__call__`` returns them.
+    """
+    return self(batch, denominators, enable_dropout=False)

@@ -42,6 +42,37 @@ class SpanCorruption(base.Objective):
         enable_dropout=enable_dropout)
     return span_corruption_loss(logits, batch, denominators['targets'], self.z_loss)
 
+  def evaluate(self, batch: base.Batch, denominators: Mapping[str, jax.Array]
+               ) -> Tuple[jax.Array, base.Metrics]:
+    """``__call__`` without dropout plus ``heldout_sc_loss`` (= ``sc_loss``)."""
+    loss, metrics = self(batch, denominators, enable_dropout=False)
+    metrics['heldout_sc_loss'] = metrics['sc_loss']
+    return loss, metrics
+
+
+def heldout_sc_loss(model: network.EncoderDecoder, batch: base.Batch,
+                    z_loss: float) -> base.Metric:
+  """Span corruption's loss of the batch as it is, without dropout.
+
+  The metric that runs with different objectives over the encoder-decoder
+  share: the decoder's loss per target token (cross-entropy plus z-loss, as
+  ``SpanCorruption``'s ``loss``) when the encoder reads the unreplaced
+  ``encoder_input_tokens``.
+
+  Args:
+    model: the encoder-decoder (an objective's ``model`` submodule).
+    batch: span-corruption features, each ``[batch, length]``.
+    z_loss: z-loss coefficient.
+
+  Returns:
+    ``(loss sum, target tokens)``.
+  """
+  logits = model(
+      batch['encoder_input_tokens'], batch['decoder_input_tokens'],
+      batch.get('encoder_segment_ids'), batch.get('decoder_segment_ids'),
+      enable_dropout=False)
+  return span_corruption_loss(logits, batch, jnp.ones(()), z_loss)[1]['sc_loss']
+
 
 def span_corruption_loss(logits: jax.Array, batch: base.Batch,
                          denominator: jax.Array, z_loss: float

@@ -1,0 +1,182 @@
+"""Autoregressive decoding: KV-cached sampling for decoder-only models, span filling for T5.
+
+Decoder-only (``network.DecoderOnly``): the model reads ``[0] + prompt`` one
+position per step through its KV cache (``decode_length`` slots; prompts of
+different lengths share the steps, a row's prompt tokens are forced until it
+is exhausted) and then its own choices: greedy (``temperature = 0``) or
+sampled from ``softmax(logits / temperature)`` restricted to the ``top_k``
+most likely ids. Rows stop at EOS; later positions are padding (0).
+
+Encoder-decoder (``network.EncoderDecoder``): the encoder reads the input once
+and the decoder is re-run on the whole (fixed-length) target prefix at each
+step, greedily; ``fill_spans`` puts the predicted spans back in place of the
+input's sentinels.
+"""
+
+import functools
+import re
+from typing import Any, Dict, List, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spactor_jax import network
+
+Array = jax.Array
+Params = Any
+
+
+def init_cache(model: network.DecoderOnly, batch_size: int) -> Dict[str, Any]:
+  """A zero ``cache`` collection for ``model.decode_length`` positions (no parameters made)."""
+  tokens = jnp.zeros((batch_size, model.decode_length), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))['cache']
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _step_logits(model: network.DecoderOnly, params: Params, cache: Any,
+                 tokens: Array) -> Tuple[Array, Any]:
+  """``tokens [batch]`` at the cache position → ``([batch, vocab] logits, cache)``."""
+  logits, variables = model.apply(
+      {'params': params, 'cache': cache}, tokens[:, None],
+      method=lambda m, t: m.logits(m(t)), mutable=['cache'])
+  return logits[:, 0], variables['cache']
+
+
+def choose(logits: Array, rng: Array, temperature: float, top_k: int) -> Array:
+  """Next ids ``[batch]`` from ``[batch, vocab]`` logits.
+
+  ``temperature == 0`` is greedy (argmax); otherwise a sample of
+  ``softmax(logits / temperature)`` over the ``top_k`` largest logits
+  (``top_k == 0``: all ids).
+  """
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'temperature', 'top_k', 'eos_id'))
+def generate(model: network.DecoderOnly, params: Params, prompts: Array, prompt_lengths: Array,
+             rng: Array, *, temperature: float = 0.0, top_k: int = 0,
+             eos_id: int = 1) -> Array:
+  """Continues each prompt up to ``model.decode_length`` tokens.
+
+  Args:
+    model: a ``DecoderOnly`` with ``decode_length`` set (the total length).
+    params: its parameters (with the vocabulary head).
+    prompts: ``[batch, decode_length]`` ids, each row's prompt first, then 0s.
+    prompt_lengths: ``[batch]`` prompt lengths (0: start from BOS alone).
+    rng: sampling key (unused when greedy).
+    temperature: 0 for greedy decoding, else the sampling temperature.
+    top_k: sample among this many most likely ids (0: all).
+    eos_id: a row stops after emitting it.
+
+  Returns:
+    ``[batch, decode_length]``: the prompt followed by the continuation, up
+    to and including EOS, 0 after.
+  """
+  batch, length = prompts.shape
+  cache = init_cache(model, batch)
+
+  def step(carry, position):
+    cache, previous, done, rng = carry
+    rng, key = jax.random.split(rng)
+    logits, cache = _step_logits(model, params, cache, previous)
+    chosen = choose(logits, key, temperature, top_k)
+    forced = position < prompt_lengths
+    token = jnp.where(forced, prompts[:, position], jnp.where(done, 0, chosen))
+    done = done | (~forced & (token == eos_id))
+    return (cache, token, done, rng), token
+
+  bos = jnp.zeros((batch,), jnp.int32)
+  init = (cache, bos, jnp.zeros((batch,), jnp.bool_), rng)
+  _, tokens = jax.lax.scan(step, init, jnp.arange(length))
+  return tokens.T  # [batch, length]
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'target_length'))
+def greedy_spans(model: network.EncoderDecoder, params: Params, inputs: Array,
+                 target_length: int) -> Array:
+  """Greedy decoder targets ``[batch, target_length]`` for ``inputs [batch, in_len]``.
+
+  The decoder re-runs on the fixed-length prefix (causal, so later
+  positions do not change earlier ones) at each step; no cache.
+  """
+  batch = inputs.shape[0]
+  encoded = model.apply({'params': params}, inputs, method=lambda m, x: m.encode(x))
+
+  def step(targets, position):
+    decoder_inputs = jnp.concatenate(
+        [jnp.zeros((batch, 1), jnp.int32), targets[:, :-1]], axis=1)
+    logits = model.apply({'params': params}, encoded, inputs, decoder_inputs,
+                         method=lambda m, e, i, d: m.decode(e, i, d))
+    chosen = jnp.argmax(logits[:, position], axis=-1).astype(jnp.int32)
+    return targets.at[:, position].set(chosen), None
+
+  targets, _ = jax.lax.scan(step, jnp.zeros((batch, target_length), jnp.int32),
+                            jnp.arange(target_length))
+  return targets
+
+
+_SENTINEL = re.compile(r'<extra_id_(\d+)>')
+
+
+def spans_from_ids(targets: np.ndarray, vocab: Any) -> Dict[int, List[int]]:
+  """Decoder ids ``<extra_id_0> a b <extra_id_1> c EOS`` → ``{0: [a, b], 1: [c]}``.
+
+  Args:
+    targets: ``[length]`` ids; reading stops at EOS or padding.
+    vocab: a ``base.VocabInfo`` (``<extra_id_k>`` is id ``vocab_size - 1 - k``).
+  """
+  spans: Dict[int, List[int]] = {}
+  current = None
+  for token in (int(t) for t in targets):
+    if token in (vocab.pad_id, vocab.eos_id):
+      break
+    if vocab.first_sentinel_id <= token < vocab.vocab_size:
+      current = vocab.vocab_size - 1 - token
+      spans[current] = []
+    elif current is not None:
+      spans[current].append(token)
+  return spans
+
+
+def fill_spans(text: str, spans: Dict[int, str]) -> str:
+  """Replaces each ``<extra_id_k>`` of ``text`` by ``spans[k]`` (``''`` when missing)."""
+  return _SENTINEL.sub(lambda m: spans.get(int(m.group(1)), ''), text)
+
+
+def pad_prompts(prompts: List[List[int]], length: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Ragged id lists → ``([batch, length]`` right-padded ids, ``[batch]`` lengths)."""
+  ids = np.zeros((len(prompts), length), np.int32)
+  for row, prompt in enumerate(prompts):
+    if len(prompt) >= length:
+      raise ValueError(f'prompt {row} has {len(prompt)} tokens; the decode length is {length}')
+    ids[row, :len(prompt)] = prompt
+  return ids, np.array([len(p) for p in prompts], np.int32)
+
+
+def generated_part(tokens: np.ndarray, prompt_length: int, eos_id: int = 1,
+                   ) -> List[int]:
+  """The ids after the prompt, up to (not including) EOS or padding."""
+  out = []
+  for token in tokens[prompt_length:]:
+    if token in (0, eos_id):
+      break
+    out.append(int(token))
+  return out
+
+
+def encode_inputs(texts: List[str], encode: Any, length: int, eos_id: int = 1,
+                  ) -> np.ndarray:
+  """Encoder inputs ``[batch, length]``: each text's ids and EOS, 0-padded."""
+  rows = np.zeros((len(texts), length), np.int32)
+  for row, text in enumerate(texts):
+    ids = list(encode(text))[:length - 1] + [eos_id]
+    rows[row, :len(ids)] = ids
+  return rows
+

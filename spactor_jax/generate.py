@@ -1,0 +1,209 @@
+r"""Text from a checkpoint: continuation for decoder-only models, span filling for T5.
+
+    python -m spactor_jax.generate \
+      --gin_file=gin_configs/quickstart_headless_causal_lm_then_lm_tuning.gin \
+      --gin.MODEL_DIR=/tmp/headless_lm \
+      --gin.GenerateConfig.prompts="['And God said', 'A bore is']" \
+      --gin.GenerateConfig.temperature=0.7 --gin.GenerateConfig.top_k=40
+
+Takes the run's own gin files (the model, the curriculum, the task and its
+vocabulary) plus ``GenerateConfig``; loads the latest checkpoint (or
+``GenerateConfig.step``) and prints one line per prompt. A decoder-only model
+continues its prompts (KV-cached; greedy at ``temperature = 0``, else sampled
+with optional top-k); an encoder-decoder model fills the ``<extra_id_k>``
+sentinels of its inputs. With ``perplexity_batches`` it first prints the
+perplexity of the task's validation split. A headless checkpoint has no
+vocabulary head and is refused: LM-tune it first.
+"""
+
+import dataclasses
+import logging
+import math
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from etils import epath
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import seqio
+
+from spactor_jax import decoding
+from spactor_jax import errors
+from spactor_jax import gin_utils
+from spactor_jax import network
+from spactor_jax import partitioning
+from spactor_jax import runtime
+from spactor_jax import scan_conversion
+from spactor_jax import training
+from spactor_jax.data import pipeline
+from spactor_jax.objectives import base
+
+log = logging.getLogger('spactor_jax')
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  """What to generate.
+
+  Attributes:
+    prompts: texts to continue (decoder-only) or with ``<extra_id_k>``
+      sentinels to fill (encoder-decoder).
+    prompt_file: more prompts, one per line.
+    step: the checkpoint's step (``None``: the latest).
+    decode_length: decoder-only: prompt plus continuation, in tokens;
+      encoder-decoder: the filled spans, in tokens.
+    input_length: encoder-decoder: encoder input tokens.
+    temperature: 0 for greedy decoding, else the sampling temperature
+      (decoder-only).
+    top_k: sample among this many most likely ids (0: all).
+    seed: sampling seed.
+    perplexity_batches: decoder-only: first evaluate the perplexity of this
+      many batches of the task's validation split (0: skip).
+  """
+  prompts: Sequence[str] = ()
+  prompt_file: Optional[str] = None
+  step: Optional[int] = None
+  decode_length: int = 64
+  input_length: int = 128
+  temperature: float = 0.0
+  top_k: int = 0
+  seed: int = 0
+  perplexity_batches: int = 0
+
+  def all_prompts(self) -> List[str]:
+    prompts = list(self.prompts)
+    if self.prompt_file:
+      prompts += [line.rstrip('\n') for line in epath.Path(self.prompt_file).read_text().splitlines()
+                  if line.strip()]
+    if not prompts:
+      raise errors.ConfigError(
+          "no prompts; set --gin.GenerateConfig.prompts=\"['text', ...]\" or "
+          'GenerateConfig.prompt_file')
+    return prompts
+
+
+def _restore_params(run: training.RunConfig, step: Optional[int], vocab: base.VocabInfo
+                    ) -> Dict[str, Any]:
+  """The parameters of a checkpoint with a vocabulary head, and the objective of its stage."""
+  directory = epath.Path(run.model_dir) / 'checkpoints'
+  manager = ocp.CheckpointManager(directory,
+                                  item_handlers={'state': ocp.StandardCheckpointHandler()})
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise errors.ConfigError(f'no checkpoint{"" if step is None else f" at step {step}"} '
+                             f'in {directory}; train first or set GenerateConfig.step')
+  stage = run.curriculum.index_of_state(step)
+  mesh = partitioning.make_mesh(run.mesh)
+  spec = pipeline.batch_spec(run.data, run.model_family, run.batch_size)
+  trainer = run.make_trainer(stage, mesh, spec, vocab)
+  check_has_head(trainer.abstract_state.params, run, type(trainer.objective).__name__, step)
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(trainer.sharded_abstract_state()))).state
+  manager.close()
+  log.info('restored step %d (stage %s) from %s', step, run.curriculum.stages[stage].name,
+           directory)
+  return {'params': state.params, 'objective': trainer.objective, 'step': step}
+
+
+def check_has_head(params: Dict[str, Any], run: training.RunConfig, objective_name: str,
+                   step: int) -> None:
+  """A one-line error for encoder-only or headless checkpoints."""
+  if run.model_family == 'encoder':
+    raise errors.ConfigError('encoder-only models do not generate text; use a decoder-only '
+                             'or encoder-decoder run')
+  if run.model.logits_via_embedding or 'logits_dense' in params['model']['decoder']:
+    return
+  raise errors.ConfigError(
+      f'the checkpoint at step {step} ({objective_name}) is headless: it has no vocabulary '
+      'head to generate with; LM-tune it first (gin_configs/objectives/'
+      'headless_causal_lm_then_lm_tuning.gin adds the LMTuning stage)')
+
+
+def perplexity(objective: base.Objective, params: Any, batches: Any) -> float:
+  """``exp(lm_loss)`` over the target tokens of ``batches`` (sums, not batch means)."""
+  apply = jax.jit(lambda params, batch: objective.apply(
+      {'params': params}, batch, objective.denominators(batch), enable_dropout=False)[1])
+  total, count = 0.0, 0.0
+  for batch in batches:
+    loss_sum, tokens = apply(params, dict(batch))['lm_loss']
+    total += float(loss_sum)
+    count += float(tokens)
+  return math.exp(total / max(count, 1.0))
+
+
+def continue_prompts(run: training.RunConfig, config: GenerateConfig, params: Any,
+                     vocabulary: seqio.Vocabulary, prompts: List[str]) -> List[str]:
+  """Decoder-only continuations of ``prompts`` (KV cache; scanned layers are unstacked)."""
+  model_params = params['model']
+  if run.model.scan_layers:
+    model_params = scan_conversion.to_unscanned(model_params)
+  model = network.DecoderOnly(run.model.replace(scan_layers=False),
+                              decode_length=config.decode_length)
+  ids = [list(vocabulary.encode(p)) for p in prompts]
+  tokens, lengths = decoding.pad_prompts(ids, config.decode_length)
+  out = np.asarray(decoding.generate(
+      model, model_params, tokens, lengths,
+      jax.random.key(config.seed), temperature=config.temperature, top_k=config.top_k,
+      eos_id=vocabulary.eos_id))
+  return [vocabulary.decode(decoding.generated_part(row, len(prompt), vocabulary.eos_id))
+          for row, prompt in zip(out, ids)]
+
+
+def fill_prompts(run: training.RunConfig, config: GenerateConfig, params: Any,
+                 vocabulary: seqio.Vocabulary, vocab: base.VocabInfo,
+                 prompts: List[str]) -> List[str]:
+  """Encoder-decoder span filling: each prompt with its sentinels replaced."""
+  inputs = decoding.encode_inputs(prompts, vocabulary.encode, config.input_length,
+                                  vocabulary.eos_id)
+  targets = np.asarray(decoding.greedy_spans(network.EncoderDecoder(run.model), params['model'],
+                                             jnp.asarray(inputs), config.decode_length))
+  return [decoding.fill_spans(prompt, {k: vocabulary.decode(ids) for k, ids in
+                                       decoding.spans_from_ids(row, vocab).items()})
+          for prompt, row in zip(prompts, targets)]
+
+
+def generate(run: training.RunConfig, config: GenerateConfig) -> List[str]:
+  """Loads the checkpoint, prints and returns one output per prompt."""
+  prompts = config.all_prompts()
+  vocabulary = pipeline.task_vocabulary(run.data, run.model_family)
+  vocab = pipeline.vocab_info(vocabulary)
+  restored = _restore_params(run, config.step, vocab)
+  params, objective = restored['params'], restored['objective']
+  if config.perplexity_batches:
+    if run.model_family != 'decoder' or not hasattr(objective, 'logit_scale'):
+      raise errors.ConfigError('perplexity_batches needs a decoder-only checkpoint of an '
+                               'LMTuning stage')
+    data = dataclasses.replace(run.data, split='validation', shuffle=False)
+    batches = pipeline.make_iterator(data, 'decoder', run.batch_size,
+                                     seqio.ShardInfo(0, 1), run.model.vocab_size)
+    value = perplexity(objective, params, (b for _, b in zip(range(config.perplexity_batches),
+                                                             batches)))
+    print(f'perplexity {value:.2f} on {config.perplexity_batches} validation batches')
+  if run.model_family == 'decoder':
+    outputs = continue_prompts(run, config, params, vocabulary, prompts)
+  else:
+    outputs = fill_prompts(run, config, params, vocabulary, vocab, prompts)
+  for prompt, output in zip(prompts, outputs):
+    print(f'{prompt} => {output}')
+  return outputs
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Console entry point; returns the process exit status."""
+  return gin_utils.run_main(_generate, argv)
+
+
+def _generate(flags: gin_utils.GinFlags, rest: List[str]) -> None:
+  if rest:
+    raise errors.ConfigError(f'unknown arguments {rest}; use --gin_file=F and --gin.NAME=VALUE')
+  gin_utils.parse_with_tasks(flags)
+  runtime.initialize()
+  generate(gin_utils.call(training.RunConfig), gin_utils.call(GenerateConfig))
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,81 @@
+"""BERT's masked language model on an encoder-only network (Devlin et al. 2019).
+
+The ``*_mlm`` tasks make the features: 15% of the eligible tokens are
+selected (``encoder_mlm_mask``), 80% of them become the mask id, 10% a
+uniformly random regular id and 10% stay unchanged (``encoder_input_tokens``);
+``encoder_target_tokens`` holds the originals. Every example starts with the
+CLS id, which is never selected.
+
+``loss = L_MLM``: vocabulary cross-entropy at the selected positions, per
+selected position, through a head tied to the token embedding with T5X's
+scaling (``h · Eᵀ / sqrt(d)``, ``generator.tied_logits``) and no bias — the
+same head as the learned generators of ELECTRA, COCO-LM and SpacTor, in this
+codebase's bias-free T5.1.1 layers rather than BERT's dense + LayerNorm
+transform.
+"""
+
+from typing import Dict, Mapping, Tuple
+
+import gin
+import jax
+import jax.numpy as jnp
+
+from spactor_jax import errors
+from spactor_jax import generator as generator_lib
+from spactor_jax import network
+from spactor_jax.objectives import base
+from spactor_jax.objectives import blocks
+
+Array = jax.Array
+
+
+def check_special_ids(objective: str, config: network.TransformerConfig,
+                      vocab: base.VocabInfo) -> None:
+  """Raises a one-line ``ConfigError`` unless the mask and CLS ids fit the embedding."""
+  if vocab.cls_id >= config.vocab_size:
+    raise errors.ConfigError(
+        f'{objective} needs the mask id {vocab.mask_id} and the CLS id {vocab.cls_id} inside '
+        f'the model vocabulary; set TransformerConfig.vocab_size above {vocab.cls_id}')
+
+
+def encoder_denominators(batch: base.Batch) -> Dict[str, Array]:
+  """``masked``: selected positions; ``tokens``: non-padding tokens (CLS included)."""
+  return {
+      'masked': base.safe_denominator(jnp.sum(batch['encoder_mlm_mask'])),
+      'tokens': base.safe_denominator(jnp.sum(batch['encoder_target_tokens'] > 0)),
+  }
+
+
+@gin.configurable
+class MLM(base.Objective):
+  """Masked-LM cross-entropy at the selected positions of an encoder.
+
+  Attributes:
+    config: the encoder network configuration (``EncoderOnly``).
+    vocab: special ids of the task's vocabulary.
+
+  Metrics: ``mlm_loss`` and ``mlm_accuracy`` (argmax) per selected position.
+  """
+  config: network.TransformerConfig
+  vocab: base.VocabInfo
+
+  model_family = 'encoder'
+  input_features = ('encoder_input_tokens', 'encoder_target_tokens', 'encoder_mlm_mask')
+
+  def __post_init__(self):
+    check_special_ids('MLM', self.config, self.vocab)
+    super().__post_init__()
+
+  def setup(self):
+    self.model = network.EncoderOnly(self.config, name='model')
+
+  def denominators(self, batch: base.Batch) -> Dict[str, Array]:
+    return encoder_denominators(batch)
+
+  def __call__(self, batch: base.Batch, denominators: Mapping[str, Array], *,
+               enable_dropout: bool) -> Tuple[Array, base.Metrics]:
+    hidden = self.model(batch['encoder_input_tokens'], batch.get('encoder_segment_ids'),
+                        enable_dropout=enable_dropout)  # [batch, length, emb]
+    logits = generator_lib.tied_logits(self.model.attend, hidden)  # [batch, length, vocab]
+    return blocks.masked_lm_loss(logits, batch['encoder_target_tokens'],
+                                 batch['encoder_mlm_mask'], denominators['masked'], 'mlm')
