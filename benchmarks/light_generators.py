@@ -15,6 +15,7 @@ cluster.
 Prints one JSON object::
 
     python benchmarks/light_generators.py [--length 128] [--batch_size 8] [--steps 2]
+    python benchmarks/light_generators.py --flops_only   # compile and count only
 
 Per objective: ``time_s`` (median step seconds), ``xla_flops`` (the compiled
 step's cost analysis), both relative to the group's baseline (MLM, else RTS;
@@ -85,9 +86,21 @@ def learned_factory(name: str) -> Optional[Callable[..., base.Objective]]:
   return next((getattr(module, c) for c in class_names if hasattr(module, c)), None)
 
 
+def step_flops(objective: base.Objective, batch: Dict[str, np.ndarray]) -> Dict[str, object]:
+  """XLA FLOPs and parameter count of one compiled train step, without running it."""
+  trainer = common.make_trainer(objective, batch, jax.devices()[:1])
+  compiled = trainer.lower(trainer.abstract_state, trainer.abstract_batch(),
+                           jax.random.key(0)).compile()
+  cost = compiled.cost_analysis()
+  return {'xla_flops': float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']),
+          'params': sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))}
+
+
 def time_group(factories: Dict[str, Callable[[], base.Objective]], batch: Dict[str, np.ndarray],
-               steps: int, warmup: int) -> Dict[str, Dict[str, object]]:
+               steps: int, warmup: int, flops_only: bool = False) -> Dict[str, Dict[str, object]]:
   """Compiles, counts and times each objective's step, alternating them."""
+  if flops_only:
+    return {name: step_flops(make(), batch) for name, make in factories.items()}
   compiled = {name: objective_step._Step(make(), batch)  # pylint: disable=protected-access
               for name, make in factories.items()}
   for index in range(warmup + steps):
@@ -102,7 +115,8 @@ def time_group(factories: Dict[str, Callable[[], base.Objective]], batch: Dict[s
 
 def add_ratios(rows: Dict[str, Dict[str, object]], baseline: str) -> None:
   for row in rows.values():
-    row['time_vs_' + baseline] = round(row['time_s'] / rows[baseline]['time_s'], 4)
+    if 'time_s' in row:
+      row['time_vs_' + baseline] = round(row['time_s'] / rows[baseline]['time_s'], 4)
     row['xla_flops_vs_' + baseline] = round(row['xla_flops'] / rows[baseline]['xla_flops'], 4)
 
 
@@ -135,6 +149,8 @@ def main(argv=None) -> Dict[str, object]:
   parser.add_argument('--t5_batch_size', type=int, default=4)
   parser.add_argument('--steps', type=int, default=2, help='timed steps per objective')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps per objective')
+  parser.add_argument('--flops_only', action='store_true',
+                      help='compile and count FLOPs without initialising or timing')
   args = parser.parse_args(argv)
 
   results: Dict[str, object] = {
@@ -160,7 +176,7 @@ def main(argv=None) -> Dict[str, object]:
                                               clusters_path=clusters),
         'slm': lambda: light_generators.SLM(config=encoder_cfg, vocab=VOCAB),
     })
-    encoder_rows = time_group(factories, batch, args.steps, args.warmup)
+    encoder_rows = time_group(factories, batch, args.steps, args.warmup, args.flops_only)
     add_ratios(encoder_rows, 'mlm' if 'mlm' in encoder_rows else 'rts')
     results['encoder_small'] = {'length': args.length, 'batch_size': args.batch_size,
                                 'objectives': encoder_rows, 'skipped': skipped,
@@ -174,7 +190,7 @@ def main(argv=None) -> Dict[str, object]:
         'spactor': lambda: spactor.SpacTor(config=t5_cfg, vocab=VOCAB),
         'light_spactor_crts': lambda: light_spactor.LightSpacTor(
             config=t5_cfg, vocab=VOCAB, generator='crts', clusters_path=clusters),
-    }, t5_batch, args.steps, args.warmup)
+    }, t5_batch, args.steps, args.warmup, args.flops_only)
     add_ratios(t5_rows, 'span_corruption')
     results['t5_small'] = {'inputs_length': args.inputs_length,
                            'targets_length': args.targets_length,
