@@ -193,8 +193,8 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
       nonfinite.settle()
       preemption.report(step, checkpointer.save(step, state, iterator, force=True))
   finally:
+    checkpointer.close()  # a second signal while it waits still exits at once.
     preemption.close()
-    checkpointer.close()
     logger.close()
   return averages
 

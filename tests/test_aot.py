@@ -7,19 +7,18 @@ other tests run everywhere.
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
-import gin
 import pytest
 import seqio
 
+import helpers
+from helpers import fresh_gin  # pylint: disable=unused-import
 import tasks  # pylint: disable=unused-import  (registers the seqio tasks)
 from spactor_jax import aot
 from spactor_jax.data import pipeline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 needs_libtpu = pytest.mark.skipif(
     not HAS_LIBTPU, reason='libtpu is not installed: AOT compilation for TPU '
@@ -27,24 +26,11 @@ needs_libtpu = pytest.mark.skipif(
     'version>"); it works on CPU-only machines')
 
 
-@pytest.fixture(autouse=True)
-def _fresh_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
-
-
 def _env() -> dict:
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(('SLURM_', 'SPACTOR_', 'TPU_'))}
-  env.pop('JAX_PLATFORMS', None)  # aot picks CPU itself
-  env.pop('XLA_FLAGS', None)
-  # libtpu allows one process per machine unless told otherwise; this one
-  # only compiles, so it may run while the test process has libtpu loaded.
-  env.update(TF_CPP_MIN_LOG_LEVEL='2', ALLOW_MULTIPLE_LIBTPU_LOAD='1',
-             PYTHONPATH=os.pathsep.join(
-                 [REPO] + [p for p in [env.get('PYTHONPATH')] if p]))
-  return env
+  # No device settings: aot picks CPU itself. libtpu allows one process per
+  # machine unless told otherwise; this one only compiles, so it may run
+  # while the test process has libtpu loaded.
+  return helpers.subprocess_env(None, ALLOW_MULTIPLE_LIBTPU_LOAD='1')
 
 
 @needs_libtpu
@@ -54,7 +40,7 @@ def test_aot_compiles_the_quickstart_train_step_for_v5e_2x2(tmp_path):
       [sys.executable, '-m', 'spactor_jax.aot', '--topology=v5e:2x2',
        '--gin_file=gin_configs/quickstart.gin', '--gin_file=mesh/fsdp.gin',
        f'--json_out={report_path}'],
-      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+      cwd=helpers.REPO, env=_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'fits' in result.stdout and 'SpanCorruption' in result.stdout
   report = json.loads(report_path.read_text())
@@ -80,7 +66,7 @@ def test_aot_compiles_the_quickstart_train_step_for_v5e_2x2(tmp_path):
 
 @pytest.mark.skipif(HAS_LIBTPU, reason='checks the message shown without libtpu')
 def test_aot_without_libtpu_says_how_to_install_it(monkeypatch, capsys):
-  monkeypatch.chdir(REPO)
+  monkeypatch.chdir(helpers.REPO)
   status = aot.main(['--topology=v5e:2x2',
                      '--gin_file=gin_configs/quickstart.gin'])
   err = capsys.readouterr().err.strip()
@@ -97,7 +83,7 @@ def test_aot_without_libtpu_says_how_to_install_it(monkeypatch, capsys):
 ])
 def test_aot_configuration_mistakes_are_one_line(args, message, monkeypatch,
                                                  capsys):
-  monkeypatch.chdir(REPO)
+  monkeypatch.chdir(helpers.REPO)
   status = aot.main(args + ['--gin_file=gin_configs/quickstart.gin'])
   err = capsys.readouterr().err.strip()
   assert status == 2
@@ -108,7 +94,7 @@ def test_aot_configuration_mistakes_are_one_line(args, message, monkeypatch,
 @needs_libtpu
 def test_aot_mesh_that_does_not_match_the_topology_is_one_line(monkeypatch,
                                                                capsys):
-  monkeypatch.chdir(REPO)
+  monkeypatch.chdir(helpers.REPO)
   status = aot.main(['--topology=v5e:2x2', '--gin_file=gin_configs/quickstart.gin',
                      '--gin.MeshConfig.ici=(2, 1, 4)'])
   err = capsys.readouterr().err.strip()

@@ -4,12 +4,11 @@ import jax
 import numpy as np
 import seqio
 
+import helpers
 import tasks  # pylint: disable=unused-import
 from spactor_jax import checkpoints
 from spactor_jax import network
-from spactor_jax import optimizers
 from spactor_jax import partitioning
-from spactor_jax import trainer as trainer_lib
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import span_corruption
 
@@ -26,13 +25,9 @@ def _iterator():
 
 
 def _trainer(iterator, mesh_config):
-  schedule = optimizers.constant_schedule(1e-2)
   objective = span_corruption.SpanCorruption(
       config=CONFIG, vocab=pipeline.vocab_info(iterator.vocabulary))
-  return trainer_lib.Trainer(
-      objective, optimizers.adafactor(learning_rate=schedule), schedule,
-      partitioning.make_mesh(mesh_config), mesh_config.logical_rules,
-      iterator.element_spec)
+  return helpers.make_trainer(objective, iterator.element_spec, mesh_config)
 
 
 def _step(trainer, state, iterator):

@@ -8,10 +8,8 @@ concatenates them, i.e. the same global batch. Per-step losses, read from
 the TensorBoard file that only process 0 writes, must agree.
 """
 
-import glob
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,10 +19,10 @@ import numpy as np
 import pytest
 import seqio
 
+import helpers
 import tasks  # pylint: disable=unused-import  (registers the seqio tasks)
 from spactor_jax.data import pipeline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = 'pdtext_span_corruption'
 LENGTHS = {'inputs': 64, 'targets': 16}
 STEPS = 4
@@ -83,26 +81,9 @@ _ONE_PROCESS_TWO_SHARDS = textwrap.dedent("""
     """)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int, **extra: str) -> dict:
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(('SLURM_', 'SPACTOR_', 'TPU_'))}
-  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             PYTHONPATH=os.pathsep.join(
-                 [REPO] + [p for p in [env.get('PYTHONPATH')] if p]))
-  env.update(extra)
-  return env
-
-
 def _start(command, env, log_path):
   log = open(log_path, 'w')
-  return subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
+  return subprocess.Popen(command, cwd=helpers.REPO, env=env, stdout=log,
                           stderr=subprocess.STDOUT), log
 
 
@@ -122,14 +103,7 @@ def _wait(procs, timeout: float):
 
 def _losses(model_dir: str):
   """Per-step ``loss`` from the run's TensorBoard event file(s)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  losses = {}
-  for path in glob.glob(os.path.join(model_dir, 'train', 'events.out.*')):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == 'loss':
-          losses[event.step] = float(tf.make_ndarray(value.tensor))
-  return [losses[step] for step in sorted(losses)]
+  return [loss for _, loss in sorted(helpers.logged_scalars(model_dir, 'loss').items())]
 
 
 def _tail(path: str, lines: int = 30) -> str:
@@ -142,17 +116,18 @@ def runs(tmp_path_factory):
   """Runs both configurations (at the same time, to save wall time)."""
   root = tmp_path_factory.mktemp('multihost')
   multi_dir, single_dir = str(root / 'two_processes'), str(root / 'one_process')
-  port = _free_port()
+  port = helpers.free_port()
   procs = []
   for index in range(2):
-    env = _env(4, SPACTOR_COORDINATOR=f'127.0.0.1:{port}',
-               SPACTOR_NUM_PROCESSES='2', SPACTOR_PROCESS_ID=str(index))
+    env = helpers.subprocess_env(4, SPACTOR_COORDINATOR=f'127.0.0.1:{port}',
+                                 SPACTOR_NUM_PROCESSES='2', SPACTOR_PROCESS_ID=str(index))
     procs.append(_start(
         [sys.executable, '-u', '-m', 'spactor_jax.train', *TRAIN_ARGS,
          f'--gin.MODEL_DIR={multi_dir}'], env, str(root / f'p{index}.log')))
   procs.append(_start(
       [sys.executable, '-u', '-c', _ONE_PROCESS_TWO_SHARDS, *TRAIN_ARGS,
-       f'--gin.MODEL_DIR={single_dir}'], _env(8), str(root / 'single.log')))
+       f'--gin.MODEL_DIR={single_dir}'], helpers.subprocess_env(8),
+      str(root / 'single.log')))
   _wait(procs, timeout=300)
   logs = [str(root / name) for name in ('p0.log', 'p1.log', 'single.log')]
   for (proc, _), log in zip(procs, logs):

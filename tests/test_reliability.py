@@ -380,7 +380,8 @@ def test_sigint_saves_a_checkpoint_and_exits_zero(tmp_path):
 
 def test_second_signal_exits_at_once_and_keeps_committed_checkpoints(tmp_path):
   model_dir = str(tmp_path / 'twice')
-  status, lines = _signal_at_step(_start(model_dir), 3,
+  # At step 6, step 4's save has waited for step 2's: step 2 is committed.
+  status, lines = _signal_at_step(_start(model_dir), 6,
                                   [signal.SIGTERM, signal.SIGINT])
   # Python runs pending handlers in signal-number order: either may be second.
   second = {128 + signal.SIGINT: 'SIGINT', 128 + signal.SIGTERM: 'SIGTERM'}.get(status)
@@ -481,6 +482,14 @@ BAD_INPUTS = [
      "{trained} was made with TASK = 'pdtext_span_corruption' but this run asks for "
      "'pdtext_spactor'", 2),
     (['--gin.MODEL_DIR={tmp}/run', 'stray_argument'], "unknown arguments ['stray_argument']", 2),
+    (['--gin.RunConfig.seed=-1'], 'RunConfig.seed = -1 must be an integer >= 0', 2),
+    (['--gin.TransformerConfig.num_decoder_layers=-1'],
+     'TransformerConfig.num_decoder_layers = -1 must be an integer >= 0', 2),
+    (["--gin.TransformerConfig.vocab_size='big'"],
+     "TransformerConfig.vocab_size = 'big' must be a positive integer", 2),
+    (['--gin.TASK_FEATURE_LENGTHS=[64, 16]'],
+     'TASK_FEATURE_LENGTHS = [64, 16] must be a dict', 2),
+    (['--gin.Checkpointer.keep=-1'], 'Checkpointer.keep = -1 must be a positive integer', 2),
 ]
 
 

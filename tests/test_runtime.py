@@ -6,7 +6,6 @@ The multi-process tests start real Python processes that join through
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,12 +16,12 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import helpers
 from spactor_jax import aot_topology
 from spactor_jax import runtime
 from spactor_jax.errors import ConfigError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCH = os.path.join(REPO, 'launch')
+LAUNCH = os.path.join(helpers.REPO, 'launch')
 
 # Each process: 4 local CPU devices of 8; local data 1..4 and 5..8 summed
 # across processes must give 36, by a jitted sum and by a psum in shard_map.
@@ -53,22 +52,9 @@ _DISTRIBUTED_CHECK = textwrap.dedent("""
     """)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _child_env(**extra: str) -> dict:
   """Environment for a child process: CPU, 4 devices, no inherited cluster."""
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(('SLURM_', 'SPACTOR_', 'TPU_'))}
-  env.update(JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             PYTHONPATH=os.pathsep.join(
-                 [REPO] + [p for p in [env.get('PYTHONPATH')] if p]))
-  env.update(extra)
-  return env
+  return helpers.subprocess_env(4, **extra)
 
 
 def _communicate_all(procs, timeout: float):
@@ -152,7 +138,7 @@ def test_inconsistent_settings_raise_config_error(kwargs, env, message,
 
 @pytest.mark.parametrize('convention', ['spactor', 'slurm'])
 def test_two_processes_share_a_global_array(convention):
-  port = _free_port()
+  port = helpers.free_port()
   procs = []
   for rank in range(2):
     if convention == 'spactor':  # What launch/local_multiprocess.sh exports.
@@ -164,7 +150,7 @@ def test_two_processes_share_a_global_array(convention):
                        SLURM_STEP_NODELIST='localhost,nodeb',
                        SPACTOR_COORDINATOR_PORT=str(port))
     procs.append(subprocess.Popen(
-        [sys.executable, '-c', _DISTRIBUTED_CHECK], env=env, cwd=REPO,
+        [sys.executable, '-c', _DISTRIBUTED_CHECK], env=env, cwd=helpers.REPO,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   outputs = _communicate_all(procs, timeout=60)
   for rank, (proc, out) in enumerate(zip(procs, outputs)):
@@ -176,12 +162,12 @@ def test_two_processes_share_a_global_array(convention):
 def test_local_launcher_runs_processes_with_prefixed_logs(tmp_path):
   (tmp_path / 'distributed_check.py').write_text(_DISTRIBUTED_CHECK)
   env = _child_env(PYTHON=sys.executable,
-                   PYTHONPATH=os.pathsep.join([str(tmp_path), REPO]))
+                   PYTHONPATH=os.pathsep.join([str(tmp_path), helpers.REPO]))
   env.pop('XLA_FLAGS')
   result = subprocess.run(
       [os.path.join(LAUNCH, 'local_multiprocess.sh'), '-n', '2', '-d', '4',
        '-m', 'distributed_check', str(tmp_path / 'run'), 'unused.gin'],
-      env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+      env=env, cwd=helpers.REPO, capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stdout + result.stderr
   assert '[p0] ok sum=36.0 main=True process 0/2' in result.stdout
   assert '[p1] ok sum=36.0 main=False process 1/2' in result.stdout
@@ -204,7 +190,7 @@ def test_local_launcher_propagates_failure_and_stops_the_rest(tmp_path):
   result = subprocess.run(
       [os.path.join(LAUNCH, 'local_multiprocess.sh'), '-n', '3', '-m',
        'fake_train', '/tmp/model dir', 'a.gin,b.gin', '--gin.STEPS=5'],
-      env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+      env=env, cwd=helpers.REPO, capture_output=True, text=True, timeout=60)
   assert result.returncode == 3, result.stdout + result.stderr
   assert time.monotonic() - start < 30  # rank 0 (sleeping 120 s) was killed
   expected_args = ("args ['--gin_file=a.gin', '--gin_file=b.gin', "

@@ -69,9 +69,13 @@ def _batch_spec(objective_cls):
           for name in objective_cls.input_features}
 
 
-def _build(objective_cls):
+def _build(objective_cls, tmp_path):
   names = {field.name for field in dataclasses.fields(objective_cls)}
   kwargs = {'config': FAMILY_CONFIGS[objective_cls.model_family], 'vocab': VOCAB}
+  if 'clusters_path' in names:  # C-RTS: a clustering of VOCAB (regular id i in cluster i % 10)
+    ids = np.arange(VOCAB.vocab_size)
+    kwargs['clusters_path'] = str(tmp_path / 'clusters.txt')
+    np.savetxt(kwargs['clusters_path'], np.where(VOCAB.is_special(ids), -1, ids % 10), fmt='%d')
   return objective_cls(**{k: v for k, v in kwargs.items() if k in names})
 
 
@@ -82,11 +86,12 @@ def test_every_objective_module_is_discovered():
 
 
 @pytest.mark.parametrize('objective_cls', OBJECTIVES, ids=lambda cls: cls.__name__)
-def test_large_parameters_are_sharded_on_an_fsdp_mesh(objective_cls):
+def test_large_parameters_are_sharded_on_an_fsdp_mesh(objective_cls, tmp_path):
   gin.parse_config_file(os.path.join(helpers.REPO, 'gin_configs', 'mesh', 'fsdp.gin'))
   mesh_config = partitioning.MeshConfig()
   assert mesh_config.logical_rules == partitioning.FSDP_RULES
-  trainer = helpers.make_trainer(_build(objective_cls), _batch_spec(objective_cls), mesh_config)
+  trainer = helpers.make_trainer(_build(objective_cls, tmp_path), _batch_spec(objective_cls),
+                                 mesh_config)
   assert dict(trainer.mesh.shape) == {'data': 1, 'fsdp': 8, 'model': 1}
 
   flat = jax.tree_util.tree_flatten_with_path(trainer.abstract_state.params)[0]

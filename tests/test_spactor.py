@@ -11,8 +11,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 import seqio
-import tensorflow as tf
 
+import helpers
 from spactor_jax import checkpoints
 from spactor_jax import curriculum
 from spactor_jax import errors
@@ -21,7 +21,6 @@ from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import partitioning
 from spactor_jax import train_state
-from spactor_jax import trainer as trainer_lib
 from spactor_jax import training
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
@@ -248,17 +247,6 @@ def _run_config(model_dir, total_steps):
                                      keep=None, async_save=False))
 
 
-def _logged(model_dir, tag):
-  """``{step: value}`` of a scalar from every TensorBoard file of a run."""
-  values = {}
-  for path in sorted(tf.io.gfile.glob(f'{model_dir}/train/events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor))
-  return values
-
-
 def _raw_state(model_dir, step):
   """The ``state`` item of a checkpoint as saved, without a target structure."""
   manager = ocp.CheckpointManager(epath.Path(model_dir) / 'checkpoints',
@@ -310,7 +298,7 @@ def test_after_tau_state_has_no_generator_and_trains_span_corruption(uninterrupt
   counts = [int(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(after['opt_state'])[0]
             if 'count' in jax.tree_util.keystr(path)]
   assert counts and set(counts) == {TAU + 2}
-  learning_rates = _logged(uninterrupted, 'learning_rate')
+  learning_rates = helpers.logged_scalars(uninterrupted, 'learning_rate')
   np.testing.assert_allclose(learning_rates[TAU + 1], 0.05 / np.sqrt(TAU), rtol=1e-6)
 
   # Switch by hand from the checkpoint at τ: T5 leaves move unchanged, the
@@ -334,10 +322,11 @@ def test_after_tau_state_has_no_generator_and_trains_span_corruption(uninterrupt
   objective = span_corruption.SpanCorruption(config=PD_CONFIG, vocab=vocab)
   (expected, _) = objective.apply({'params': moved_host.params}, batch,
                                   objective.denominators(batch), enable_dropout=False)
-  logged = _logged(uninterrupted, 'loss')
+  logged = helpers.logged_scalars(uninterrupted, 'loss')
   np.testing.assert_allclose(logged[TAU + 1], float(expected), rtol=1e-6)
-  assert set(_logged(uninterrupted, 'generator_loss')) == set(range(1, TAU + 1))
-  assert _logged(uninterrupted, 'stage') == {s: float(s > TAU) for s in range(1, TAU + 3)}
+  assert set(helpers.logged_scalars(uninterrupted, 'generator_loss')) == set(range(1, TAU + 1))
+  assert helpers.logged_scalars(uninterrupted, 'stage') == {
+      s: float(s > TAU) for s in range(1, TAU + 3)}
 
   # Two SC steps from the moved state reproduce the run's final parameters.
   rng = jax.random.key(config.seed)
@@ -356,7 +345,8 @@ def test_resume_before_and_after_tau_matches_uninterrupted(uninterrupted, tmp_pa
   # Stop before τ, resume past it (checkpoint after τ), resume to the end.
   for total in (TAU - 1, TAU + 1, TAU + 2):
     training.train(_run_config(tmp_path, total))
-  expected, got = _logged(uninterrupted, 'loss'), _logged(tmp_path, 'loss')
+  expected = helpers.logged_scalars(uninterrupted, 'loss')
+  got = helpers.logged_scalars(tmp_path, 'loss')
   assert sorted(got) == sorted(expected) == list(range(1, TAU + 3))
   np.testing.assert_allclose([got[s] for s in sorted(got)],
                              [expected[s] for s in sorted(expected)], rtol=1e-6)
@@ -370,22 +360,8 @@ def test_resume_before_and_after_tau_matches_uninterrupted(uninterrupted, tmp_pa
 
 
 def _trainer(mesh_config, devices, batch):
-  schedule = optimizers.constant_schedule(1e-2)
-  mesh = partitioning.make_mesh(mesh_config, devices)
-  spec = {k: (v.shape, v.dtype) for k, v in batch.items()}
   objective = spactor.SpacTor(config=CONFIG, vocab=VOCAB)
-  return trainer_lib.Trainer(objective, optimizers.adafactor(learning_rate=schedule), schedule,
-                             mesh, mesh_config.logical_rules, spec)
-
-
-def _run(trainer, batches):
-  state = trainer.init_state(jax.random.key(0))
-  losses = []
-  for batch in batches:
-    state, metrics = trainer.train_step(
-        state, pipeline.global_arrays(batch, trainer.data_sharding), jax.random.key(1))
-    losses.append(float(metrics['loss']))
-  return losses, state
+  return helpers.make_trainer(objective, helpers.batch_spec(batch), mesh_config, devices)
 
 
 @pytest.mark.parametrize('ici', [(2, 2, 2), (1, 2, 4)])
@@ -394,8 +370,8 @@ def test_hybrid_step_on_fake_meshes_gives_single_device_losses(ici):
   single = _trainer(partitioning.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1], batches[0])
   sharded = _trainer(partitioning.MeshConfig(ici=ici, logical_rules=partitioning.FSDP_RULES),
                      jax.devices(), batches[0])
-  expected, expected_state = _run(single, batches)
-  got, got_state = _run(sharded, batches)
+  expected, expected_state = helpers.train_steps(single, batches)
+  got, got_state = helpers.train_steps(sharded, batches)
   np.testing.assert_allclose(got, expected, rtol=2e-5)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                          jax.device_get(got_state.params), jax.device_get(expected_state.params))

@@ -1,6 +1,5 @@
 """The entry point end to end: one-line gin errors, TensorBoard logs, exact resume."""
 
-import glob
 import os
 import re
 import signal
@@ -12,11 +11,11 @@ import gin
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorflow as tf
 
+import helpers
+from helpers import fresh_gin  # pylint: disable=unused-import
 from spactor_jax import train as train_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_RUN = [
     '--gin_file=gin_configs/quickstart.gin',
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
@@ -28,28 +27,10 @@ SMALL_RUN = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
-
-
 def _main(args, monkeypatch):
-  monkeypatch.chdir(ROOT)
+  monkeypatch.chdir(helpers.REPO)
   gin.clear_config()
   return train_main.main(args)
-
-
-def _scalars(model_dir, tag):
-  """``{step: value}`` of a scalar from every TensorBoard event file."""
-  values = {}
-  for path in sorted(glob.glob(os.path.join(model_dir, 'train', 'events*'))):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor))
-  return values
 
 
 @pytest.mark.parametrize('args,expected', [
@@ -91,8 +72,8 @@ def test_command_line_error_has_no_traceback():
   result = subprocess.run(
       [sys.executable, '-m', 'spactor_jax.train',
        '--gin_file=gin_configs/quickstart.gin'],
-      cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env={**os.environ, 'PYTHONPATH': ROOT, 'TF_CPP_MIN_LOG_LEVEL': '3'})
+      cwd=helpers.REPO, capture_output=True, text=True, timeout=120,
+      env=helpers.subprocess_env(8, TF_CPP_MIN_LOG_LEVEL='3'))
   assert result.returncode == 2
   lines = [l for l in result.stderr.splitlines() if not l.startswith(('WARNING', 'I0000'))]
   assert lines == ['error: MODEL_DIR is required but not set; add '
@@ -114,7 +95,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={resumed}', '--gin.TRAIN_STEPS=6'],
                monkeypatch) == 0
 
-  expected, got = _scalars(straight, 'loss'), _scalars(resumed, 'loss')
+  expected, got = helpers.logged_scalars(straight, 'loss'), helpers.logged_scalars(resumed, 'loss')
   assert sorted(expected) == [1, 2, 3, 4, 5, 6]
   assert sorted(got) == [1, 2, 3, 4, 5, 6]
   assert expected[6] < expected[1], 'the loss should fall'
@@ -132,8 +113,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
       [sys.executable, '-m', 'spactor_jax.train'] + SMALL_RUN +
       [f'--gin.MODEL_DIR={model_dir}', '--gin.TRAIN_STEPS=100000',
        '--gin.CHECKPOINT_EVERY_STEPS=100000'],
-      cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-      env={**os.environ, 'PYTHONPATH': ROOT, 'TF_CPP_MIN_LOG_LEVEL': '3'})
+      cwd=helpers.REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+      env=helpers.subprocess_env(8, TF_CPP_MIN_LOG_LEVEL='3'))
   watchdog = threading.Timer(240, process.kill)  # never hang the suite.
   watchdog.start()
   try:

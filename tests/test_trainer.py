@@ -5,10 +5,10 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
 from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import partitioning
-from spactor_jax import trainer as trainer_lib
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 from spactor_jax.objectives import span_corruption
@@ -35,22 +35,13 @@ def _batch(batch_size=16, inputs=24, targets=8, seed=0):
 
 
 def _trainer(mesh_config, devices, batch, num_microbatches=1, optimizer=None):
-  schedule = optimizers.constant_schedule(1e-2)
-  tx = optimizer or optimizers.adafactor(learning_rate=schedule)
-  mesh = partitioning.make_mesh(mesh_config, devices)
-  spec = {k: (v.shape, v.dtype) for k, v in batch.items()}
   objective = span_corruption.SpanCorruption(config=CONFIG, vocab=VOCAB)
-  return trainer_lib.Trainer(objective, tx, schedule, mesh,
-                             mesh_config.logical_rules, spec, num_microbatches)
+  return helpers.make_trainer(objective, helpers.batch_spec(batch), mesh_config, devices,
+                              num_microbatches, optimizer)
 
 
-def _run(trainer, batches, seed=0):
-  state = trainer.init_state(jax.random.key(seed))
-  losses = []
-  for batch in batches:
-    state, metrics = trainer.train_step(
-        state, pipeline.global_arrays(batch, trainer.data_sharding), jax.random.key(1))
-    losses.append(float(metrics['loss']))
+def _run(trainer, batches):
+  losses, state = helpers.train_steps(trainer, batches)
   return losses, jax.device_get(state.params)
 
 

@@ -204,8 +204,21 @@ def floor_counts(state: Mapping[str, object], min_count: float) -> Dict[str, obj
 # --------------------------------------------------------- objectives ---
 
 
-class _LightRTD(base.Objective):
-  """RTS and C-RTS: replaced-token detection with a statistical generator."""
+@gin.configurable
+class RTS(base.Objective):
+  """Random token substitution: uniform replacements, RTD over all regular tokens.
+
+  Attributes:
+    config: the encoder's network configuration.
+    vocab: special ids of the task's vocabulary.
+    rtd_weight: weight of the per-token RTD loss (ELECTRA's 50).
+
+  Metrics: ``rtd_loss``, ``rtd_accuracy`` per regular (non-special) token,
+  ``rtd_precision``, ``rtd_recall``, ``replaced_fraction`` (replaced /
+  regular tokens). Intermediates ``replaced``, ``rtd_labels`` and
+  ``rtd_logits`` (``[batch, length]``) are sown when ``intermediates`` is
+  mutable.
+  """
   config: network.TransformerConfig
   vocab: base.VocabInfo
   rtd_weight: float = 50.0
@@ -223,7 +236,7 @@ class _LightRTD(base.Objective):
 
   def replacements(self, originals: Array) -> Array:
     """``[batch, length]`` a candidate replacement for every position."""
-    raise NotImplementedError
+    return uniform_replacements(self.make_rng('sample'), originals.shape, self.vocab)
 
   def __call__(self, batch: base.Batch, denominators: Mapping[str, Array], *,
                enable_dropout: bool) -> Tuple[Array, base.Metrics]:
@@ -245,31 +258,13 @@ class _LightRTD(base.Objective):
 
   def observe(self, originals: Array, replaced: Array, labels: Array,
               rtd_logits: Array) -> base.Metrics:
-    """Updates the generator's statistics; returns its metrics."""
+    """Updates the generator's statistics from the detector's decisions; returns its metrics."""
     del originals, replaced, labels, rtd_logits
     return {}
 
 
 @gin.configurable
-class RTS(_LightRTD):
-  """Random token substitution: uniform replacements, RTD over all regular tokens.
-
-  Attributes:
-    config: the encoder's network configuration.
-    vocab: special ids of the task's vocabulary.
-    rtd_weight: weight of the per-token RTD loss (ELECTRA's 50).
-
-  Metrics: ``rtd_loss``, ``rtd_accuracy`` per regular (non-special) token,
-  ``rtd_precision``, ``rtd_recall``, ``replaced_fraction`` (replaced /
-  regular tokens).
-  """
-
-  def replacements(self, originals: Array) -> Array:
-    return uniform_replacements(self.make_rng('sample'), originals.shape, self.vocab)
-
-
-@gin.configurable
-class CRTS(_LightRTD):
+class CRTS(RTS):
   """Cluster-based RTS: replacements from a count matrix that learns what fools the detector.
 
   Attributes:

@@ -45,7 +45,8 @@ class LightSpacTor(base.Objective):
   Attributes:
     config: the T5 network configuration.
     vocab: special ids of the task's vocabulary.
-    generator: ``'rts'`` (uniform) or ``'crts'`` (cluster counts).
+    generator: ``'rts'`` (uniform, needs nothing) or ``'crts'`` (cluster
+      counts; ``objectives/spactor_crts.gin`` selects it).
     clusters_path: C-RTS's vocabulary clustering (None: the shipped pdtext file).
     beta: C-RTS's softmax inverse temperature.
     min_count: C-RTS's count floor, applied once per step by ``settle_state``.
@@ -60,7 +61,7 @@ class LightSpacTor(base.Objective):
   """
   config: network.TransformerConfig
   vocab: base.VocabInfo
-  generator: str = 'crts'
+  generator: str = 'rts'
   clusters_path: Optional[str] = None
   beta: float = 2.0
   min_count: float = 1e-3
