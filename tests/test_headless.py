@@ -10,6 +10,7 @@ import pytest
 import helpers
 from spactor_jax import cwt
 from spactor_jax import errors
+from spactor_jax import metrics_log
 from spactor_jax import network
 from spactor_jax import partitioning
 from spactor_jax.data import pipeline
@@ -298,7 +299,7 @@ def _sgd_step(objective, batch, ici, num_microbatches=1):
   state, metrics = trainer.train_step(
       state, pipeline.global_arrays(batch, trainer.data_sharding), jax.random.key(1))
   grads = jax.tree_util.tree_map(np.subtract, before, jax.device_get(state.params))
-  return before, grads, {k: float(v) for k, v in metrics.items()}
+  return before, grads, metrics_log.window_averages([jax.device_get(metrics)])
 
 
 def test_global_negatives_on_eight_devices_equal_one_device():
