@@ -93,7 +93,7 @@ def _check_model_fields(fields: Mapping[str, Any], where: str) -> None:
     _check_activations(f'{where}.mlp_activations', fields['mlp_activations'])
   if 'remat_policy' in fields:
     _choice(f'{where}.remat_policy', fields['remat_policy'],
-            ('none',) + tuple(network.REMAT_POLICIES))
+            network.REMAT_POLICIES)
 
 
 def _bindings(configurable: str) -> Dict[str, Any]:
