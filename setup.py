@@ -43,6 +43,7 @@ setuptools.setup(
             'spactor-train=spactor_jax.train:main',
             'spactor-aot=spactor_jax.aot:main',
             'spactor-eval=spactor_jax.eval:main',
+            'spactor-generate=spactor_jax.generate:main',
         ],
     },
 )
