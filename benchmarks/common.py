@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 from typing import Dict, Optional, Sequence
 
 import gin
@@ -41,3 +42,45 @@ def make_trainer(objective: base.Objective, batch: Dict[str, np.ndarray],
   return trainer_lib.Trainer(
       objective, optimizers.adafactor(learning_rate=schedule), schedule,
       partitioning.make_mesh(mesh_config, devices), mesh_config.logical_rules, spec)
+
+
+def xla_flops(compiled: jax.stages.Compiled) -> float:
+  """FLOPs of a compiled computation from XLA's cost analysis."""
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+
+
+class CompiledStep:
+  """One objective's compiled train step on one device, its XLA FLOPs and its timings.
+
+  Attributes:
+    compiled: the compiled train step.
+    compile_s: seconds to lower and compile it.
+    xla_flops: FLOPs per step from XLA's cost analysis.
+    num_params: trainable parameters.
+    times: seconds of each recorded ``run``.
+  """
+
+  def __init__(self, objective: base.Objective, batch: Dict[str, np.ndarray], run: bool = True):
+    """Compiles the step; with ``run`` also makes the state and the device batch to run it."""
+    trainer = make_trainer(objective, batch, jax.devices()[:1])
+    rng = jax.random.key(0)
+    start = time.perf_counter()
+    self.compiled = trainer.lower(trainer.abstract_state, trainer.abstract_batch(), rng).compile()
+    self.compile_s = time.perf_counter() - start
+    self.xla_flops = xla_flops(self.compiled)
+    self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
+    self.times = []
+    if not run:
+      return
+    self.state = trainer.init_state(rng)
+    self.batch = jax.device_put(batch, trainer.data_sharding)
+    self.rng = rng
+
+  def run(self, record: bool) -> None:
+    """One step; its wall time is appended to ``times`` when ``record``."""
+    start = time.perf_counter()
+    self.state, metrics = self.compiled(self.state, self.batch, self.rng)
+    jax.block_until_ready((self.state, metrics))
+    if record:
+      self.times.append(time.perf_counter() - start)

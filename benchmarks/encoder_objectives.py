@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from typing import Dict
 
 import jax
@@ -52,37 +51,12 @@ def synthetic_batch(batch_size: int, length: int, seed: int = 0) -> Dict[str, np
           'encoder_mlm_mask': selected.astype(np.int32)}
 
 
-class _Step:
-  """One objective's compiled train step, its state and its XLA FLOPs."""
-
-  def __init__(self, objective: base.Objective, batch: Dict[str, np.ndarray]):
-    trainer = common.make_trainer(objective, batch, jax.devices()[:1])
-    rng = jax.random.key(0)
-    start = time.perf_counter()
-    self.compiled = trainer.lower(trainer.abstract_state, trainer.abstract_batch(), rng).compile()
-    self.compile_s = time.perf_counter() - start
-    cost = self.compiled.cost_analysis()
-    self.xla_flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
-    self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
-    self.state = trainer.init_state(rng)
-    self.batch = jax.device_put(batch, trainer.data_sharding)
-    self.rng = rng
-    self.times = []
-
-  def run(self, record: bool) -> None:
-    start = time.perf_counter()
-    self.state, metrics = self.compiled(self.state, self.batch, self.rng)
-    jax.block_until_ready((self.state, metrics))
-    if record:
-      self.times.append(time.perf_counter() - start)
-
-
 def measure(config_name: str, batch_size: int, length: int, steps: int,
             warmup: int) -> Dict[str, object]:
   """Times and counts the three objectives' steps for one encoder size."""
   cfg = common.load_model_config(config_name)
   batch = synthetic_batch(batch_size, length)
-  runs = {name: _Step(cls(config=cfg, vocab=VOCAB), batch) for name, cls in OBJECTIVES.items()}
+  runs = {name: common.CompiledStep(cls(config=cfg, vocab=VOCAB), batch) for name, cls in OBJECTIVES.items()}
   for index in range(warmup + steps):
     for run in runs.values():
       run.run(record=index >= warmup)

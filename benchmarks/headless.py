@@ -108,28 +108,6 @@ def _batches(batch: int, length: int, targets: int, vocab: base.VocabInfo, seed:
   }
 
 
-class _Step:
-  """One objective's compiled train step, its state and its XLA FLOPs."""
-
-  def __init__(self, objective: base.Objective, batch: Dict[str, np.ndarray]):
-    trainer = common.make_trainer(objective, batch, jax.devices()[:1])
-    rng = jax.random.key(0)
-    self.compiled = trainer.lower(trainer.abstract_state, trainer.abstract_batch(), rng).compile()
-    cost = self.compiled.cost_analysis()
-    self.xla_flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
-    self.state = trainer.init_state(rng)
-    self.batch = jax.device_put(batch, trainer.data_sharding)
-    self.rng = rng
-    self.times = []
-
-  def run(self, record: bool) -> None:
-    start = time.perf_counter()
-    self.state, metrics = self.compiled(self.state, self.batch, self.rng)
-    jax.block_until_ready((self.state, metrics))
-    if record:
-      self.times.append(time.perf_counter() - start)
-
-
 def _time(fn: Callable, args: Tuple, repeats: int) -> float:
   """Median seconds of a jitted ``fn(*args)`` after one compiling call."""
   jax.block_until_ready(fn(*args))
@@ -161,7 +139,7 @@ def loss_only_seconds(kind: str, rows: int, positions: int, emb: int, vocab_size
   return _time(jax.jit(jax.grad(loss, argnums=(0, 1))), (hidden, table), repeats)
 
 
-def measure(steps: Dict[str, _Step], tokens: int, warmup: int, timed: int,
+def measure(steps: Dict[str, common.CompiledStep], tokens: int, warmup: int, timed: int,
             loss_seconds: Dict[str, float]) -> Dict[str, object]:
   """Times the steps alternately; CE over CWT ratios and the loss share of a step."""
   for index in range(warmup + timed):
@@ -208,9 +186,9 @@ def main(argv=None) -> Dict[str, object]:
       cfg = common.load_model_config('encoder_small').replace(vocab_size=BIG_VOCAB)
       batch = _batches(b, n, args.targets, big)['encoder']
       k = headless.mlm_capacity(n, 0.2)
-      steps = {'ce_all': _Step(MaskedLMCrossEntropy(cfg, big), batch),
-               'ce_selected': _Step(MaskedLMCrossEntropy(cfg, big, selected_only=True), batch),
-               'cwt': _Step(headless.HeadlessMLM(cfg, big), batch)}
+      steps = {'ce_all': common.CompiledStep(MaskedLMCrossEntropy(cfg, big), batch),
+               'ce_selected': common.CompiledStep(MaskedLMCrossEntropy(cfg, big, selected_only=True), batch),
+               'cwt': common.CompiledStep(headless.HeadlessMLM(cfg, big), batch)}
       seconds = {'ce_all': loss_only_seconds('ce', b, n, cfg.emb_dim, BIG_VOCAB, args.steps),
                  'ce_selected': loss_only_seconds('ce', b, k, cfg.emb_dim, BIG_VOCAB,
                                                   args.steps),
@@ -219,16 +197,16 @@ def main(argv=None) -> Dict[str, object]:
     elif setting == 'decoder':
       cfg = common.load_model_config('decoder_small').replace(vocab_size=BIG_VOCAB)
       batch = _batches(b, n, args.targets, big)['decoder']
-      steps = {'ce': _Step(headless.LMTuning(cfg, big), batch),
-               'cwt': _Step(headless.HeadlessCausalLM(cfg, big), batch)}
+      steps = {'ce': common.CompiledStep(headless.LMTuning(cfg, big), batch),
+               'cwt': common.CompiledStep(headless.HeadlessCausalLM(cfg, big), batch)}
       seconds = {k: loss_only_seconds(k, b, n, cfg.emb_dim, BIG_VOCAB, args.steps)
                  for k in ('ce', 'cwt')}
       tokens = b * n
     elif setting == 't5':
       cfg = common.load_model_config('small')
       batch = _batches(b, n, args.targets, t5_vocab)['t5']
-      steps = {'ce': _Step(span_corruption.SpanCorruption(cfg, t5_vocab), batch),
-               'cwt': _Step(headless.HeadlessSpanCorruption(cfg, t5_vocab), batch)}
+      steps = {'ce': common.CompiledStep(span_corruption.SpanCorruption(cfg, t5_vocab), batch),
+               'cwt': common.CompiledStep(headless.HeadlessSpanCorruption(cfg, t5_vocab), batch)}
       seconds = {k: loss_only_seconds(k, b, args.targets, cfg.emb_dim, cfg.vocab_size,
                                       args.steps) for k in ('ce', 'cwt')}
       tokens = b * (n + args.targets)

@@ -101,7 +101,7 @@ def time_group(factories: Dict[str, Callable[[], base.Objective]], batch: Dict[s
   """Compiles, counts and times each objective's step, alternating them."""
   if flops_only:
     return {name: step_flops(make(), batch) for name, make in factories.items()}
-  compiled = {name: objective_step._Step(make(), batch)  # pylint: disable=protected-access
+  compiled = {name: common.CompiledStep(make(), batch)
               for name, make in factories.items()}
   for index in range(warmup + steps):
     for step in compiled.values():

@@ -56,7 +56,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from typing import Dict
 
 import jax
@@ -152,11 +151,6 @@ def synthetic_batch(batch_size: int, inputs: int, targets: int, seed: int = 0
   }
 
 
-def xla_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
-
-
 def fallback_flops(cfg: network.TransformerConfig, batch: Dict[str, np.ndarray]) -> float:
   """XLA FLOPs of the sparse generator's dense fallback as a train step counts
   it: its forward pass, then (rematerialised) forward and backward again."""
@@ -172,36 +166,10 @@ def fallback_flops(cfg: network.TransformerConfig, batch: Dict[str, np.ndarray])
         logits_fn, hidden, tokens, mask, jnp.float32(1), 'g', rng=jax.random.key(0),
         temperature=1.0, allowed=None, capacity=None)
     return loss_value, samples
-  forward = xla_flops(jax.jit(loss).lower(hidden, table).compile())
-  backward = xla_flops(jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(
+  forward = common.xla_flops(jax.jit(loss).lower(hidden, table).compile())
+  backward = common.xla_flops(jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(
       hidden, table).compile())
   return forward + backward
-
-
-class _Step:
-  """One objective's compiled train step, its state and its XLA FLOPs."""
-
-  def __init__(self, objective: base.Objective, batch: Dict[str, np.ndarray], run: bool):
-    trainer = common.make_trainer(objective, batch, jax.devices()[:1])
-    rng = jax.random.key(0)
-    start = time.perf_counter()
-    self.compiled = trainer.lower(trainer.abstract_state, trainer.abstract_batch(), rng).compile()
-    self.compile_s = time.perf_counter() - start
-    self.xla_flops = xla_flops(self.compiled)
-    self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
-    self.times = []
-    if not run:
-      return
-    self.state = trainer.init_state(rng)
-    self.batch = jax.device_put(batch, trainer.data_sharding)
-    self.rng = rng
-
-  def run(self, record: bool) -> None:
-    start = time.perf_counter()
-    self.state, metrics = self.compiled(self.state, self.batch, self.rng)
-    jax.block_until_ready((self.state, metrics))
-    if record:
-      self.times.append(time.perf_counter() - start)
 
 
 def measure(name: str, batch_size: int, inputs: int, targets: int, steps: int,
@@ -214,7 +182,7 @@ def measure(name: str, batch_size: int, inputs: int, targets: int, steps: int,
                 'hybrid': hybrid,
                 'hybrid_dense': spactor.SpacTor(config=cfg, vocab=VOCAB,
                                                 generator_capacity_factor=0.0)}
-  steps_by_name = {k: _Step(o, batch, run=not flops_only) for k, o in objectives.items()}
+  steps_by_name = {k: common.CompiledStep(o, batch, run=not flops_only) for k, o in objectives.items()}
   capacity = generator_lib.selection_capacity(inputs, hybrid.generator_selection_rate,
                                               hybrid.generator_capacity_factor)
   hybrid_flops = lambda positions: 3 * batch_size * hybrid_forward_flops(
