@@ -1,7 +1,11 @@
-"""Test setup: eight fake CPU devices for mesh tests, quiet TensorFlow."""
+"""Test setup: eight fake CPU devices for mesh tests, quiet TensorFlow, libtpu
+shared between test processes."""
 
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Both xdist workers (and the AOT subprocesses) load libtpu for compile-only
+# TPU topologies; without this the second one finds /tmp/libtpu_lockfile held.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
