@@ -30,14 +30,15 @@ and split, so a rebuild gives identical bytes):
   ``CONT_CANDIDATE`` words are its candidate, the words before it its
   passage, both cut at word boundaries (usually mid-sentence). Exactly half
   the rows of a split are negatives, whose candidate is the candidate of a
-  window of a *different document of the same source text*, so the source's
+  window drawn uniformly from the split's windows of *other documents of the
+  same source text*, so the source's
   style is no clue: telling them apart needs syntax and topic.
 * **last_word** (LAMBADA-style cloze). Each document is read left to right
   in non-overlapping passages: from the current word, a context length ``n``
   is drawn from ``[LW_MIN_CONTEXT, LW_MAX_CONTEXT]`` and the target is the
   first word at least ``n`` words on that is alphabetic (trailing
   punctuation dropped), has 3+ letters, is not a stop word, occurs earlier
-  in the context (the words before it, at most ``LW_MAX_CONTEXT``) and
+  in the context (ignoring case) (the words before it, at most ``LW_MAX_CONTEXT``) and
   leaves three distractors; the next passage starts after it. The three
   distractors are other such content words of the same context with the
   target's capitalisation (so all four choices occur in the passage and
@@ -45,16 +46,18 @@ and split, so a rebuild gives identical bytes):
   with the target at ``label``; labels are spread evenly over 0..3.
 
 Row order is shuffled. Passages are at most ~50 words, about 75 tokens of the
-pdtext vocabulary (1.5 pieces per word), so 128-token inputs hold them.
+pdtext vocabulary (1.5 pieces per word): 128-token inputs hold all but ~1%
+(Jargon File entries with code or URLs).
 """
 
 import argparse
+import functools
 import gzip
 import json
 import os
 import random
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tasks import build_corpus
 from tasks import vocab as vocab_lib
@@ -169,18 +172,19 @@ def continuation_rows(docs: List[Doc], split: str, size: int,
       if overlap.clean(passage, split) and overlap.clean(candidate, split):
         anchors.append((index, source, passage, candidate))
   rng.shuffle(anchors)
-  by_source: Dict[str, List[int]] = {}
-  for i, (_, source, _, _) in enumerate(anchors):
-    by_source.setdefault(source, []).append(i)
+  by_source: Dict[str, List[Tuple[int, str]]] = {}
+  for index, source, _, candidate in anchors:
+    by_source.setdefault(source, []).append((index, candidate))
   rows = {0: [], 1: []}
   for index, source, passage, candidate in anchors:
     label = 1 if len(rows[1]) <= len(rows[0]) else 0
     if label == 0:
-      others = [anchors[j][3] for j in by_source[source]
-                if anchors[j][0] != index]
-      if not others:
+      same_source = by_source[source]
+      if all(other == index for other, _ in same_source):
         continue
-      candidate = rng.choice(others)
+      other = index
+      while other == index:  # uniform over other documents' windows
+        other, candidate = rng.choice(same_source)
     if len(rows[label]) < size // 2:
       rows[label].append({'passage': passage, 'candidate': candidate,
                           'label': label})
@@ -190,6 +194,7 @@ def continuation_rows(docs: List[Doc], split: str, size: int,
   return out
 
 
+@functools.lru_cache(maxsize=None)
 def _content_word(word: str) -> Optional[str]:
   """The letters of an alphabetic non-stop word of 3+ letters, else None."""
   match = _WORD.match(word)
@@ -199,15 +204,27 @@ def _content_word(word: str) -> Optional[str]:
   return None if letters.lower() in STOP_WORDS else letters
 
 
-def _cloze(context: List[str], target_word: str, rng: random.Random
+def _cloze(words: List[str], content: List[Optional[str]], begin: int,
+           end: int, rng: random.Random
            ) -> Optional[Tuple[str, str, List[str]]]:
-  """``(context, target, distractors)`` when ``target_word`` qualifies."""
-  target = _content_word(target_word)
+  """``(context, target, distractors)`` for the target ``words[end]``.
+
+  Args:
+    words: a document's words.
+    content: ``_content_word`` of each word.
+    begin: first word of the context.
+    end: the target's position.
+    rng: draws the distractors.
+
+  Returns:
+    None unless the target is a content word that occurs in the context
+    and the context has three other content words of its capitalisation.
+  """
+  target = content[end]
   if target is None:
     return None
   candidates: Dict[str, str] = {}
-  for word in context:
-    letters = _content_word(word)
+  for letters in content[begin:end]:
     if letters and letters.lower() not in candidates:
       candidates[letters.lower()] = letters
   if target.lower() not in candidates:
@@ -217,17 +234,19 @@ def _cloze(context: List[str], target_word: str, rng: random.Random
           if k != target.lower() and w[0].isupper() == upper]
   if len(pool) < NUM_CHOICES - 1:
     return None
-  return ' '.join(context), target, rng.sample(pool, NUM_CHOICES - 1)
+  return (' '.join(words[begin:end]), target,
+          rng.sample(pool, NUM_CHOICES - 1))
 
 
 def _clozes(words: List[str], rng: random.Random
             ) -> Iterable[Tuple[str, str, List[str]]]:
   """Non-overlapping ``(context, target, distractors)`` of one document."""
+  content = [_content_word(word) for word in words]
   start = 0
   while True:
     end = start + rng.randint(LW_MIN_CONTEXT, LW_MAX_CONTEXT)
     while end < len(words):
-      cloze = _cloze(words[max(start, end - LW_MAX_CONTEXT):end], words[end],
+      cloze = _cloze(words, content, max(start, end - LW_MAX_CONTEXT), end,
                      rng)
       if cloze:
         yield cloze
