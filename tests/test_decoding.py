@@ -1,5 +1,7 @@
 """Decoding: the KV cache against full re-computation, sampling, span filling."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 
 from spactor_jax import decoding
 from spactor_jax import network
+from spactor_jax import scan_conversion
 from spactor_jax.objectives import base
 
 CONFIG = network.TransformerConfig(
@@ -90,3 +93,121 @@ def test_spans_are_put_back_in_place_of_the_sentinels():
   text = {k: ' '.join(words[i] for i in ids) for k, ids in spans.items()}
   assert decoding.fill_spans('The <extra_id_0> fox jumps over the <extra_id_1> dog.',
                              text) == 'The quick brown fox jumps over the lazy dog.'
+
+
+# ------------------------------------------------------ encoder-decoder ---
+
+
+def _encdec_params(config, seed=0):
+  model = network.EncoderDecoder(config)
+  enc, dec = jnp.zeros((1, 6), jnp.int32), jnp.zeros((1, 4), jnp.int32)
+  return model, nn.unbox(model.init(jax.random.key(seed), enc, dec)['params'])
+
+
+def _random_inputs(seed, lengths, in_len):
+  """``[len(lengths), in_len]`` ids in [2, vocab) with each row's tail padded with 0."""
+  rng = np.random.RandomState(seed)
+  inputs = rng.randint(2, CONFIG.vocab_size, (len(lengths), in_len)).astype(np.int32)
+  for row, length in enumerate(lengths):
+    inputs[row, length:] = 0
+  return inputs
+
+
+def _full_logits(model, params, inputs, prefix, length):
+  """Reference logits ``[batch, vocab]`` after ``prefix [batch, p]``: encoder and
+  decoder run from scratch (no cache) on ``[BOS] + prefix`` right-padded to
+  ``length`` (one compilation per length; the decoder being causal, the
+  padding does not change position ``p``)."""
+  decoder_inputs = np.zeros((len(inputs), length), np.int32)
+  decoder_inputs[:, 1:prefix.shape[1] + 1] = prefix
+  logits = _jit_apply(model)(params, jnp.asarray(inputs), jnp.asarray(decoder_inputs))
+  return np.asarray(logits)[:, prefix.shape[1]]
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_apply(model):
+  return jax.jit(lambda params, i, d: model.apply({'params': params}, i, d))
+
+
+def _reference_greedy_decode(model, params, inputs, max_length, eos_id):
+  """A plain loop: argmax of the full recomputation at each step; 0 after EOS."""
+  out = np.zeros((len(inputs), max_length), np.int32)
+  done = np.zeros(len(inputs), bool)
+  for position in range(max_length):
+    chosen = _full_logits(model, params, inputs, out[:, :position], max_length).argmax(axis=-1)
+    out[:, position] = np.where(done, 0, chosen)
+    done |= out[:, position] == eos_id
+  return out
+
+
+def _eos_hit_by_some_rows(tokens):
+  """An id that some rows emit early, others later or never (to serve as EOS)."""
+  for token in tokens[0, 1:4]:
+    first = [list(row).index(token) if token in row else None for row in tokens]
+    if first[0] == list(tokens[0]).index(token) and None in first or len(set(first)) > 2:
+      return int(token)
+  raise AssertionError(f'no usable EOS in {tokens}')
+
+
+def test_cached_greedy_decode_equals_full_recomputation_token_by_token():
+  model, params = _encdec_params(CONFIG)
+  for seed, lengths, in_len, max_length in [(1, [12, 5, 1], 12, 20), (2, [3, 7], 7, 9)]:
+    inputs = _random_inputs(seed, lengths, in_len)
+    free = _reference_greedy_decode(model, params, inputs, max_length, eos_id=-1)
+    eos = _eos_hit_by_some_rows(free)
+    expected = _reference_greedy_decode(model, params, inputs, max_length, eos)
+    stopped = (expected == eos).any(axis=1)
+    assert stopped.any() and (expected[stopped, -1] == 0).any(), expected  # an early stop
+    got = decoding.greedy_decode(model, params, jnp.asarray(inputs), max_length, eos_id=eos)
+    assert got.dtype == jnp.int32 and got.shape == (len(lengths), max_length)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_cached_step_logits_equal_full_recomputation_logits():
+  model, params = _encdec_params(CONFIG, seed=3)
+  inputs = _random_inputs(4, [9, 4, 2], 9)
+  length = 20  # beyond relative_attention_max_distance (16): saturated buckets too
+  targets = np.random.RandomState(5).randint(0, CONFIG.vocab_size, (3, length)).astype(np.int32)
+  cached = model.clone(decode_length=length)
+  encoded = model.apply({'params': params}, inputs, method=lambda m, x: m.encode(x))
+  cache = decoding.init_cache(cached, 3, 9)
+  step = jax.jit(lambda cache, e, t: decoding._encdec_step_logits(cached, params, cache,
+                                                                   jnp.asarray(inputs), e, t))
+  previous = np.zeros(3, np.int32)  # BOS
+  for position in range(length):
+    logits, cache = step(cache, encoded if position == 0 else None, previous)
+    np.testing.assert_allclose(
+        logits, _full_logits(model, params, inputs, targets[:, :position], length),
+        rtol=1e-5, atol=1e-5)
+    previous = targets[:, position]
+
+
+def test_cross_attention_keys_come_from_the_cache_after_the_first_step():
+  """Later steps read the cached encoder keys/values: zeroing them changes the logits."""
+  model, params = _encdec_params(CONFIG)
+  inputs = _random_inputs(6, [6, 3], 6)
+  cached = model.clone(decode_length=4)
+  encoded = model.apply({'params': params}, inputs, method=lambda m, x: m.encode(x))
+  _, cache = decoding._encdec_step_logits(cached, params, decoding.init_cache(cached, 2, 6),
+                                          inputs, encoded, np.zeros(2, np.int32))
+  tokens = np.array([7, 9], np.int32)
+  logits, _ = decoding._encdec_step_logits(cached, params, cache, inputs, None, tokens)
+  np.testing.assert_allclose(logits, _full_logits(model, params, inputs, tokens[:, None], 4),
+                             rtol=1e-5, atol=1e-5)
+  cross = cache['decoder']['layers_0']['encoder_decoder_attention']
+  assert cross['cached_key'].shape == (2, 6, CONFIG.num_heads, CONFIG.head_dim)
+  cache['decoder']['layers_0']['encoder_decoder_attention'] = jax.tree_util.tree_map(
+      jnp.zeros_like, cross)
+  zeroed, _ = decoding._encdec_step_logits(cached, params, cache, inputs, None, tokens)
+  assert not np.allclose(zeroed, logits, atol=1e-3)
+
+
+def test_greedy_decode_with_scanned_layers_equals_unscanned_recomputation():
+  model, params = _encdec_params(CONFIG.replace(scan_layers=True), seed=7)
+  assert 'layers' in params['decoder']
+  unscanned = network.EncoderDecoder(CONFIG)
+  unscanned_params = scan_conversion.to_unscanned(params)
+  inputs = _random_inputs(8, [8, 2, 5], 8)
+  expected = _reference_greedy_decode(unscanned, unscanned_params, inputs, 12, eos_id=1)
+  np.testing.assert_array_equal(
+      decoding.greedy_decode(model, params, jnp.asarray(inputs), 12), expected)
