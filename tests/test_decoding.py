@@ -140,13 +140,12 @@ def _reference_greedy_decode(model, params, inputs, max_length, eos_id):
   return out
 
 
-def _eos_hit_by_some_rows(tokens):
-  """An id that some rows emit early, others later or never (to serve as EOS)."""
-  for token in tokens[0, 1:4]:
-    first = [list(row).index(token) if token in row else None for row in tokens]
-    if first[0] == list(tokens[0]).index(token) and None in first or len(set(first)) > 2:
-      return int(token)
-  raise AssertionError(f'no usable EOS in {tokens}')
+def _early_eos(tokens):
+  """An id that row 0 emits first at position 1, 2 or 3 (to serve as EOS)."""
+  for position in range(1, 4):
+    if tokens[0, position] not in tokens[0, :position]:
+      return int(tokens[0, position])
+  raise AssertionError(f'no early EOS candidate in {tokens[0]}')
 
 
 def test_cached_greedy_decode_equals_full_recomputation_token_by_token():
@@ -154,10 +153,9 @@ def test_cached_greedy_decode_equals_full_recomputation_token_by_token():
   for seed, lengths, in_len, max_length in [(1, [12, 5, 1], 12, 20), (2, [3, 7], 7, 9)]:
     inputs = _random_inputs(seed, lengths, in_len)
     free = _reference_greedy_decode(model, params, inputs, max_length, eos_id=-1)
-    eos = _eos_hit_by_some_rows(free)
+    eos = _early_eos(free)
     expected = _reference_greedy_decode(model, params, inputs, max_length, eos)
-    stopped = (expected == eos).any(axis=1)
-    assert stopped.any() and (expected[stopped, -1] == 0).any(), expected  # an early stop
+    assert expected[0, -1] == 0 and (expected[1:] != 0).all(), expected  # row 0 alone stops
     got = decoding.greedy_decode(model, params, jnp.asarray(inputs), max_length, eos_id=eos)
     assert got.dtype == jnp.int32 and got.shape == (len(lengths), max_length)
     np.testing.assert_array_equal(got, expected)
@@ -211,3 +209,15 @@ def test_greedy_decode_with_scanned_layers_equals_unscanned_recomputation():
   expected = _reference_greedy_decode(unscanned, unscanned_params, inputs, 12, eos_id=1)
   np.testing.assert_array_equal(
       decoding.greedy_decode(model, params, jnp.asarray(inputs), 12), expected)
+
+
+def test_decoder_only_generate_with_scanned_layers_equals_unscanned_recomputation():
+  model = network.DecoderOnly(CONFIG.replace(scan_layers=True))
+  params = nn.unbox(model.init(jax.random.key(2), jnp.zeros((1, LENGTH), jnp.int32),
+                               method=lambda m, t: m.logits(m(t)))['params'])
+  prompts, lengths = decoding.pad_prompts([[5, 9, 11], [7]], LENGTH)
+  cached = decoding.generate(model.clone(decode_length=LENGTH), params, prompts, lengths,
+                             jax.random.key(0))
+  expected = _recompute_greedy(network.DecoderOnly(CONFIG), scan_conversion.to_unscanned(params),
+                               prompts, lengths)
+  np.testing.assert_array_equal(cached, expected)
