@@ -136,8 +136,8 @@ def _layer_class(layer_cls: type, config: TransformerConfig, num_layers: int,
                          static_argnums=(deterministic_argnum,))
   if not config.scan_layers:
     return layer_cls
-  return nn.scan(layer_cls, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True,
-                                                                      'dropout': True},
+  return nn.scan(layer_cls, variable_axes={'params': 0, 'cache': 0},
+                 split_rngs={'params': True, 'dropout': True},
                  in_axes=(nn.broadcast,) * (deterministic_argnum - 1), length=num_layers,
                  metadata_params={nn.PARTITION_NAME: 'layers'})
 
@@ -273,9 +273,10 @@ class DecoderLayer(nn.Module):
   def __call__(self, x: Array, encoded: Optional[Array], self_mask: Array, self_bias: Array,
                cross_mask: Optional[Array], deterministic: bool) -> Array:
     """Args: ``x [batch, tgt_len, emb]``, ``encoded [batch, in_len, emb]`` (None
-    without cross-attention, or to reuse the cached one when decoding), ``self_mask [batch or 1, 1, tgt_len, tgt_len]``,
-    ``self_bias [1, heads, tgt_len, tgt_len]``, ``cross_mask [batch, 1, tgt_len,
-    in_len]``. Returns ``[batch, tgt_len, emb]``."""
+    without cross-attention, or when decoding reuses the cached keys and values),
+    ``self_mask [batch or 1, 1, tgt_len, tgt_len]``, ``self_bias [1, heads, tgt_len,
+    tgt_len]``, ``cross_mask [batch, 1, tgt_len, in_len]``. Returns
+    ``[batch, tgt_len, emb]``."""
     cfg = self.config
     y = _norm(cfg, 'pre_self_attention_layer_norm')(x)
     y = _attention(cfg, 'self_attention', self.decode)(y, y, self_mask, self_bias,
