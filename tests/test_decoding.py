@@ -22,8 +22,8 @@ LENGTH = 24
 def _decoder_params():
   model = network.DecoderOnly(CONFIG)
   tokens = jnp.zeros((1, LENGTH), jnp.int32)
-  params = model.init(jax.random.key(0), tokens,
-                      method=lambda m, t: m.logits(m(t)))['params']
+  params = jax.jit(lambda t: model.init(jax.random.key(0), t,
+                                       method=lambda m, x: m.logits(m(x))))(tokens)['params']
   return model, nn.unbox(params)
 
 
@@ -98,10 +98,12 @@ def test_spans_are_put_back_in_place_of_the_sentinels():
 # ------------------------------------------------------ encoder-decoder ---
 
 
-def _encdec_params(config, seed=0):
+@functools.lru_cache(maxsize=None)
+def _encdec_params(config):
+  """A model and its random parameters (made once per config for the whole module)."""
   model = network.EncoderDecoder(config)
   enc, dec = jnp.zeros((1, 6), jnp.int32), jnp.zeros((1, 4), jnp.int32)
-  return model, nn.unbox(model.init(jax.random.key(seed), enc, dec)['params'])
+  return model, nn.unbox(jax.jit(model.init)(jax.random.key(0), enc, dec)['params'])
 
 
 def _random_inputs(seed, lengths, in_len):
@@ -162,7 +164,7 @@ def test_cached_greedy_decode_equals_full_recomputation_token_by_token():
 
 
 def test_cached_step_logits_equal_full_recomputation_logits():
-  model, params = _encdec_params(CONFIG, seed=3)
+  model, params = _encdec_params(CONFIG)
   inputs = _random_inputs(4, [9, 4, 2], 9)
   length = 20  # beyond relative_attention_max_distance (16): saturated buckets too
   targets = np.random.RandomState(5).randint(0, CONFIG.vocab_size, (3, length)).astype(np.int32)
@@ -173,35 +175,23 @@ def test_cached_step_logits_equal_full_recomputation_logits():
                                                                    jnp.asarray(inputs), e, t))
   previous = np.zeros(3, np.int32)  # BOS
   for position in range(length):
-    logits, cache = step(cache, encoded if position == 0 else None, previous)
+    logits, new_cache = step(cache, encoded if position == 0 else None, previous)
     np.testing.assert_allclose(
         logits, _full_logits(model, params, inputs, targets[:, :position], length),
         rtol=1e-5, atol=1e-5)
-    previous = targets[:, position]
-
-
-def test_cross_attention_keys_come_from_the_cache_after_the_first_step():
-  """Later steps read the cached encoder keys/values: zeroing them changes the logits."""
-  model, params = _encdec_params(CONFIG)
-  inputs = _random_inputs(6, [6, 3], 6)
-  cached = model.clone(decode_length=4)
-  encoded = model.apply({'params': params}, inputs, method=lambda m, x: m.encode(x))
-  _, cache = decoding._encdec_step_logits(cached, params, decoding.init_cache(cached, 2, 6),
-                                          inputs, encoded, np.zeros(2, np.int32))
-  tokens = np.array([7, 9], np.int32)
-  logits, _ = decoding._encdec_step_logits(cached, params, cache, inputs, None, tokens)
-  np.testing.assert_allclose(logits, _full_logits(model, params, inputs, tokens[:, None], 4),
-                             rtol=1e-5, atol=1e-5)
+    previous, cache, last = targets[:, position], new_cache, (cache, logits)
+  # Later steps read the encoder's keys/values from the cache: zeroing them changes the logits.
+  cache, logits = last
   cross = cache['decoder']['layers_0']['encoder_decoder_attention']
-  assert cross['cached_key'].shape == (2, 6, CONFIG.num_heads, CONFIG.head_dim)
+  assert cross['cached_key'].shape == (3, 9, CONFIG.num_heads, CONFIG.head_dim)
   cache['decoder']['layers_0']['encoder_decoder_attention'] = jax.tree_util.tree_map(
       jnp.zeros_like, cross)
-  zeroed, _ = decoding._encdec_step_logits(cached, params, cache, inputs, None, tokens)
+  zeroed, _ = step(cache, None, targets[:, length - 2])
   assert not np.allclose(zeroed, logits, atol=1e-3)
 
 
 def test_greedy_decode_with_scanned_layers_equals_unscanned_recomputation():
-  model, params = _encdec_params(CONFIG.replace(scan_layers=True), seed=7)
+  model, params = _encdec_params(CONFIG.replace(scan_layers=True))
   assert 'layers' in params['decoder']
   unscanned = network.EncoderDecoder(CONFIG)
   unscanned_params = scan_conversion.to_unscanned(params)
@@ -213,8 +203,8 @@ def test_greedy_decode_with_scanned_layers_equals_unscanned_recomputation():
 
 def test_decoder_only_generate_with_scanned_layers_equals_unscanned_recomputation():
   model = network.DecoderOnly(CONFIG.replace(scan_layers=True))
-  params = nn.unbox(model.init(jax.random.key(2), jnp.zeros((1, LENGTH), jnp.int32),
-                               method=lambda m, t: m.logits(m(t)))['params'])
+  params = nn.unbox(jax.jit(lambda t: model.init(jax.random.key(2), t, method=lambda m, x: m.logits(
+      m(x))))(jnp.zeros((1, LENGTH), jnp.int32))['params'])
   prompts, lengths = decoding.pad_prompts([[5, 9, 11], [7]], LENGTH)
   cached = decoding.generate(model.clone(decode_length=LENGTH), params, prompts, lengths,
                              jax.random.key(0))
