@@ -196,9 +196,11 @@ def test_greedy_decode_with_scanned_layers_equals_unscanned_recomputation():
   unscanned = network.EncoderDecoder(CONFIG)
   unscanned_params = scan_conversion.to_unscanned(params)
   inputs = _random_inputs(8, [8, 2, 5], 8)
-  expected = _reference_greedy_decode(unscanned, unscanned_params, inputs, 12, eos_id=1)
+  eos = _early_eos(_reference_greedy_decode(unscanned, unscanned_params, inputs, 12, eos_id=-1))
+  expected = _reference_greedy_decode(unscanned, unscanned_params, inputs, 12, eos)
+  assert expected[0, -1] == 0, expected
   np.testing.assert_array_equal(
-      decoding.greedy_decode(model, params, jnp.asarray(inputs), 12), expected)
+      decoding.greedy_decode(model, params, jnp.asarray(inputs), 12, eos_id=eos), expected)
 
 
 def test_decoder_only_generate_with_scanned_layers_equals_unscanned_recomputation():
