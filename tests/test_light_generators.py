@@ -119,26 +119,39 @@ def test_rts_replaces_only_selected_positions_and_detects_over_regular_tokens():
                              (((logits > 0) == labels) * regular).sum() / regular.sum(), rtol=1e-6)
 
 
-def test_slm_loss_covers_exactly_the_replaced_positions():
-  batch = _batch()
-  objective = lg.SLM(config=CONFIG, vocab=VOCAB)
+# (selection_rate, capacity_factor): dense logits; a capacity of 24 of 64 positions (no
+# row overflows); 16 of 64 (rows with more selected positions take the dense fallback).
+SLM_CAPACITIES = {'dense': (0.15, 0.0), 'sparse': (0.15, 1.5), 'overflow': (0.05, 1.0)}
+
+
+@pytest.mark.parametrize('case', list(SLM_CAPACITIES))
+def test_slm_loss_covers_exactly_the_replaced_positions(case):
+  batch = _batch(length=64)
+  rate, factor = SLM_CAPACITIES[case]
+  objective = lg.SLM(config=CONFIG, vocab=VOCAB, selection_rate=rate, capacity_factor=factor)
   variables = _init(objective, batch)
   loss, metrics, inter, _ = _apply(objective, variables, batch)
   originals, selected = batch['encoder_target_tokens'], batch['encoder_mlm_mask'] == 1
+  per_row = selected.sum(1)
+  capacity = {'dense': 64, 'sparse': 24, 'overflow': 16}[case]
+  assert (per_row > capacity).any() == (case == 'overflow'), per_row
   replaced = inter['replaced']
   assert not (replaced == VOCAB.mask_id).any(), 'SLM never shows the mask id'
   np.testing.assert_array_equal(replaced[~selected], originals[~selected])
   assert set(np.unique(replaced[selected])) <= set(REGULAR)
 
-  # NumPy reference: tied logits of the encoder over the replaced input.
-  def logits_of(module, tokens, segments):
-    return module.model.attend(module.model(tokens, segments)) / np.sqrt(CONFIG.emb_dim)
+  # NumPy reference: tied logits of the encoder over the replaced input, at every position.
+  def hidden_of(module, tokens, segments):
+    return module.model(tokens, segments), module.model.token_embedder.embedding
 
-  logits = np.asarray(objective.apply(variables, replaced, batch['encoder_segment_ids'],
-                                      method=logits_of), np.float64)
+  hidden, table = objective.apply(variables, replaced, batch['encoder_segment_ids'],
+                                  method=hidden_of)
+  logits = np.asarray(hidden, np.float64) @ np.asarray(table, np.float64).T / np.sqrt(
+      CONFIG.emb_dim)
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   picked = np.take_along_axis(log_probs, originals[..., None], -1)[..., 0]
   np.testing.assert_allclose(float(loss), -picked[selected].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['slm_loss'][1]), selected.sum())
   np.testing.assert_allclose(_value(metrics['slm_accuracy']),
                              (logits.argmax(-1) == originals)[selected].mean(), rtol=1e-6)
 
