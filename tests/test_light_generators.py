@@ -1,6 +1,7 @@
 """RTS, C-RTS, SLM and SpacTor with a light generator: replacements, losses, counts, clusters."""
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,13 +10,17 @@ import scipy.stats
 import seqio
 import tensorflow as tf
 
+import helpers
 from spactor_jax import checkpoints
 from spactor_jax import errors
+from spactor_jax import gin_utils
 from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import partitioning
 from spactor_jax import train_state
 from spactor_jax import trainer as trainer_lib
+from spactor_jax import training
+from spactor_jax import validation
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 from spactor_jax.objectives import light_generators as lg
@@ -439,3 +444,33 @@ def test_light_spactor_replaces_selected_positions_and_keeps_the_t5_model(genera
   assert set(variables['params']) == {'model', 'rtd_head'}
   assert jax.tree_util.tree_structure(sc_params['model']) == jax.tree_util.tree_structure(
       variables['params']['model'])
+
+
+# ------------------------------------------------------ gin quickstarts ---
+
+QUICKSTARTS = {
+    'quickstart_rts.gin': ('pdtext_rts', ['RTS']),
+    'quickstart_crts.gin': ('pdtext_rts', ['CRTS']),
+    'quickstart_slm.gin': ('pdtext_slm', ['SLM']),
+    'quickstart_spactor_crts.gin': ('pdtext_spactor', ['LightSpacTor', 'SpanCorruption']),
+}
+
+
+@pytest.mark.parametrize('name', list(QUICKSTARTS))
+def test_quickstarts_bind_the_light_objectives_with_evaluation(name, monkeypatch):
+  """Each quickstart parses, passes the binding checks and builds its run (nothing trains)."""
+  monkeypatch.chdir(helpers.REPO)
+  gin.clear_config()
+  try:
+    gin_utils.parse_with_tasks(gin_utils.GinFlags(
+        files=[f'gin_configs/{name}'], bindings=["MODEL_DIR = '/tmp/unused'"]))
+    validation.check_gin_bindings()
+    run = gin_utils.call(training.RunConfig)
+    task, objectives = QUICKSTARTS[name]
+    assert run.data.mixture_or_task_name == task and run.eval_every_steps > 0 and run.eval_batches > 0
+    assert [stage.objective.__name__ for stage in run.curriculum.stages] == objectives
+    if 'crts' in name:
+      parameter = 'LightSpacTor.generator' if 'spactor' in name else 'CRTS.beta'
+      assert gin.query_parameter(parameter) == ('crts' if 'spactor' in name else 2.0)
+  finally:
+    gin.clear_config()
