@@ -389,6 +389,8 @@ def test_bad_clusters_are_one_line_errors(tmp_path):
     assert message in str(info.value).splitlines()[0]
   with pytest.raises(errors.ConfigError, match='min_count must be positive'):
     lg.CRTS(config=CONFIG, vocab=VOCAB, min_count=0.0)
+  with pytest.raises(errors.ConfigError, match='capacity factor 0.5 at least 1'):
+    lg.SLM(config=CONFIG, vocab=VOCAB, capacity_factor=0.5)
 
 
 # --------------------------------------------------------- clusters ---

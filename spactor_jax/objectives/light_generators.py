@@ -320,7 +320,7 @@ class SLM(base.Objective):
       rate).
     capacity_factor: the vocabulary logits are computed only at each row's
       first ``generator_lib.selection_capacity(length, selection_rate,
-      capacity_factor)`` selected positions (32 of 128, 128 of 512 at the
+      capacity_factor)`` selected positions (40 of 128, 128 of 512 at the
       defaults), selected positions beyond it by an exact dense pass that
       runs only when a row overflows (``generator_lib.masked_lm_sample``); 0
       computes them at every position (the dense reference, same results).
