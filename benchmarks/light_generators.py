@@ -1,38 +1,37 @@
-r"""Cost of the light generators' train steps against learned generators.
+r"""Cost of the light generators' train steps against learned generators, side by side.
 
 Encoder-only objectives at ``gin_configs/models/encoder_small.gin`` (MLM,
-ELECTRA, RTS, C-RTS, SLM) and encoder-decoder ones at T5.1.1-small
-(``models/small.gin``: span corruption, SpacTor, SpacTor with a C-RTS
-generator), all in float32 on one device with T5's vocabulary (32,100 ids in
-32,128 rows). Each full train step (forward, backward, Adafactor) is compiled
-once and timed on the same synthetic batch, the objectives of a group
-alternating so that machine load hits them alike. MLM and ELECTRA come from
-``spactor_jax.objectives.mlm`` / ``.electra``; where those modules are not
-installed the rows say so and are skipped. C-RTS reads a synthetic clustering
-of T5's vocabulary (id mod 100): its cost does not depend on which ids share a
-cluster.
+ELECTRA, RTS, C-RTS, SLM, and SLM with dense vocabulary logits) and
+encoder-decoder ones at T5.1.1-small (``models/small.gin``: span corruption,
+SpacTor, SpacTor with an RTS and with a C-RTS generator), all in float32 on one
+device with T5's vocabulary (32,100 ids in 32,128 rows). Each full train step
+(forward, backward, Adafactor) is compiled once, then run ``--warmup`` untimed
+and ``--steps`` timed times on the same synthetic batch, the objectives of a
+group alternating step by step so that machine load hits them alike. C-RTS
+reads a synthetic clustering of T5's vocabulary (id mod 100): its cost does not
+depend on which ids share a cluster.
 
 Prints one JSON object::
 
-    python benchmarks/light_generators.py [--length 128] [--batch_size 8] [--steps 2]
+    python benchmarks/light_generators.py [--length 128] [--batch_size 8] [--steps 3]
     python benchmarks/light_generators.py --flops_only   # compile and count only
 
-Per objective: ``time_s`` (median step seconds), ``xla_flops`` (the compiled
-step's cost analysis), both relative to the group's baseline (MLM, else RTS;
-span corruption), and ``params``. ``corruption_xla_flops`` gives the FLOPs of
-drawing the replacements alone (RTS: uniform ids; C-RTS: cluster draw from
-the count rows, then a uniform member) for the encoder batch, to compare with
-a step's.
+Per objective: ``time_s`` (median step seconds), ``tokens_per_s`` (tokens of
+the batch per step second; T5 counts encoder + decoder tokens), ``xla_flops``
+(the compiled step's cost analysis), time and FLOPs relative to the group's
+baseline (MLM; span corruption), ``compile_s`` and ``params``.
+``corruption_xla_flops`` gives the FLOPs of drawing the replacements alone
+(RTS: uniform ids; C-RTS: cluster draw from the count rows, then a uniform
+member) for the encoder batch, to compare with a step's.
 """
 
 import argparse
-import importlib
 import json
 import os
 import platform
 import statistics
 import tempfile
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import jax
 import jax.numpy as jnp
@@ -42,14 +41,14 @@ import common  # pylint: disable=g-bad-import-order  # puts the repository on sy
 import objective_step  # pylint: disable=g-bad-import-order
 # pylint: disable=g-import-not-at-top
 from spactor_jax.objectives import base
+from spactor_jax.objectives import electra
 from spactor_jax.objectives import light_generators
 from spactor_jax.objectives import light_spactor
+from spactor_jax.objectives import mlm
 from spactor_jax.objectives import span_corruption
 from spactor_jax.objectives import spactor
 
 VOCAB = objective_step.VOCAB
-LEARNED = {'mlm': ('spactor_jax.objectives.mlm', ('MLM', 'MaskedLM')),
-           'electra': ('spactor_jax.objectives.electra', ('ELECTRA', 'Electra'))}
 
 
 def encoder_batch(batch_size: int, length: int, seed: int = 0) -> Dict[str, np.ndarray]:
@@ -76,41 +75,27 @@ def synthetic_clusters(directory: str, num_clusters: int = 100) -> str:
   return path
 
 
-def learned_factory(name: str) -> Optional[Callable[..., base.Objective]]:
-  """The MLM / ELECTRA objective class, or None where its module is absent."""
-  module_name, class_names = LEARNED[name]
-  try:
-    module = importlib.import_module(module_name)
-  except ImportError:
-    return None
-  return next((getattr(module, c) for c in class_names if hasattr(module, c)), None)
-
-
-def step_flops(objective: base.Objective, batch: Dict[str, np.ndarray]) -> Dict[str, object]:
-  """XLA FLOPs and parameter count of one compiled train step, without running it."""
-  trainer = common.make_trainer(objective, batch, jax.devices()[:1])
-  compiled = trainer.lower(trainer.abstract_state, trainer.abstract_batch(),
-                           jax.random.key(0)).compile()
-  cost = compiled.cost_analysis()
-  return {'xla_flops': float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']),
-          'params': sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))}
-
-
 def time_group(factories: Dict[str, Callable[[], base.Objective]], batch: Dict[str, np.ndarray],
                steps: int, warmup: int, flops_only: bool = False) -> Dict[str, Dict[str, object]]:
-  """Compiles, counts and times each objective's step, alternating them."""
-  if flops_only:
-    return {name: step_flops(make(), batch) for name, make in factories.items()}
-  compiled = {name: common.CompiledStep(make(), batch)
+  """Compiles, counts and (unless ``flops_only``) times each objective's step, alternating them."""
+  compiled = {name: common.CompiledStep(make(), batch, run=not flops_only)
               for name, make in factories.items()}
-  for index in range(warmup + steps):
-    for step in compiled.values():
-      step.run(record=index >= warmup)
-  return {name: {'time_s': round(statistics.median(step.times), 4),
-                 'step_times_s': [round(t, 4) for t in step.times],
-                 'compile_s': round(step.compile_s, 1),
-                 'xla_flops': step.xla_flops,
-                 'params': step.num_params} for name, step in compiled.items()}
+  tokens = sum(batch[k].size for k in ('encoder_input_tokens', 'decoder_target_tokens')
+               if k in batch)
+  if not flops_only:
+    for index in range(warmup + steps):
+      for step in compiled.values():
+        step.run(record=index >= warmup)
+  rows = {}
+  for name, step in compiled.items():
+    row = {'xla_flops': step.xla_flops, 'params': step.num_params,
+           'compile_s': round(step.compile_s, 1)}
+    if step.times:
+      median = statistics.median(step.times)
+      row.update(time_s=round(median, 4), tokens_per_s=round(tokens / median, 1),
+                 step_times_s=[round(t, 4) for t in step.times])
+    rows[name] = row
+  return rows
 
 
 def add_ratios(rows: Dict[str, Dict[str, object]], baseline: str) -> None:
@@ -134,8 +119,7 @@ def corruption_flops(clusters_path: str, batch: Dict[str, np.ndarray]) -> Dict[s
     return light_generators.uniform_replacements(rng, originals.shape, VOCAB)
 
   def flops(fn):
-    cost = jax.jit(fn).lower(jax.random.key(0)).compile().cost_analysis()
-    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+    return common.xla_flops(jax.jit(fn).lower(jax.random.key(0)).compile())
 
   return {'rts': flops(rts), 'crts': flops(crts)}
 
@@ -147,7 +131,7 @@ def main(argv=None) -> Dict[str, object]:
   parser.add_argument('--inputs_length', type=int, default=128, help='T5 encoder length')
   parser.add_argument('--targets_length', type=int, default=32, help='T5 decoder length')
   parser.add_argument('--t5_batch_size', type=int, default=4)
-  parser.add_argument('--steps', type=int, default=2, help='timed steps per objective')
+  parser.add_argument('--steps', type=int, default=3, help='timed steps per objective')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps per objective')
   parser.add_argument('--flops_only', action='store_true',
                       help='compile and count FLOPs without initialising or timing')
@@ -162,24 +146,20 @@ def main(argv=None) -> Dict[str, object]:
     clusters = synthetic_clusters(directory)
     encoder_cfg = common.load_model_config('encoder_small')
     batch = encoder_batch(args.batch_size, args.length)
-    factories = {}
-    skipped = {}
-    for name in LEARNED:
-      factory = learned_factory(name)
-      if factory is None:
-        skipped[name] = f'{LEARNED[name][0]} is not importable in this checkout'
-      else:
-        factories[name] = lambda f=factory: f(config=encoder_cfg, vocab=VOCAB)
-    factories.update({
+    factories = {
+        'mlm': lambda: mlm.MLM(config=encoder_cfg, vocab=VOCAB),
+        'electra': lambda: electra.ELECTRA(config=encoder_cfg, vocab=VOCAB),
         'rts': lambda: light_generators.RTS(config=encoder_cfg, vocab=VOCAB),
         'crts': lambda: light_generators.CRTS(config=encoder_cfg, vocab=VOCAB,
                                               clusters_path=clusters),
         'slm': lambda: light_generators.SLM(config=encoder_cfg, vocab=VOCAB),
-    })
+        'slm_dense_logits': lambda: light_generators.SLM(config=encoder_cfg, vocab=VOCAB,
+                                                         capacity_factor=0.0),
+    }
     encoder_rows = time_group(factories, batch, args.steps, args.warmup, args.flops_only)
-    add_ratios(encoder_rows, 'mlm' if 'mlm' in encoder_rows else 'rts')
+    add_ratios(encoder_rows, 'mlm')
     results['encoder_small'] = {'length': args.length, 'batch_size': args.batch_size,
-                                'objectives': encoder_rows, 'skipped': skipped,
+                                'objectives': encoder_rows,
                                 'corruption_xla_flops': corruption_flops(clusters, batch)}
 
     t5_cfg = common.load_model_config('small')
@@ -188,6 +168,8 @@ def main(argv=None) -> Dict[str, object]:
     t5_rows = time_group({
         'span_corruption': lambda: span_corruption.SpanCorruption(config=t5_cfg, vocab=VOCAB),
         'spactor': lambda: spactor.SpacTor(config=t5_cfg, vocab=VOCAB),
+        'light_spactor_rts': lambda: light_spactor.LightSpacTor(
+            config=t5_cfg, vocab=VOCAB, generator='rts'),
         'light_spactor_crts': lambda: light_spactor.LightSpacTor(
             config=t5_cfg, vocab=VOCAB, generator='crts', clusters_path=clusters),
     }, t5_batch, args.steps, args.warmup, args.flops_only)

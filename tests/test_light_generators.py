@@ -1,6 +1,7 @@
 """RTS, C-RTS, SLM and SpacTor with a light generator: replacements, losses, counts, clusters."""
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,12 +10,17 @@ import scipy.stats
 import seqio
 import tensorflow as tf
 
+import helpers
 from spactor_jax import checkpoints
 from spactor_jax import errors
+from spactor_jax import gin_utils
 from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import partitioning
+from spactor_jax import train_state
 from spactor_jax import trainer as trainer_lib
+from spactor_jax import training
+from spactor_jax import validation
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 from spactor_jax.objectives import light_generators as lg
@@ -119,26 +125,39 @@ def test_rts_replaces_only_selected_positions_and_detects_over_regular_tokens():
                              (((logits > 0) == labels) * regular).sum() / regular.sum(), rtol=1e-6)
 
 
-def test_slm_loss_covers_exactly_the_replaced_positions():
-  batch = _batch()
-  objective = lg.SLM(config=CONFIG, vocab=VOCAB)
+# (selection_rate, capacity_factor): dense logits; a capacity of 24 of 64 positions (no
+# row overflows); 16 of 64 (rows with more selected positions take the dense fallback).
+SLM_CAPACITIES = {'dense': (0.15, 0.0), 'sparse': (0.15, 1.5), 'overflow': (0.05, 1.0)}
+
+
+@pytest.mark.parametrize('case', list(SLM_CAPACITIES))
+def test_slm_loss_covers_exactly_the_replaced_positions(case):
+  batch = _batch(length=64)
+  rate, factor = SLM_CAPACITIES[case]
+  objective = lg.SLM(config=CONFIG, vocab=VOCAB, selection_rate=rate, capacity_factor=factor)
   variables = _init(objective, batch)
   loss, metrics, inter, _ = _apply(objective, variables, batch)
   originals, selected = batch['encoder_target_tokens'], batch['encoder_mlm_mask'] == 1
+  per_row = selected.sum(1)
+  capacity = {'dense': 64, 'sparse': 24, 'overflow': 16}[case]
+  assert (per_row > capacity).any() == (case == 'overflow'), per_row
   replaced = inter['replaced']
   assert not (replaced == VOCAB.mask_id).any(), 'SLM never shows the mask id'
   np.testing.assert_array_equal(replaced[~selected], originals[~selected])
   assert set(np.unique(replaced[selected])) <= set(REGULAR)
 
-  # NumPy reference: tied logits of the encoder over the replaced input.
-  def logits_of(module, tokens, segments):
-    return module.model.attend(module.model(tokens, segments)) / np.sqrt(CONFIG.emb_dim)
+  # NumPy reference: tied logits of the encoder over the replaced input, at every position.
+  def hidden_of(module, tokens, segments):
+    return module.model(tokens, segments), module.model.token_embedder.embedding
 
-  logits = np.asarray(objective.apply(variables, replaced, batch['encoder_segment_ids'],
-                                      method=logits_of), np.float64)
+  hidden, table = objective.apply(variables, replaced, batch['encoder_segment_ids'],
+                                  method=hidden_of)
+  logits = np.asarray(hidden, np.float64) @ np.asarray(table, np.float64).T / np.sqrt(
+      CONFIG.emb_dim)
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   picked = np.take_along_axis(log_probs, originals[..., None], -1)[..., 0]
   np.testing.assert_allclose(float(loss), -picked[selected].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['slm_loss'][1]), selected.sum())
   np.testing.assert_allclose(_value(metrics['slm_accuracy']),
                              (logits.argmax(-1) == originals)[selected].mean(), rtol=1e-6)
 
@@ -259,8 +278,6 @@ PERMUTATION = np.roll(np.arange(9), 1)  # singleton clusters: id 3 + k → 3 + P
 BETA = 1e4  # a row's largest count is drawn with certainty
 
 
-
-
 def _trainer(objective, batch, devices, num_microbatches, learning_rate=0.0):
   """A data-parallel trainer; learning rate 0 keeps forced parameters as they are."""
   schedule = optimizers.constant_schedule(learning_rate)
@@ -294,24 +311,25 @@ CONFIGURATIONS = [(1, 1), (8, 1), (1, 4)]  # (devices, micro-batches)
 def deterministic_crts(tmp_path_factory):
   """C-RTS over singleton clusters: id ``3 + k`` is replaced by ``3 + PERMUTATION[k]``.
 
-  Returns the batches, one trainer per configuration (compiled once, shared by
-  the tests) and ``run(trainer, batches, logit_sign, start) -> counts``.
+  Returns the batches, one trainer per configuration (each compiles its step
+  once, shared by the tests) and ``run(trainer, batches, logit_sign, start) ->
+  counts``. The states are built on the host (no compiled initialisation).
   """
   path = _clusters_file(tmp_path_factory.mktemp('clusters'), np.arange(9), 'singletons.txt')
-  objective = lg.CRTS(config=CONFIG.replace(num_encoder_layers=1), vocab=VOCAB,
-                      clusters_path=path, beta=BETA, min_count=0.25)
-  batches = [_batch(batch_size=32, length=16, seed=seed) for seed in range(2)]
+  config = CONFIG.replace(emb_dim=16, num_heads=2, mlp_dim=16, num_encoder_layers=1)
+  objective = lg.CRTS(config=config, vocab=VOCAB, clusters_path=path, beta=BETA, min_count=0.25)
+  batches = [_batch(batch_size=16, length=16, seed=seed) for seed in range(2)]
   variables = _init(objective, batches[0])
   forced = {sign: _force(objective, variables, batches[0], sign)['params'] for sign in (1, -1)}
   trainers = {config: _trainer(objective, batches[0], jax.devices()[:config[0]], config[1])
               for config in CONFIGURATIONS}
+  opt_state = jax.device_get(trainers[(1, 1)].optimizer.init(forced[1]))  # host: not donated
 
   def run(trainer, batches, logit_sign, start):
-    state = trainer.init_state(jax.random.key(0))
-    counts = {'objective_state': {'crts': {'counts': _start_counts(start)}}}
-    state = state.replace(
-        params=jax.device_put(forced[logit_sign], trainer.state_shardings.params),
-        objective_state=jax.device_put(counts, trainer.state_shardings.objective_state))
+    state = train_state.TrainState(
+        step=np.zeros((), np.int32), params=forced[logit_sign], opt_state=opt_state,
+        objective_state={'objective_state': {'crts': {'counts': _start_counts(start)}}})
+    state = jax.device_put(state, trainer.state_shardings)
     for batch in batches:
       state, _ = trainer.train_step(state, pipeline.global_arrays(batch, trainer.data_sharding),
                                     jax.random.key(1))
@@ -320,26 +338,20 @@ def deterministic_crts(tmp_path_factory):
   return batches, trainers, run
 
 
-def test_missed_counts_are_the_same_on_meshes_and_micro_batches(deterministic_crts):
+def test_counts_are_the_same_on_meshes_and_micro_batches(deterministic_crts):
   batches, trainers, run = deterministic_crts
-  expected = _expected_counts(batches, 50.0, 1.0, 0.25)
-  assert expected.max() > 60
+  # Missed replacements, two steps: +1 per replacement, the second step reading the first's counts.
+  missed = _expected_counts(batches, 50.0, 1.0, 0.25)
+  assert missed.max() > 55
+  # Caught replacements, one step: rows start at 3 and lose more than 3, so the floor applies
+  # to the step's summed deltas (once per step, after all micro-batches).
+  caught = _expected_counts(batches[:1], 3.0, -1.0, 0.25)
+  assert (caught == 0.25).any() and (caught == 1.0).any()
   for (devices, micro), trainer in trainers.items():
-    np.testing.assert_array_equal(run(trainer, batches, -1, 50.0), expected,
-                                  err_msg=f'{devices} devices, {micro} micro-batches')
-
-
-@pytest.mark.skipif(not hasattr(base.Objective, 'settle_state'),
-                    reason='the trainer settles objective state once per step only with the '
-                           'objective-state contract')
-def test_caught_counts_are_floored_once_per_step_on_meshes_and_micro_batches(deterministic_crts):
-  batches, trainers, run = deterministic_crts
-  # Rows start at 3 and lose more than 3 in one step: the floor applies to the summed deltas.
-  expected = _expected_counts(batches[:1], 3.0, -1.0, 0.25)
-  assert (expected == 0.25).any() and (expected == 1.0).any()
-  for (devices, micro), trainer in trainers.items():
-    np.testing.assert_array_equal(run(trainer, batches[:1], 1, 3.0), expected,
-                                  err_msg=f'{devices} devices, {micro} micro-batches')
+    np.testing.assert_array_equal(run(trainer, batches, -1, 50.0), missed,
+                                  err_msg=f'missed: {devices} devices, {micro} micro-batches')
+    np.testing.assert_array_equal(run(trainer, batches[:1], 1, 3.0), caught,
+                                  err_msg=f'caught: {devices} devices, {micro} micro-batches')
 
 
 def test_counts_survive_a_checkpoint_exactly(tmp_path, pd_rts):
@@ -377,6 +389,8 @@ def test_bad_clusters_are_one_line_errors(tmp_path):
     assert message in str(info.value).splitlines()[0]
   with pytest.raises(errors.ConfigError, match='min_count must be positive'):
     lg.CRTS(config=CONFIG, vocab=VOCAB, min_count=0.0)
+  with pytest.raises(errors.ConfigError, match='capacity factor 0.5 at least 1'):
+    lg.SLM(config=CONFIG, vocab=VOCAB, capacity_factor=0.5)
 
 
 # --------------------------------------------------------- clusters ---
@@ -413,7 +427,8 @@ def test_light_spactor_replaces_selected_positions_and_keeps_the_t5_model(genera
   iterator = _pd_iterator('pdtext_spactor', {'inputs': 64, 'targets': 16}, 'encoder_decoder')
   vocab = pipeline.vocab_info(iterator.vocabulary)
   batch = next(iterator)
-  objective = light_spactor.LightSpacTor(config=PD_CONFIG, vocab=vocab, generator=generator)
+  config = PD_CONFIG.replace(num_encoder_layers=1, num_decoder_layers=1)
+  objective = light_spactor.LightSpacTor(config=config, vocab=vocab, generator=generator)
   variables = _init(objective, batch)
   loss, metrics, inter, state = _apply(objective, variables, batch)
   tokens, selected = batch['encoder_input_tokens'], batch['encoder_mlm_mask'] == 1
@@ -426,8 +441,38 @@ def test_light_spactor_replaces_selected_positions_and_keeps_the_t5_model(genera
       float(loss), 50 * _value(metrics['rtd_loss']) + _value(metrics['sc_loss']), rtol=1e-5)
   assert ('crts' in (state or {})) == (generator == 'crts')
   # Span corruption's parameters are exactly the light objective's `model`.
-  sc = span_corruption.SpanCorruption(config=PD_CONFIG, vocab=vocab)
+  sc = span_corruption.SpanCorruption(config=config, vocab=vocab)
   sc_params = jax.eval_shape(lambda: _init(sc, batch))['params']
   assert set(variables['params']) == {'model', 'rtd_head'}
   assert jax.tree_util.tree_structure(sc_params['model']) == jax.tree_util.tree_structure(
       variables['params']['model'])
+
+
+# ------------------------------------------------------ gin quickstarts ---
+
+QUICKSTARTS = {
+    'quickstart_rts.gin': ('pdtext_rts', ['RTS']),
+    'quickstart_crts.gin': ('pdtext_rts', ['CRTS']),
+    'quickstart_slm.gin': ('pdtext_slm', ['SLM']),
+    'quickstart_spactor_crts.gin': ('pdtext_spactor', ['LightSpacTor', 'SpanCorruption']),
+}
+
+
+@pytest.mark.parametrize('name', list(QUICKSTARTS))
+def test_quickstarts_bind_the_light_objectives_with_evaluation(name, monkeypatch):
+  """Each quickstart parses, passes the binding checks and builds its run (nothing trains)."""
+  monkeypatch.chdir(helpers.REPO)
+  gin.clear_config()
+  try:
+    gin_utils.parse_with_tasks(gin_utils.GinFlags(
+        files=[f'gin_configs/{name}'], bindings=["MODEL_DIR = '/tmp/unused'"]))
+    validation.check_gin_bindings()
+    run = gin_utils.call(training.RunConfig)
+    task, objectives = QUICKSTARTS[name]
+    assert run.data.mixture_or_task_name == task and run.eval_every_steps > 0 and run.eval_batches > 0
+    assert [stage.objective.__name__ for stage in run.curriculum.stages] == objectives
+    if 'crts' in name:
+      parameter = 'LightSpacTor.generator' if 'spactor' in name else 'CRTS.beta'
+      assert gin.query_parameter(parameter) == ('crts' if 'spactor' in name else 2.0)
+  finally:
+    gin.clear_config()

@@ -16,7 +16,8 @@ so the task's corrupted ``inputs`` are not read:
   learned ``C x C`` count matrix (``ClusterSampler``), the token uniformly
   inside it; the counts follow the discriminator's decisions.
 * ``SLM``: RTS's replacements, and a vocabulary cross-entropy (head tied to
-  the token embedding) at the selected positions only.
+  the token embedding) at the selected positions only, whose logits are
+  computed at those positions only (a static per-row capacity).
 
 A replacement equal to its original (possible for RTS and C-RTS) is labelled
 original.
@@ -34,6 +35,7 @@ import numpy as np
 
 from spactor_jax import errors
 from spactor_jax import generator as generator_lib
+from spactor_jax import layers
 from spactor_jax import network
 from spactor_jax.objectives import base
 from spactor_jax.objectives import blocks
@@ -314,6 +316,14 @@ class SLM(base.Objective):
   Attributes:
     config: the encoder's network configuration.
     vocab: special ids of the task's vocabulary.
+    selection_rate: the expected fraction of positions selected (the task's
+      rate).
+    capacity_factor: the vocabulary logits are computed only at each row's
+      first ``generator_lib.selection_capacity(length, selection_rate,
+      capacity_factor)`` selected positions (40 of 128, 128 of 512 at the
+      defaults), selected positions beyond it by an exact dense pass that
+      runs only when a row overflows (``generator_lib.masked_lm_sample``); 0
+      computes them at every position (the dense reference, same results).
 
   The loss is the vocabulary cross-entropy (head tied to the token
   embedding, T5X's ``1/sqrt(emb)`` scaling) at the selected positions only,
@@ -322,9 +332,16 @@ class SLM(base.Objective):
   """
   config: network.TransformerConfig
   vocab: base.VocabInfo
+  selection_rate: float = 0.15
+  capacity_factor: float = 1.5
 
   model_family: ClassVar[str] = 'encoder'
   input_features: ClassVar[Tuple[str, ...]] = ('encoder_target_tokens', 'encoder_mlm_mask')
+
+  def __post_init__(self):
+    if self.capacity_factor:
+      generator_lib.selection_capacity(1, self.selection_rate, self.capacity_factor)  # validates
+    super().__post_init__()
 
   def setup(self):
     self.model = network.EncoderOnly(self.config, name='model')
@@ -340,6 +357,14 @@ class SLM(base.Objective):
     replaced, _ = blocks.corrupt(originals, mlm_mask, samples)
     self.sow('intermediates', 'replaced', replaced)
     encoded = self.model(replaced, batch.get('encoder_segment_ids'),
-                         enable_dropout=enable_dropout)
-    logits = generator_lib.tied_logits(self.model.attend, encoded)
-    return blocks.masked_lm_loss(logits, originals, mlm_mask, denominators['selected'], 'slm')
+                         enable_dropout=enable_dropout)  # [batch, length, emb]
+    capacity = None
+    if self.capacity_factor:
+      capacity = generator_lib.selection_capacity(originals.shape[1], self.selection_rate,
+                                                  self.capacity_factor)
+    attend = functools.partial(layers.attend, self.model.token_embedder.embedding,
+                               dtype=self.config.dtype)
+    loss, metrics, _ = generator_lib.masked_lm_sample(
+        functools.partial(generator_lib.tied_logits, attend), encoded, originals, mlm_mask,
+        denominators['selected'], 'slm', rng=None, capacity=capacity)
+    return loss, metrics
