@@ -1,0 +1,267 @@
+"""The comparison's markdown table and plots, from the raw results JSON.
+
+Results layout (``results.json``): ``stage_flops[objective]`` lists each
+stage's ``{name, flops}``; ``cells["<objective>/<seed>"]`` holds the cell's
+``stage_steps``, its ``pretrain`` record (``steps``, ``flops``, ``wall_s``,
+``heldout``: ``metric``, ``curve`` of ``[step, flops, value]``, ``final``
+metrics) and its ``finetune`` records per task (``score``, the
+``finetune_metrics.json`` it came from, or why it is missing).
+"""
+
+import os
+import statistics
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from compare import specs as specs_lib  # pylint: disable=g-import-not-at-top
+
+SC_METRIC = 'heldout_sc_loss'
+
+
+def cells_of(results: dict, objective: str) -> List[dict]:
+  """The objective's cells, by seed."""
+  cells = [c for c in results.get('cells', {}).values() if c['objective'] == objective]
+  return sorted(cells, key=lambda c: c['seed'])
+
+
+def _pretrained(cells: Sequence[dict]) -> List[dict]:
+  return [c for c in cells if (c.get('pretrain') or {}).get('status') == 'done']
+
+
+def final_heldout(cell: dict, metric: str) -> Optional[float]:
+  """The metric at the run's last held-out evaluation."""
+  value = ((cell.get('pretrain') or {}).get('heldout') or {}).get('final', {}).get(metric)
+  return None if value is None else float(value)
+
+
+def scores(cells: Sequence[dict], task: str) -> List[float]:
+  """Downstream scores of the cells that have one on ``task``."""
+  values = []
+  for cell in cells:
+    record = (cell.get('finetune') or {}).get(task) or {}
+    if record.get('status') == 'done' and record.get('score') is not None:
+      values.append(float(record['score']))
+  return values
+
+
+def mean_spread(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+  """Mean and sample standard deviation (``None`` for a single value)."""
+  mean = statistics.fmean(values)
+  return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def format_values(values: Sequence[float], digits: int = 3) -> str:
+  """``0.612 ± 0.013 (3 seeds)``; ``0.612 (1 seed)``; ``—`` when empty."""
+  if not values:
+    return '—'
+  mean, spread = mean_spread(values)
+  if spread is None:
+    return f'{mean:.{digits}f} (1 seed)'
+  return f'{mean:.{digits}f} ± {spread:.{digits}f} ({len(values)} seeds)'
+
+
+def compare(values: Sequence[float], base: Sequence[float], higher_is_better: bool,
+            what: str, baseline: str) -> Optional[str]:
+  """The measured difference to the baseline, read against the spread over seeds.
+
+  ``within noise`` when ``|Δ|`` is at most the sum of the two sample
+  standard deviations; ``better`` / ``worse`` otherwise; with fewer than two
+  seeds on either side the spread is unknown and said so.
+  """
+  if not values or not base:
+    return None
+  delta = statistics.fmean(values) - statistics.fmean(base)
+  text = f'{what} {delta:+.3f} vs {baseline}'
+  if min(len(values), len(base)) < 2:
+    return f'{text} (one seed: spread unknown)'
+  noise = statistics.stdev(values) + statistics.stdev(base)
+  if abs(delta) <= noise:
+    return f'{text}: within noise (±{noise:.3f})'
+  good = (delta > 0) == higher_is_better
+  return f'{text}: {"better" if good else "worse"} beyond the spread (±{noise:.3f})'
+
+
+def measured_vs_claim(results: dict, spec: specs_lib.ObjectiveSpec) -> str:
+  """What was measured against the claim's baseline (downstream first, then held-out SC loss)."""
+  if spec.baseline is None:
+    return '—'
+  mine, base = cells_of(results, spec.name), cells_of(results, spec.baseline)
+  parts = []
+  task = spec.downstream_tasks[0]
+  downstream = compare(scores(mine, task), scores(base, task), True, task, spec.baseline)
+  if downstream:
+    parts.append(downstream)
+  if spec.heldout_metric == SC_METRIC:
+    values = [v for v in (final_heldout(c, SC_METRIC) for c in _pretrained(mine)) if v is not None]
+    base_values = [v for v in (final_heldout(c, SC_METRIC) for c in _pretrained(base))
+                   if v is not None]
+    heldout = compare(values, base_values, False, 'held-out SC loss', spec.baseline)
+    if heldout:
+      parts.append(heldout)
+  return '; '.join(parts) if parts else f'no {spec.baseline} result to compare with'
+
+
+def _format_flops(value: float) -> str:
+  return f'{value:.3g}'
+
+
+def _format_seconds(values: Sequence[float]) -> str:
+  if not values:
+    return '—'
+  mean = statistics.fmean(values)
+  return f'{mean / 60:.1f} min' if mean >= 60 else f'{mean:.0f} s'
+
+
+def table(results: dict, selected: Sequence[specs_lib.ObjectiveSpec]) -> str:
+  """The markdown table: one row per objective, downstream columns per task."""
+  tasks = list(dict.fromkeys(t for spec in selected for t in spec.downstream_tasks))
+  header = (['objective', 'steps', 'FLOPs', 'wall (pre-training)',
+             'held-out SC loss / token'] + tasks + ['paper\'s claim', 'measured vs baseline'])
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for spec in selected:
+    cells = cells_of(results, spec.name)
+    done = _pretrained(cells)
+    failed = [c for c in cells if (c.get('pretrain') or {}).get('status') == 'failed']
+    if done:
+      steps = ' + '.join(str(s) for s in done[0]['stage_steps'])
+      flops = _format_flops(statistics.fmean(c['pretrain']['flops'] for c in done))
+    else:
+      steps = flops = 'failed' if failed else 'not run'
+    wall = _format_seconds([c['pretrain']['wall_s'] for c in done
+                            if c['pretrain'].get('wall_s') is not None])
+    if spec.heldout_metric == SC_METRIC:
+      heldout = format_values([v for v in (final_heldout(c, SC_METRIC) for c in done)
+                               if v is not None])
+    else:
+      heldout = 'n/a (no decoder vocabulary head)' if spec.family == specs_lib.ENCODER_DECODER \
+          else 'n/a'
+    downstream = []
+    for task in tasks:
+      if task not in spec.downstream_tasks:
+        downstream.append('')
+        continue
+      values = scores(cells, task)
+      if values:
+        downstream.append(format_values(values))
+      else:
+        reasons = {((c.get('finetune') or {}).get(task) or {}).get('status') for c in cells}
+        downstream.append('skipped' if 'skipped' in reasons else
+                          'failed' if 'failed' in reasons else '—')
+    row = [spec.label, steps, flops, wall, heldout] + downstream + [
+        spec.claim, measured_vs_claim(results, spec)]
+    lines.append('| ' + ' | '.join(cell.replace('|', '/') for cell in row) + ' |')
+  return '\n'.join(lines)
+
+
+def notes(results: dict) -> List[str]:
+  """What a reader of the table needs to know, as markdown bullet lines."""
+  settings = results.get('settings', {})
+  lines = [
+      f'- Budget {settings.get("budget", float("nan")):.3g} FLOPs of training per cell '
+      '(XLA cost analysis of each stage\'s compiled train step on one device, times the steps '
+      'run; held-out evaluation not counted). Each run stops at the last step that fits.',
+      '- Every objective runs its quickstart gin file unchanged (tiny model of its family, '
+      'Adafactor at the quickstart\'s constant rate, its batch and lengths); only the steps '
+      'differ. Seeds vary the initialisation, the train-step RNG and the data order.',
+      '- XLA counts a `lax.cond` as its costliest branch: SpacTor\'s generator step includes '
+      'its dense fallback, so its FLOPs are an upper bound of what runs.',
+      '- Held-out SC loss: span corruption\'s loss per target token on the clean input at the '
+      'last evaluation (`heldout_sc_loss`); not defined for a model without a vocabulary head.',
+  ]
+  finetune = settings.get('finetune')
+  if finetune:
+    lines.append(f'- Downstream: {finetune}')
+  return lines
+
+
+def _color(index: int):
+  return plt.get_cmap('tab20')(index % 20)
+
+
+def plot_heldout(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out: str) -> None:
+  """Held-out metric against FLOPs, one curve per objective (a line per seed), a panel per family."""
+  families = list(dict.fromkeys(spec.family for spec in selected))
+  figure, axes = plt.subplots(1, len(families), figsize=(6.5 * len(families), 4.5), squeeze=False)
+  for axis, family in zip(axes[0], families):
+    metrics = set()
+    for index, spec in enumerate(selected):
+      if spec.family != family:
+        continue
+      metrics.add(spec.heldout_metric)
+      for seed_index, cell in enumerate(_pretrained(cells_of(results, spec.name))):
+        curve = cell['pretrain'].get('heldout', {}).get('curve') or []
+        if not curve:
+          continue
+        axis.plot([p[1] for p in curve], [p[2] for p in curve], marker='o', markersize=2.5,
+                  color=_color(specs_lib.SPECS.index(spec)), alpha=0.9,
+                  label=spec.label if seed_index == 0 else None)
+    comparable = metrics == {SC_METRIC}
+    axis.set_title(f'{family}: ' + ('held-out SC loss per target token' if comparable else
+                                    'held-out loss (each objective\'s own; not comparable)'),
+                   fontsize=9)
+    axis.set_xlabel('training FLOPs')
+    axis.set_ylabel(', '.join(sorted(metrics)))
+    axis.grid(alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+      axis.legend(fontsize=7)
+  figure.tight_layout()
+  figure.savefig(out, dpi=120)
+  plt.close(figure)
+
+
+def plot_downstream(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out: str,
+                    missing: Optional[str] = None) -> None:
+  """Downstream score per objective (mean, error bar = spread over seeds, dots = seeds), a panel per task."""
+  tasks = list(dict.fromkeys(t for spec in selected for t in spec.downstream_tasks))
+  figure, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4.5), squeeze=False)
+  any_score = False
+  for axis, task in zip(axes[0], tasks):
+    labels = []
+    for spec in selected:
+      if task not in spec.downstream_tasks:
+        continue
+      values = scores(cells_of(results, spec.name), task)
+      x = len(labels)
+      labels.append(spec.label)
+      if not values:
+        continue
+      any_score = True
+      mean, spread = mean_spread(values)
+      axis.errorbar([x], [mean], yerr=[spread or 0.0], fmt='o', capsize=4,
+                    color=_color(specs_lib.SPECS.index(spec)))
+      axis.scatter([x] * len(values), values, s=9, color='black', alpha=0.5, zorder=3)
+    axis.set_xticks(range(len(labels)))
+    axis.set_xticklabels(labels, rotation=60, ha='right', fontsize=7)
+    axis.set_title(task, fontsize=9)
+    axis.set_ylabel('accuracy')
+    axis.grid(alpha=0.3, axis='y')
+  if not any_score:
+    figure.text(0.5, 0.5, 'no downstream scores' + (f':\n{missing}' if missing else ''),
+                ha='center', va='center', fontsize=9, wrap=True)
+  figure.tight_layout()
+  figure.savefig(out, dpi=120)
+  plt.close(figure)
+
+
+def write(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out_dir: str,
+          missing_finetune: Optional[str] = None) -> Dict[str, str]:
+  """Writes ``results.md``, ``heldout_vs_flops.png`` and ``downstream.png``; returns their paths."""
+  paths = {'table': os.path.join(out_dir, 'results.md'),
+           'heldout_plot': os.path.join(out_dir, 'heldout_vs_flops.png'),
+           'downstream_plot': os.path.join(out_dir, 'downstream.png')}
+  settings = results.get('settings', {})
+  text = ['# Objectives at equal FLOPs', '', f'Command: `{settings.get("command", "")}`', '',
+          table(results, selected), '', *notes(results)]
+  if missing_finetune:
+    text.append(f'- {missing_finetune}.')
+  text += ['', '![held-out metric against FLOPs](heldout_vs_flops.png)', '',
+           '![downstream scores](downstream.png)', '']
+  with open(paths['table'], 'w') as f:
+    f.write('\n'.join(text))
+  plot_heldout(results, selected, paths['heldout_plot'])
+  plot_downstream(results, selected, paths['downstream_plot'], missing_finetune)
+  return paths

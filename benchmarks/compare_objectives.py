@@ -1,0 +1,254 @@
+r"""The objectives side by side at equal training FLOPs, then fine-tuned alike.
+
+    python benchmarks/compare_objectives.py --out /tmp/compare \
+      [--budget 5e12] [--seeds 1] [--objectives span_corruption,spactor_tau25,...] \
+      [--finetune_steps 100] [--no_finetune] [--gin NAME=VALUE ...]
+
+For every objective (``compare/specs.py``: span corruption, SpacTor at two τ,
+SpacTor with C-RTS, headless T5, MLM, ELECTRA, COCO-LM, RTS, C-RTS, SLM,
+headless MLM, headless causal LM then LM-tuning) and seed, a cell:
+
+1. **Pre-training** with the objective's quickstart gin file as a real
+   ``python -m spactor_jax.train`` subprocess, for the steps the FLOPs budget
+   pays: each curriculum stage's FLOPs per step are XLA's cost analysis of its
+   compiled train step (``compare/budget.py``), non-final stages take a fixed
+   share of the steps, and the run stops at the last step that fits the
+   budget. Held-out evaluation runs 8 times; its metrics are read back from
+   the TensorBoard event files against FLOPs.
+2. **Fine-tuning** of the checkpoint on the offline downstream tasks with one
+   shared recipe (``python -m spactor_jax.finetune``, ``--finetune_steps``
+   steps, the route of the model family: encoder-decoder → text-to-text
+   ``pdtext_continuation`` and ``pdtext_last_word``; encoder → the CLS head on
+   ``pdtext_continuation_cls``; decoder → ``pdtext_last_word_choices``),
+   reading ``finetune_metrics.json``. Skipped, with a message, when
+   ``spactor_jax.finetune`` is not importable.
+
+Writes to ``--out``: ``results.json`` (raw, rewritten after every phase),
+``results.md`` (the table: steps, FLOPs, wall time, held-out SC loss per
+token, downstream scores with their spread over seeds, each paper's claim next
+to what was measured), ``heldout_vs_flops.png``, ``downstream.png``, and
+``runs/`` (model directories) and ``logs/`` (one log per subprocess). A
+progress bar with an ETA goes to stderr. Run the same command again to resume:
+finished phases recorded in ``results.json`` are skipped, an interrupted
+pre-training resumes from its latest checkpoint. ``--seeds N`` runs seeds
+``0 .. N-1``; a larger N later adds seeds to the same directory.
+
+The default (one seed, every objective) is sized to finish within an hour on
+2 CPU cores.
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import common  # pylint: disable=g-bad-import-order  # puts the repository on sys.path
+# pylint: disable=g-import-not-at-top
+from compare import budget as budget_lib
+from compare import progress as progress_lib
+from compare import report
+from compare import runs
+from compare import specs as specs_lib
+from spactor_jax import gin_utils
+from spactor_jax import metrics_log
+
+DEFAULT_BUDGET = 5e12  # FLOPs per cell: about 280 quickstart span-corruption steps.
+DEFAULT_FINETUNE_STEPS = 100
+RESULTS = 'results.json'
+# Settings a results file must share with the command that continues it.
+_FIXED_SETTINGS = ('budget', 'gin', 'finetune_steps')
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', required=True, help='output directory (resumed if it exists)')
+  parser.add_argument('--budget', type=float, default=DEFAULT_BUDGET,
+                      help='training FLOPs per cell (XLA count)')
+  parser.add_argument('--seeds', type=int, default=1, help='seeds 0 .. N-1 per objective')
+  parser.add_argument('--objectives', default='',
+                      help='comma-separated subset of: ' + ','.join(specs_lib.BY_NAME))
+  parser.add_argument('--finetune_steps', type=int, default=DEFAULT_FINETUNE_STEPS,
+                      help='fine-tuning steps per task (one recipe for all)')
+  parser.add_argument('--no_finetune', action='store_true', help='pre-train and evaluate only')
+  parser.add_argument('--gin', action='append', default=[], metavar='NAME=VALUE',
+                      help='a binding for every pre-training and its FLOPs count '
+                      '(TransformerConfig.* ones also reach fine-tuning); repeatable')
+  args = parser.parse_args(argv)
+  if args.budget <= 0 or args.seeds < 1 or args.finetune_steps < 1:
+    parser.error('--budget, --seeds and --finetune_steps must be positive')
+  if any('=' not in binding for binding in args.gin):
+    parser.error('give --gin as NAME=VALUE')
+  try:
+    args.specs = specs_lib.select([n for n in args.objectives.split(',') if n])
+  except ValueError as exc:
+    parser.error(str(exc))
+  return args
+
+
+def load_results(path: str, settings: Dict[str, object]) -> dict:
+  """The results so far (a fresh record when there are none).
+
+  Raises:
+    SystemExit: the directory was made with another budget, gin bindings or
+      fine-tuning recipe.
+  """
+  if not os.path.exists(path):
+    return {'settings': settings, 'stage_flops': {}, 'cells': {}}
+  with open(path) as f:
+    results = json.load(f)
+  for key in _FIXED_SETTINGS:
+    held = results['settings'].get(key)
+    if held != settings[key]:
+      raise SystemExit(f'error: {path} was made with {key} = {held!r} but this run asks for '
+                       f'{settings[key]!r}; use the same setting or another --out')
+  results['settings'].update(settings)
+  return results
+
+
+def save_results(results: dict, path: str) -> None:
+  """Writes the JSON atomically (a crash never leaves half a file)."""
+  partial = path + '.partial'
+  with open(partial, 'w') as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+    f.write('\n')
+  os.replace(partial, path)
+
+
+def heldout_record(model_dir: str, metric: str, stage_flops: Sequence[float],
+                   stage_steps: Sequence[int]) -> dict:
+  """The held-out ``metric`` against steps and FLOPs, and every metric of the last evaluation."""
+  scalars = runs.read_scalars(os.path.join(model_dir, 'eval'))
+  series = scalars.get(metric, {})
+  curve = [[step, budget_lib.flops_at(step, stage_flops, stage_steps), value]
+           for step, value in sorted(series.items())]
+  final = {}
+  if scalars:
+    last = max(step for values in scalars.values() for step in values)
+    final = {tag: values[last] for tag, values in scalars.items() if last in values}
+    final['step'] = last
+  return {'metric': metric, 'curve': curve, 'final': final}
+
+
+def pretrain(cell: dict, spec: specs_lib.ObjectiveSpec, stage_flops: Sequence[float],
+             out: str, extra: Sequence[str], bar: progress_lib.Progress) -> None:
+  """Pre-trains one cell (or resumes it) and fills ``cell['pretrain']``."""
+  model_dir = os.path.join(out, 'runs', spec.name, f'seed{cell["seed"]}', 'pretrain')
+  resumed = runs.last_step(model_dir) > 0
+  what = f'{spec.name} seed {cell["seed"]}: pre-training'
+  command = runs.pretrain_command(spec, model_dir, cell['stage_steps'], cell['seed'], extra)
+  outcome = runs.run_logged(
+      command, os.path.join(out, 'logs', f'{spec.name}_seed{cell["seed"]}_pretrain.log'),
+      lambda step, total: bar.show(f'{what} step {step}/{total}', step / total))
+  record = {'model_dir': model_dir, 'log': outcome.log, 'wall_s': round(outcome.wall_s, 1),
+            'resumed': resumed, 'command': command}
+  steps = runs.last_step(model_dir)
+  if outcome.returncode != 0 or steps != sum(cell['stage_steps']):
+    record.update(status='failed', steps=steps,
+                  error=outcome.error or f'stopped at step {steps} of {sum(cell["stage_steps"])}')
+  else:
+    record.update(status='done', steps=steps,
+                  flops=budget_lib.flops_at(steps, stage_flops, cell['stage_steps']),
+                  heldout=heldout_record(model_dir, spec.heldout_metric, stage_flops,
+                                         cell['stage_steps']))
+  cell['pretrain'] = record
+
+
+def finetune(cell: dict, spec: specs_lib.ObjectiveSpec, task: str, steps: int, out: str,
+             model_bindings: Sequence[str], bar: progress_lib.Progress) -> None:
+  """Fine-tunes one cell's checkpoint on ``task``; fills ``cell['finetune'][task]``."""
+  model_dir = os.path.join(out, 'runs', spec.name, f'seed{cell["seed"]}', f'finetune_{task}')
+  what = f'{spec.name} seed {cell["seed"]}: fine-tuning on {task}'
+  command = runs.finetune_command(spec, task, cell['pretrain']['model_dir'], model_dir, steps,
+                                  cell['seed'], model_bindings)
+  outcome = runs.run_logged(
+      command, os.path.join(out, 'logs', f'{spec.name}_seed{cell["seed"]}_{task}.log'),
+      lambda step, total: bar.show(f'{what} step {step}/{total}', step / total))
+  metrics = runs.read_finetune(model_dir)
+  record = {'model_dir': model_dir, 'log': outcome.log, 'wall_s': round(outcome.wall_s, 1),
+            'command': command}
+  if outcome.returncode != 0 or metrics is None:
+    record.update(status='failed', error=outcome.error or f'no {runs.FINETUNE_METRICS} written')
+  else:
+    record.update(status='done', score=runs.downstream_score(metrics), metrics=metrics)
+  cell.setdefault('finetune', {})[task] = record
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  """Runs (or resumes) the comparison; returns the results."""
+  args = parse_args(argv)
+  gin_utils.setup_logging()  # quiets gin's search-path misses.
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, RESULTS)
+  missing_finetune = None if args.no_finetune else runs.finetune_unavailable()
+  settings = {
+      'budget': args.budget, 'gin': list(args.gin), 'finetune_steps': args.finetune_steps,
+      'command': 'python benchmarks/compare_objectives.py ' + ' '.join(
+          sys.argv[1:] if argv is None else argv),
+      'finetune': (f'{args.finetune_steps} steps per task with `runs/finetune.gin` and the '
+                   'route of the model family, the same for every objective; score = the '
+                   'test split\'s accuracy (else the best validation accuracy)'),
+  }
+  results = load_results(path, settings)
+  model_bindings = [b for b in args.gin if b.startswith('TransformerConfig.')]
+
+  plans: Dict[str, List[int]] = {}
+  for spec in args.specs:
+    if spec.name not in results['stage_flops']:
+      print(f'counting FLOPs per step of {spec.name} (XLA cost analysis of the compiled '
+            'train step)', file=sys.stderr, flush=True)
+      flags, _ = gin_utils.split_flags(runs.gin_flags(args.gin))  # as the train command reads them
+      costs = budget_lib.stage_costs([spec.gin_file], flags.bindings)
+      results['stage_flops'][spec.name] = [{'name': c.name, 'flops': c.flops} for c in costs]
+      save_results(results, path)
+    stage_flops = [s['flops'] for s in results['stage_flops'][spec.name]]
+    try:
+      plans[spec.name] = budget_lib.plan_steps(stage_flops, spec.stage_fractions, args.budget)
+    except ValueError as exc:
+      raise SystemExit(f'error: {spec.name}: {exc}') from None
+
+  todo = []  # (cell, spec, phase) with phase None for pre-training, else the task.
+  for spec in args.specs:
+    for seed in range(args.seeds):
+      key = f'{spec.name}/{seed}'
+      cell = results['cells'].setdefault(key, {'objective': spec.name, 'seed': seed})
+      cell['stage_steps'] = plans[spec.name]
+      if (cell.get('pretrain') or {}).get('status') != 'done':
+        todo.append((cell, spec, None))
+      if missing_finetune or args.no_finetune:
+        continue
+      for task in spec.downstream_tasks:
+        if ((cell.get('finetune') or {}).get(task) or {}).get('status') != 'done':
+          todo.append((cell, spec, task))
+  finished = sum(len(spec.downstream_tasks) + 1 for spec in args.specs) * args.seeds - len(todo)
+  print(f'{len(todo)} phases to run ({finished} recorded as done in {path}); budget '
+        f'{args.budget:.3g} FLOPs per cell' + (f'; {missing_finetune}' if missing_finetune else ''),
+        file=sys.stderr, flush=True)
+  bar = progress_lib.Progress(len(todo))
+  for cell, spec, task in todo:
+    stage_flops = [s['flops'] for s in results['stage_flops'][spec.name]]
+    name = f'{spec.name} seed {cell["seed"]}'
+    if task is None:
+      pretrain(cell, spec, stage_flops, args.out, args.gin, bar)
+      status = cell['pretrain']['status']
+      detail = (f'{cell["pretrain"]["steps"]} steps, {cell["pretrain"].get("flops", 0):.3g} '
+                f'FLOPs in {metrics_log.format_duration(cell["pretrain"]["wall_s"])}'
+                if status == 'done' else cell['pretrain']['error'])
+      message = f'{name}: pre-training {status} ({detail})'
+    elif (cell.get('pretrain') or {}).get('status') != 'done':
+      message = f'{name}: fine-tuning on {task} skipped (pre-training failed)'
+    else:
+      finetune(cell, spec, task, args.finetune_steps, args.out, model_bindings, bar)
+      record = cell['finetune'][task]
+      message = (f'{name}: fine-tuning on {task} {record["status"]} (' +
+                 (f'score {record["score"]}' if record['status'] == 'done' else record['error'])
+                 + ')')
+    save_results(results, path)
+    bar.advance(1, message)
+  paths = report.write(results, args.specs, args.out, missing_finetune)
+  print(json.dumps({'results': path, **paths}), flush=True)
+  return results
+
+
+if __name__ == '__main__':
+  main()
