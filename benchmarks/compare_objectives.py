@@ -2,7 +2,7 @@ r"""The objectives side by side at equal training FLOPs, then fine-tuned alike.
 
     python benchmarks/compare_objectives.py --out /tmp/compare \
       [--budget 5e12] [--seeds 1] [--objectives span_corruption,spactor_tau25,...] \
-      [--finetune_steps 100] [--no_finetune] [--gin NAME=VALUE ...]
+      [--finetune_steps 100] [--no_finetune] [--jobs 1] [--gin NAME=VALUE ...]
 
 For every objective (``compare/specs.py``: span corruption, SpacTor at two τ,
 SpacTor with C-RTS, headless T5, MLM, ELECTRA, COCO-LM, RTS, C-RTS, SLM,
@@ -38,9 +38,11 @@ The default (one seed, every objective) is sized to finish within an hour on
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import sys
+import threading
 from typing import Dict, List, Optional, Sequence
 
 import common  # pylint: disable=g-bad-import-order  # puts the repository on sys.path
@@ -71,12 +73,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--finetune_steps', type=int, default=DEFAULT_FINETUNE_STEPS,
                       help='fine-tuning steps per task (one recipe for all)')
   parser.add_argument('--no_finetune', action='store_true', help='pre-train and evaluate only')
+  parser.add_argument('--jobs', type=int, default=1,
+                      help='cells run at once (their wall times then include the contention)')
   parser.add_argument('--gin', action='append', default=[], metavar='NAME=VALUE',
                       help='a binding for every pre-training and its FLOPs count '
                       '(TransformerConfig.* ones also reach fine-tuning); repeatable')
   args = parser.parse_args(argv)
-  if args.budget <= 0 or args.seeds < 1 or args.finetune_steps < 1:
-    parser.error('--budget, --seeds and --finetune_steps must be positive')
+  if args.budget <= 0 or min(args.seeds, args.finetune_steps, args.jobs) < 1:
+    parser.error('--budget, --seeds, --finetune_steps and --jobs must be positive')
   if any('=' not in binding for binding in args.gin):
     parser.error('give --gin as NAME=VALUE')
   try:
@@ -131,15 +135,15 @@ def heldout_record(model_dir: str, metric: str, stage_flops: Sequence[float],
 
 
 def pretrain(cell: dict, spec: specs_lib.ObjectiveSpec, stage_flops: Sequence[float],
-             out: str, extra: Sequence[str], bar: progress_lib.Progress) -> None:
-  """Pre-trains one cell (or resumes it) and fills ``cell['pretrain']``."""
+             out: str, extra: Sequence[str], bar: progress_lib.Progress, key: str) -> dict:
+  """Pre-trains one cell (or resumes it); returns its ``pretrain`` record."""
   model_dir = os.path.join(out, 'runs', spec.name, f'seed{cell["seed"]}', 'pretrain')
   resumed = runs.last_step(model_dir) > 0
   what = f'{spec.name} seed {cell["seed"]}: pre-training'
   command = runs.pretrain_command(spec, model_dir, cell['stage_steps'], cell['seed'], extra)
   outcome = runs.run_logged(
       command, os.path.join(out, 'logs', f'{spec.name}_seed{cell["seed"]}_pretrain.log'),
-      lambda step, total: bar.show(f'{what} step {step}/{total}', step / total))
+      lambda step, total: bar.update(key, step / total, f'{what} step {step}/{total}'))
   record = {'model_dir': model_dir, 'log': outcome.log, 'wall_s': round(outcome.wall_s, 1),
             'resumed': resumed, 'command': command}
   steps = runs.last_step(model_dir)
@@ -151,19 +155,19 @@ def pretrain(cell: dict, spec: specs_lib.ObjectiveSpec, stage_flops: Sequence[fl
                   flops=budget_lib.flops_at(steps, stage_flops, cell['stage_steps']),
                   heldout=heldout_record(model_dir, spec.heldout_metric, stage_flops,
                                          cell['stage_steps']))
-  cell['pretrain'] = record
+  return record
 
 
 def finetune(cell: dict, spec: specs_lib.ObjectiveSpec, task: str, steps: int, out: str,
-             model_bindings: Sequence[str], bar: progress_lib.Progress) -> None:
-  """Fine-tunes one cell's checkpoint on ``task``; fills ``cell['finetune'][task]``."""
+             model_bindings: Sequence[str], bar: progress_lib.Progress, key: str) -> dict:
+  """Fine-tunes one cell's checkpoint on ``task``; returns its record."""
   model_dir = os.path.join(out, 'runs', spec.name, f'seed{cell["seed"]}', f'finetune_{task}')
   what = f'{spec.name} seed {cell["seed"]}: fine-tuning on {task}'
   command = runs.finetune_command(spec, task, cell['pretrain']['model_dir'], model_dir, steps,
                                   cell['seed'], model_bindings)
   outcome = runs.run_logged(
       command, os.path.join(out, 'logs', f'{spec.name}_seed{cell["seed"]}_{task}.log'),
-      lambda step, total: bar.show(f'{what} step {step}/{total}', step / total))
+      lambda step, total: bar.update(key, step / total, f'{what} step {step}/{total}'))
   metrics = runs.read_finetune(model_dir)
   record = {'model_dir': model_dir, 'log': outcome.log, 'wall_s': round(outcome.wall_s, 1),
             'command': command}
@@ -171,7 +175,51 @@ def finetune(cell: dict, spec: specs_lib.ObjectiveSpec, task: str, steps: int, o
     record.update(status='failed', error=outcome.error or f'no {runs.FINETUNE_METRICS} written')
   else:
     record.update(status='done', score=runs.downstream_score(metrics), metrics=metrics)
-  cell.setdefault('finetune', {})[task] = record
+  return record
+
+
+class CellRunner:
+  """Runs the pending phases of cells, one cell's phases in order, and records them."""
+
+  def __init__(self, args: argparse.Namespace, results: dict, path: str,
+               bar: progress_lib.Progress):
+    self.args = args
+    self.results = results
+    self.path = path
+    self.bar = bar
+    self.lock = threading.Lock()
+    self.model_bindings = [b for b in args.gin if b.startswith('TransformerConfig.')]
+
+  def _record(self, cell: dict, update) -> None:
+    with self.lock:  # one writer at a time; the JSON is never dumped mid-change.
+      update(cell)
+      save_results(self.results, self.path)
+
+  def run(self, cell: dict, spec: specs_lib.ObjectiveSpec, phases: Sequence[Optional[str]]):
+    """Runs ``phases`` of ``cell`` (``None``: pre-training; a task: fine-tuning on it)."""
+    stage_flops = [s['flops'] for s in self.results['stage_flops'][spec.name]]
+    name = f'{spec.name} seed {cell["seed"]}'
+    for task in phases:
+      key = f'{name} {task or "pretrain"}'
+      if task is None:
+        record = pretrain(cell, spec, stage_flops, self.args.out, self.args.gin, self.bar, key)
+        record['jobs'] = self.args.jobs
+        self._record(cell, lambda c, r=record: c.__setitem__('pretrain', r))
+        detail = (f'{record["steps"]} steps, {record["flops"]:.3g} FLOPs in '
+                  f'{metrics_log.format_duration(record["wall_s"])}'
+                  if record['status'] == 'done' else record['error'])
+        message = f'{name}: pre-training {record["status"]} ({detail})'
+      elif (cell.get('pretrain') or {}).get('status') != 'done':
+        message = f'{name}: fine-tuning on {task} skipped (pre-training failed)'
+      else:
+        record = finetune(cell, spec, task, self.args.finetune_steps, self.args.out,
+                          self.model_bindings, self.bar, key)
+        self._record(cell, lambda c, t=task, r=record: c.setdefault('finetune', {}).__setitem__(
+            t, r))
+        message = (f'{name}: fine-tuning on {task} {record["status"]} (' +
+                   (f'score {record["score"]}' if record['status'] == 'done'
+                    else record['error']) + ')')
+      self.bar.finish(key, message)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -183,14 +231,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   missing_finetune = None if args.no_finetune else runs.finetune_unavailable()
   settings = {
       'budget': args.budget, 'gin': list(args.gin), 'finetune_steps': args.finetune_steps,
-      'command': 'python benchmarks/compare_objectives.py ' + ' '.join(
+      'jobs': args.jobs, 'command': 'python benchmarks/compare_objectives.py ' + ' '.join(
           sys.argv[1:] if argv is None else argv),
       'finetune': (f'{args.finetune_steps} steps per task with `runs/finetune.gin` and the '
                    'route of the model family, the same for every objective; score = the '
                    'test split\'s accuracy (else the best validation accuracy)'),
   }
   results = load_results(path, settings)
-  model_bindings = [b for b in args.gin if b.startswith('TransformerConfig.')]
 
   plans: Dict[str, List[int]] = {}
   for spec in args.specs:
@@ -207,47 +254,36 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     except ValueError as exc:
       raise SystemExit(f'error: {spec.name}: {exc}') from None
 
-  todo = []  # (cell, spec, phase) with phase None for pre-training, else the task.
+  todo = []  # (cell, spec, phases): a phase is None for pre-training, else a task.
+  finished = 0
   for spec in args.specs:
     for seed in range(args.seeds):
-      key = f'{spec.name}/{seed}'
-      cell = results['cells'].setdefault(key, {'objective': spec.name, 'seed': seed})
+      cell = results['cells'].setdefault(f'{spec.name}/{seed}',
+                                         {'objective': spec.name, 'seed': seed})
       cell['stage_steps'] = plans[spec.name]
-      if (cell.get('pretrain') or {}).get('status') != 'done':
-        todo.append((cell, spec, None))
-      if missing_finetune or args.no_finetune:
-        continue
-      for task in spec.downstream_tasks:
-        if ((cell.get('finetune') or {}).get(task) or {}).get('status') != 'done':
-          todo.append((cell, spec, task))
-  finished = sum(len(spec.downstream_tasks) + 1 for spec in args.specs) * args.seeds - len(todo)
-  print(f'{len(todo)} phases to run ({finished} recorded as done in {path}); budget '
+      phases = [None] + ([] if missing_finetune or args.no_finetune else
+                         list(spec.downstream_tasks))
+      pending = [p for p in phases if not _finished(cell, p)]
+      finished += len(phases) - len(pending)
+      if pending:
+        todo.append((cell, spec, pending))
+  count = sum(len(p) for _, _, p in todo)
+  print(f'{count} phases to run ({finished} recorded as done in {path}); budget '
         f'{args.budget:.3g} FLOPs per cell' + (f'; {missing_finetune}' if missing_finetune else ''),
         file=sys.stderr, flush=True)
-  bar = progress_lib.Progress(len(todo))
-  for cell, spec, task in todo:
-    stage_flops = [s['flops'] for s in results['stage_flops'][spec.name]]
-    name = f'{spec.name} seed {cell["seed"]}'
-    if task is None:
-      pretrain(cell, spec, stage_flops, args.out, args.gin, bar)
-      status = cell['pretrain']['status']
-      detail = (f'{cell["pretrain"]["steps"]} steps, {cell["pretrain"].get("flops", 0):.3g} '
-                f'FLOPs in {metrics_log.format_duration(cell["pretrain"]["wall_s"])}'
-                if status == 'done' else cell['pretrain']['error'])
-      message = f'{name}: pre-training {status} ({detail})'
-    elif (cell.get('pretrain') or {}).get('status') != 'done':
-      message = f'{name}: fine-tuning on {task} skipped (pre-training failed)'
-    else:
-      finetune(cell, spec, task, args.finetune_steps, args.out, model_bindings, bar)
-      record = cell['finetune'][task]
-      message = (f'{name}: fine-tuning on {task} {record["status"]} (' +
-                 (f'score {record["score"]}' if record['status'] == 'done' else record['error'])
-                 + ')')
-    save_results(results, path)
-    bar.advance(1, message)
+  bar = progress_lib.Progress(count)
+  runner = CellRunner(args, results, path, bar)
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    for future in [pool.submit(runner.run, *item) for item in todo]:
+      future.result()
   paths = report.write(results, args.specs, args.out, missing_finetune)
   print(json.dumps({'results': path, **paths}), flush=True)
   return results
+
+
+def _finished(cell: dict, phase: Optional[str]) -> bool:
+  record = cell.get('pretrain') if phase is None else (cell.get('finetune') or {}).get(phase)
+  return (record or {}).get('status') == 'done'
 
 
 if __name__ == '__main__':

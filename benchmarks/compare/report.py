@@ -172,6 +172,9 @@ def notes(results: dict) -> List[str]:
       '- Held-out SC loss: span corruption\'s loss per target token on the clean input at the '
       'last evaluation (`heldout_sc_loss`); not defined for a model without a vocabulary head.',
   ]
+  if settings.get('jobs', 1) > 1:
+    lines.append(f'- {settings["jobs"]} cells ran at once (`--jobs`): wall times include their '
+                 'contention.')
   finetune = settings.get('finetune')
   if finetune:
     lines.append(f'- Downstream: {finetune}')
@@ -196,13 +199,19 @@ def plot_heldout(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out
         curve = cell['pretrain'].get('heldout', {}).get('curve') or []
         if not curve:
           continue
+        color = _color(specs_lib.SPECS.index(spec))
         axis.plot([p[1] for p in curve], [p[2] for p in curve], marker='o', markersize=2.5,
-                  color=_color(specs_lib.SPECS.index(spec)), alpha=0.9,
-                  label=spec.label if seed_index == 0 else None)
+                  color=color, alpha=0.9, label=spec.label if seed_index == 0 else None)
+        if seed_index == 0:  # where the next curriculum stage begins
+          flops = [s['flops'] for s in results['stage_flops'][spec.name]]
+          steps = cell['stage_steps']
+          for boundary in range(1, len(steps)):
+            axis.axvline(sum(s * f for s, f in zip(steps[:boundary], flops)), color=color,
+                         linestyle=':', linewidth=1)
     comparable = metrics == {SC_METRIC}
     axis.set_title(f'{family}: ' + ('held-out SC loss per target token' if comparable else
-                                    'held-out loss (each objective\'s own; not comparable)'),
-                   fontsize=9)
+                                    'held-out loss (each objective\'s own; not comparable)') +
+                   '\n(dotted: next curriculum stage)', fontsize=9)
     axis.set_xlabel('training FLOPs')
     axis.set_ylabel(', '.join(sorted(metrics)))
     axis.grid(alpha=0.3)

@@ -159,7 +159,8 @@ def read_scalars(directory: str) -> Dict[str, Dict[int, float]]:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (slow to import)
   scalars: Dict[str, Dict[int, float]] = {}
   for path in sorted(glob.glob(os.path.join(directory, 'events.out.tfevents.*'))):
-    for event in tf.compat.v1.train.summary_iterator(path):
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
       for value in event.summary.value:
         scalars.setdefault(value.tag, {})[int(event.step)] = float(
             tf.make_ndarray(value.tensor))
