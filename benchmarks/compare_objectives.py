@@ -1,7 +1,7 @@
 r"""The objectives side by side at equal training FLOPs, then fine-tuned alike.
 
     python benchmarks/compare_objectives.py --out /tmp/compare \
-      [--budget 5e12] [--seeds 1] [--objectives span_corruption,spactor_tau25,...] \
+      [--budget 4e12] [--seeds 1] [--objectives span_corruption,spactor_tau25,...] \
       [--finetune_steps 100] [--no_finetune] [--jobs 1] [--gin NAME=VALUE ...]
 
 For every objective (``compare/specs.py``: span corruption, SpacTor at two τ,
@@ -55,7 +55,7 @@ from compare import specs as specs_lib
 from spactor_jax import gin_utils
 from spactor_jax import metrics_log
 
-DEFAULT_BUDGET = 5e12  # FLOPs per cell: about 280 quickstart span-corruption steps.
+DEFAULT_BUDGET = 4e12  # FLOPs per cell: 225 steps of the span-corruption quickstart.
 DEFAULT_FINETUNE_STEPS = 100
 RESULTS = 'results.json'
 # Settings a results file must share with the command that continues it.
@@ -189,6 +189,7 @@ class CellRunner:
     self.bar = bar
     self.lock = threading.Lock()
     self.model_bindings = [b for b in args.gin if b.startswith('TransformerConfig.')]
+    self.stopped = False  # set on Ctrl-C: start no further phase.
 
   def _record(self, cell: dict, update) -> None:
     with self.lock:  # one writer at a time; the JSON is never dumped mid-change.
@@ -200,6 +201,8 @@ class CellRunner:
     stage_flops = [s['flops'] for s in self.results['stage_flops'][spec.name]]
     name = f'{spec.name} seed {cell["seed"]}'
     for task in phases:
+      if self.stopped:
+        return
       key = f'{name} {task or "pretrain"}'
       if task is None:
         record = pretrain(cell, spec, stage_flops, self.args.out, self.args.gin, self.bar, key)
@@ -274,8 +277,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   bar = progress_lib.Progress(count)
   runner = CellRunner(args, results, path, bar)
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    for future in [pool.submit(runner.run, *item) for item in todo]:
-      future.result()
+    futures = [pool.submit(runner.run, *item) for item in todo]
+    try:
+      for future in futures:
+        future.result()
+    except KeyboardInterrupt:  # the running children got the signal too and checkpoint.
+      runner.stopped = True
+      print('\ninterrupted: waiting for the running subprocesses to save a checkpoint; run the '
+            'same command to resume', file=sys.stderr, flush=True)
+      pool.shutdown(wait=True, cancel_futures=True)
+      raise SystemExit(130) from None
   paths = report.write(results, args.specs, args.out, missing_finetune)
   print(json.dumps({'results': path, **paths}), flush=True)
   return results

@@ -77,7 +77,10 @@ def flops_at(step: int, stage_flops: Sequence[float], stage_steps: Sequence[int]
 
 
 def split_steps(total: int, fractions: Sequence[float]) -> List[int]:
-  """Steps per stage of a ``total``-step run: ``round(f * total)`` for each non-final stage, the rest last."""
+  """Steps per stage of a ``total``-step run.
+
+  Each non-final stage runs ``round(fraction * total)`` steps, the last the rest.
+  """
   head = [int(round(f * total)) for f in fractions]
   return head + [total - sum(head)]
 

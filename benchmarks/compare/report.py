@@ -186,7 +186,7 @@ def _color(index: int):
 
 
 def plot_heldout(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out: str) -> None:
-  """Held-out metric against FLOPs, one curve per objective (a line per seed), a panel per family."""
+  """Held-out metric against FLOPs: a curve per objective and seed, a panel per family."""
   families = list(dict.fromkeys(spec.family for spec in selected))
   figure, axes = plt.subplots(1, len(families), figsize=(6.5 * len(families), 4.5), squeeze=False)
   for axis, family in zip(axes[0], families):
@@ -224,7 +224,11 @@ def plot_heldout(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out
 
 def plot_downstream(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out: str,
                     missing: Optional[str] = None) -> None:
-  """Downstream score per objective (mean, error bar = spread over seeds, dots = seeds), a panel per task."""
+  """Downstream score per objective, a panel per task.
+
+  A point is the mean over seeds, its error bar the sample standard deviation,
+  the dots the seeds.
+  """
   tasks = list(dict.fromkeys(t for spec in selected for t in spec.downstream_tasks))
   figure, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4.5), squeeze=False)
   any_score = False

@@ -5,9 +5,8 @@ tiny model of its family, its quickstart's batch and lengths, Adafactor at the
 quickstart's constant rate); only the steps differ, derived from the FLOPs
 budget. A curriculum's non-final stages take a fixed share of the run's steps
 (``stage_fractions``), bound through the gin macro that sets them
-(``stage_macros``). Claims are quoted from the papers (as summarised in
-``docs/objectives.md``); ``baseline`` names the cell the claim is measured
-against.
+(``stage_macros``). Claims are quoted from the papers; ``baseline`` names the
+objective the claim is measured against.
 """
 
 import dataclasses
