@@ -6,7 +6,8 @@ r"""The objectives side by side at equal training FLOPs, then fine-tuned alike.
 
 For every objective (``compare/specs.py``: span corruption, SpacTor at two τ,
 SpacTor with C-RTS, headless T5, MLM, ELECTRA, COCO-LM, RTS, C-RTS, SLM,
-headless MLM, headless causal LM then LM-tuning) and seed, a cell:
+headless MLM, a causal LM and a headless causal LM then LM-tuning) and seed, a
+cell:
 
 1. **Pre-training** with the objective's quickstart gin file as a real
    ``python -m spactor_jax.train`` subprocess, for the steps the FLOPs budget
@@ -31,7 +32,8 @@ to what was measured), ``heldout_vs_flops.png``, ``downstream.png``, and
 progress bar with an ETA goes to stderr. Run the same command again to resume:
 finished phases recorded in ``results.json`` are skipped, an interrupted
 pre-training resumes from its latest checkpoint. ``--seeds N`` runs seeds
-``0 .. N-1``; a larger N later adds seeds to the same directory.
+``0 .. N-1`` (``--seeds 3,4``: those seeds); more seeds later add cells to the
+same directory.
 
 The default (one seed, every objective) is sized to finish within an hour on
 2 CPU cores.
@@ -67,7 +69,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--out', required=True, help='output directory (resumed if it exists)')
   parser.add_argument('--budget', type=float, default=DEFAULT_BUDGET,
                       help='training FLOPs per cell (XLA count)')
-  parser.add_argument('--seeds', type=int, default=1, help='seeds 0 .. N-1 per objective')
+  parser.add_argument('--seeds', default='1',
+                      help='N: seeds 0 .. N-1 per objective; or a comma-separated list of seeds')
   parser.add_argument('--objectives', default='',
                       help='comma-separated subset of: ' + ','.join(specs_lib.BY_NAME))
   parser.add_argument('--finetune_steps', type=int, default=DEFAULT_FINETUNE_STEPS,
@@ -79,8 +82,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help='a binding for every pre-training and its FLOPs count '
                       '(TransformerConfig.* ones also reach fine-tuning); repeatable')
   args = parser.parse_args(argv)
-  if args.budget <= 0 or min(args.seeds, args.finetune_steps, args.jobs) < 1:
-    parser.error('--budget, --seeds, --finetune_steps and --jobs must be positive')
+  try:
+    seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
+  except ValueError:
+    parser.error(f'--seeds={args.seeds!r}: give a count N or a list of seeds like 0,1,2')
+  args.seeds = list(range(seeds[0])) if ',' not in args.seeds and seeds else seeds
+  if not args.seeds or min(args.seeds) < 0:
+    parser.error('--seeds: give a positive count or non-negative seeds')
+  if args.budget <= 0 or min(args.finetune_steps, args.jobs) < 1:
+    parser.error('--budget, --finetune_steps and --jobs must be positive')
   if any('=' not in binding for binding in args.gin):
     parser.error('give --gin as NAME=VALUE')
   try:
@@ -205,8 +215,10 @@ class CellRunner:
         return
       key = f'{name} {task or "pretrain"}'
       if task is None:
+        earlier = cell.get('pretrain') or {}  # an interrupted attempt: its time counts too.
         record = pretrain(cell, spec, stage_flops, self.args.out, self.args.gin, self.bar, key)
-        record['jobs'] = self.args.jobs
+        record.update(jobs=self.args.jobs, attempts=earlier.get('attempts', 0) + 1,
+                      wall_s=round(record['wall_s'] + earlier.get('wall_s', 0.0), 1))
         self._record(cell, lambda c, r=record: c.__setitem__('pretrain', r))
         detail = (f'{record["steps"]} steps, {record["flops"]:.3g} FLOPs in '
                   f'{metrics_log.format_duration(record["wall_s"])}'
@@ -247,7 +259,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if spec.name not in results['stage_flops']:
       print(f'counting FLOPs per step of {spec.name} (XLA cost analysis of the compiled '
             'train step)', file=sys.stderr, flush=True)
-      flags, _ = gin_utils.split_flags(runs.gin_flags(args.gin))  # as the train command reads them
+      flags, _ = gin_utils.split_flags(  # as the train command reads them
+          runs.gin_flags([*spec.bindings, *args.gin]))
       costs = budget_lib.stage_costs([spec.gin_file], flags.bindings)
       results['stage_flops'][spec.name] = [{'name': c.name, 'flops': c.flops} for c in costs]
       save_results(results, path)
@@ -260,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   todo = []  # (cell, spec, phases): a phase is None for pre-training, else a task.
   finished = 0
   for spec in args.specs:
-    for seed in range(args.seeds):
+    for seed in args.seeds:
       cell = results['cells'].setdefault(f'{spec.name}/{seed}',
                                          {'objective': spec.name, 'seed': seed})
       cell['stage_steps'] = plans[spec.name]

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import compare_objectives
 from compare import budget
+from compare import report
 from compare import runs
 from compare import specs
 
@@ -32,7 +33,8 @@ QUICKSTART_FLOPS = {
     'spactor_tau25': [4.501e10, 1.777e10], 'light_spactor': [1.831e10, 1.777e10],
     'headless_t5': [1.531e10], 'mlm': [2.474e10], 'electra': [2.66e10],
     'coco_lm': [5.55e10], 'rts': [1.2e10], 'crts': [1.211e10], 'slm': [2.474e10],
-    'headless_mlm': [1.211e10], 'headless_causal_lm': [9.091e9, 1.24e10],
+    'headless_mlm': [1.211e10], 'causal_lm': [1.24e10],
+    'headless_causal_lm': [9.091e9, 1.24e10],
 }
 
 
@@ -62,6 +64,21 @@ def test_plan_stops_within_one_step_of_the_budget_and_half_budget_at_half(spec):
 def test_plan_refuses_a_budget_too_small_for_every_stage():
   with pytest.raises(ValueError, match='give at least'):
     budget.plan_steps([4e10, 2e10], [0.25], 5e10)
+
+
+def test_a_difference_is_read_against_the_spread_over_seeds():
+  ahead, base = [0.61, 0.63, 0.62], [0.50, 0.52, 0.51]
+  noise = np.std(ahead, ddof=1) + np.std(base, ddof=1)
+  delta = np.mean(ahead) - np.mean(base)
+  assert report.compare(ahead, base, True, 'acc', 'mlm') == (
+      f'acc {delta:+.3f} vs mlm: better beyond the spread (±{noise:.3f})')
+  assert report.compare(ahead, base, False, 'loss', 'mlm').endswith(
+      f'worse beyond the spread (±{noise:.3f})')
+  close = [0.515, 0.50, 0.53]
+  assert 'within noise' in report.compare(close, base, True, 'acc', 'mlm')
+  assert report.compare([0.6], base, True, 'acc', 'mlm').endswith('(one seed: spread unknown)')
+  assert report.compare([], base, True, 'acc', 'mlm') is None
+  assert report.format_values(base) == f'0.510 ± {np.std(base, ddof=1):.3f} (3 seeds)'
 
 
 # One real comparison: span corruption (one stage, held-out SC loss) and the

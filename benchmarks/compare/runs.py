@@ -71,7 +71,7 @@ def pretrain_bindings(spec: specs_lib.ObjectiveSpec, stage_steps: Sequence[int],
                       seed: int) -> List[str]:
   """The ``NAME=VALUE`` bindings of a cell's pre-training on top of its gin file."""
   total = sum(stage_steps)
-  bindings = [f'TRAIN_STEPS={total}']
+  bindings = list(spec.bindings) + [f'TRAIN_STEPS={total}']
   bindings += [f'{macro}={steps}' for macro, steps in zip(spec.stage_macros, stage_steps)]
   bindings += [f'EVAL_EVERY_STEPS={max(1, math.ceil(total / EVAL_POINTS))}',
                f'LOG_EVERY_STEPS={max(1, math.ceil(total / 20))}',
