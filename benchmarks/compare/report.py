@@ -185,21 +185,43 @@ def _color(index: int):
   return plt.get_cmap('tab20')(index % 20)
 
 
+def _grid(panels: int, width: float, height: float):
+  """A figure of ``panels`` axes, two per row; unused axes hidden."""
+  columns = min(panels, 2)
+  rows = -(-panels // columns)
+  figure, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows),
+                              squeeze=False)
+  axes = list(axes.flat)
+  for axis in axes[panels:]:
+    axis.axis('off')
+  return figure, axes[:panels]
+
+
+def _heldout_panels(selected: Sequence[specs_lib.ObjectiveSpec]
+                    ) -> Dict[Tuple[str, bool], List[specs_lib.ObjectiveSpec]]:
+  """``{(family, comparable): specs}``: the held-out SC loss apart from each objective's own loss."""
+  panels: Dict[Tuple[str, bool], List[specs_lib.ObjectiveSpec]] = {}
+  for spec in selected:
+    panels.setdefault((spec.family, spec.heldout_metric == SC_METRIC), []).append(spec)
+  return panels
+
+
 def plot_heldout(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out: str) -> None:
-  """Held-out metric against FLOPs: a curve per objective and seed, a panel per family."""
-  families = list(dict.fromkeys(spec.family for spec in selected))
-  figure, axes = plt.subplots(1, len(families), figsize=(6.5 * len(families), 4.5), squeeze=False)
-  for axis, family in zip(axes[0], families):
-    metrics = set()
-    for index, spec in enumerate(selected):
-      if spec.family != family:
-        continue
-      metrics.add(spec.heldout_metric)
+  """Held-out metric against FLOPs: a curve per objective and seed.
+
+  One panel holds the encoder-decoder objectives' held-out SC loss (one
+  currency); each family's other objectives get a panel of their own held-out
+  losses, which are not comparable with each other.
+  """
+  panels = _heldout_panels(selected)
+  figure, axes = _grid(len(panels), 6.5, 4.5)
+  for axis, ((family, comparable), panel_specs) in zip(axes, panels.items()):
+    for spec in panel_specs:
+      color = _color(specs_lib.SPECS.index(spec))
       for seed_index, cell in enumerate(_pretrained(cells_of(results, spec.name))):
         curve = cell['pretrain'].get('heldout', {}).get('curve') or []
         if not curve:
           continue
-        color = _color(specs_lib.SPECS.index(spec))
         axis.plot([p[1] for p in curve], [p[2] for p in curve], marker='o', markersize=2.5,
                   color=color, alpha=0.9, label=spec.label if seed_index == 0 else None)
         if seed_index == 0:  # where the next curriculum stage begins
@@ -208,12 +230,11 @@ def plot_heldout(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out
           for boundary in range(1, len(steps)):
             axis.axvline(sum(s * f for s, f in zip(steps[:boundary], flops)), color=color,
                          linestyle=':', linewidth=1)
-    comparable = metrics == {SC_METRIC}
     axis.set_title(f'{family}: ' + ('held-out SC loss per target token' if comparable else
-                                    'held-out loss (each objective\'s own; not comparable)') +
+                                    'each objective\'s own held-out loss (not comparable)') +
                    '\n(dotted: next curriculum stage)', fontsize=9)
     axis.set_xlabel('training FLOPs')
-    axis.set_ylabel(', '.join(sorted(metrics)))
+    axis.set_ylabel(SC_METRIC if comparable else 'loss')
     axis.grid(alpha=0.3)
     if axis.get_legend_handles_labels()[0]:
       axis.legend(fontsize=7)
@@ -227,34 +248,40 @@ def plot_downstream(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], 
   """Downstream score per objective, a panel per task.
 
   A point is the mean over seeds, its error bar the sample standard deviation,
-  the dots the seeds.
+  the dots the seeds. Without any score, the figure says why.
   """
   tasks = list(dict.fromkeys(t for spec in selected for t in spec.downstream_tasks))
-  figure, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4.5), squeeze=False)
-  any_score = False
-  for axis, task in zip(axes[0], tasks):
+  values = {(spec.name, task): scores(cells_of(results, spec.name), task)
+            for spec in selected for task in spec.downstream_tasks}
+  if not any(values.values()):
+    figure, axis = plt.subplots(figsize=(7, 2))
+    axis.axis('off')
+    axis.text(0.5, 0.5, 'no downstream scores yet' + (f':\n{missing}' if missing else ''),
+              ha='center', va='center', fontsize=9, wrap=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return
+  figure, axes = _grid(len(tasks), 5.5, 5.0)
+  for axis, task in zip(axes, tasks):
     labels = []
     for spec in selected:
       if task not in spec.downstream_tasks:
         continue
-      values = scores(cells_of(results, spec.name), task)
       x = len(labels)
       labels.append(spec.label)
-      if not values:
+      if not values[spec.name, task]:
         continue
-      any_score = True
-      mean, spread = mean_spread(values)
+      mean, spread = mean_spread(values[spec.name, task])
       axis.errorbar([x], [mean], yerr=[spread or 0.0], fmt='o', capsize=4,
                     color=_color(specs_lib.SPECS.index(spec)))
-      axis.scatter([x] * len(values), values, s=9, color='black', alpha=0.5, zorder=3)
+      axis.scatter([x] * len(values[spec.name, task]), values[spec.name, task], s=9,
+                   color='black', alpha=0.5, zorder=3)
+    axis.set_xlim(-0.5, len(labels) - 0.5)
     axis.set_xticks(range(len(labels)))
     axis.set_xticklabels(labels, rotation=60, ha='right', fontsize=7)
     axis.set_title(task, fontsize=9)
     axis.set_ylabel('accuracy')
     axis.grid(alpha=0.3, axis='y')
-  if not any_score:
-    figure.text(0.5, 0.5, 'no downstream scores' + (f':\n{missing}' if missing else ''),
-                ha='center', va='center', fontsize=9, wrap=True)
   figure.tight_layout()
   figure.savefig(out, dpi=120)
   plt.close(figure)
