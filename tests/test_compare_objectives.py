@@ -27,7 +27,8 @@ from compare import runs
 from compare import specs
 
 # XLA FLOPs per train step of each stage at the quickstart sizes, as
-# budget.stage_costs counted them once (the plan's arithmetic is what is tested).
+# budget.stage_costs counted them once (causal_lm's is LMTuning's step, as in the
+# LM-tuning stage); the plan's arithmetic is what is tested.
 QUICKSTART_FLOPS = {
     'span_corruption': [1.777e10], 'spactor_tau12': [4.501e10, 1.777e10],
     'spactor_tau25': [4.501e10, 1.777e10], 'light_spactor': [1.831e10, 1.777e10],
