@@ -141,7 +141,8 @@ def heldout_record(model_dir: str, metric: str, stage_flops: Sequence[float],
     last = max(step for values in scalars.values() for step in values)
     final = {tag: values[last] for tag, values in scalars.items() if last in values}
     final['step'] = last
-  return {'metric': metric, 'curve': curve, 'final': final}
+  eval_steps = sorted({step for values in scalars.values() for step in values})
+  return {'metric': metric, 'curve': curve, 'final': final, 'eval_steps': eval_steps}
 
 
 def pretrain(cell: dict, spec: specs_lib.ObjectiveSpec, stage_flops: Sequence[float],

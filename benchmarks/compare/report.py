@@ -4,7 +4,7 @@ Results layout (``results.json``): ``stage_flops[objective]`` lists each
 stage's ``{name, flops}``; ``cells["<objective>/<seed>"]`` holds the cell's
 ``stage_steps``, its ``pretrain`` record (``steps``, ``flops``, ``wall_s``,
 ``heldout``: ``metric``, ``curve`` of ``[step, flops, value]``, ``final``
-metrics) and its ``finetune`` records per task (``score``, the
+metrics, ``eval_steps``) and its ``finetune`` records per task (``score``, the
 ``finetune_metrics.json`` it came from, or why it is missing).
 """
 
@@ -157,6 +157,16 @@ def table(results: dict, selected: Sequence[specs_lib.ObjectiveSpec]) -> str:
   return '\n'.join(lines)
 
 
+def _silent_first_stage(cell: dict) -> bool:
+  """Whether a curriculum's held-out SC loss curve has no point in its first stage."""
+  heldout = (cell.get('pretrain') or {}).get('heldout') or {}
+  steps = cell.get('stage_steps') or []
+  if heldout.get('metric') != SC_METRIC or len(steps) < 2:
+    return False
+  evaluated = [step for step in heldout.get('eval_steps', []) if step <= steps[0]]
+  return bool(evaluated) and not any(point[0] <= steps[0] for point in heldout['curve'])
+
+
 def notes(results: dict) -> List[str]:
   """What a reader of the table needs to know, as markdown bullet lines."""
   settings = results.get('settings', {})
@@ -172,6 +182,12 @@ def notes(results: dict) -> List[str]:
       '- Held-out SC loss: span corruption\'s loss per target token on the clean input at the '
       'last evaluation (`heldout_sc_loss`); not defined for a model without a vocabulary head.',
   ]
+  silent = sorted({c['objective'] for c in results.get('cells', {}).values()
+                   if _silent_first_stage(c)})
+  if silent:
+    lines.append(f'- {", ".join(silent)}: no held-out SC loss during the first curriculum '
+                 'stage (its objective does not report `heldout_sc_loss`); the curve starts '
+                 'after the switch.')
   if settings.get('jobs', 1) > 1:
     lines.append(f'- {settings["jobs"]} cells ran at once (`--jobs`): wall times include their '
                  'contention.')
