@@ -102,7 +102,9 @@ def measured_vs_claim(results: dict, spec: specs_lib.ObjectiveSpec) -> str:
     heldout = compare(values, base_values, False, 'held-out SC loss', spec.baseline)
     if heldout:
       parts.append(heldout)
-  return '; '.join(parts) if parts else f'no {spec.baseline} result to compare with'
+  if parts:
+    return '; '.join(parts)
+  return 'no downstream score to compare' if base else f'no {spec.baseline} result to compare with'
 
 
 def _format_flops(value: float) -> str:
@@ -175,7 +177,8 @@ def notes(results: dict) -> List[str]:
       '(XLA cost analysis of each stage\'s compiled train step on one device, times the steps '
       'run; held-out evaluation not counted). Each run stops at the last step that fits.',
       '- Every objective runs its quickstart gin file unchanged (tiny model of its family, '
-      'Adafactor at the quickstart\'s constant rate, its batch and lengths); only the steps '
+      'Adafactor at the quickstart\'s constant rate, its batch and lengths; the causal LM is the '
+      'headless decoder quickstart with cross-entropy through an untied head); only the steps '
       'differ. Seeds vary the initialisation, the train-step RNG and the data order.',
       '- XLA counts a `lax.cond` as its costliest branch: SpacTor\'s generator step includes '
       'its dense fallback, so its FLOPs are an upper bound of what runs.',
