@@ -249,9 +249,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       'budget': args.budget, 'gin': list(args.gin), 'finetune_steps': args.finetune_steps,
       'jobs': args.jobs, 'command': 'python benchmarks/compare_objectives.py ' + ' '.join(
           sys.argv[1:] if argv is None else argv),
-      'finetune': (f'{args.finetune_steps} steps per task with `runs/finetune.gin` and the '
-                   'route of the model family, the same for every objective; score = the '
-                   'test split\'s accuracy (else the best validation accuracy)'),
+      'finetune': (f'one recipe for every objective: {args.finetune_steps} steps per task at '
+                   f'batch {runs.FINETUNE_BATCH} with `runs/finetune.gin` (Adafactor, constant '
+                   '1e-3, dropout 0.1) and the route of the model family; the validation '
+                   'split is scored twice, the best step is scored on the test split, and '
+                   'that test accuracy is the score'),
   }
   results = load_results(path, settings)
 

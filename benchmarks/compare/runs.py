@@ -33,11 +33,15 @@ CHECKPOINTS = 4
 MODEL_GIN = {specs_lib.ENCODER_DECODER: 'models/tiny.gin',
              specs_lib.ENCODER: 'models/encoder_tiny.gin',
              specs_lib.DECODER: 'models/decoder_tiny.gin'}
-# The fine-tuning route of each downstream task (gin_configs/finetune/*).
-FINETUNE_GIN = {'pdtext_continuation': 'finetune/text_to_text.gin',
-                'pdtext_last_word': 'finetune/text_to_text.gin',
-                'pdtext_continuation_cls': 'finetune/encoder_cls.gin',
-                'pdtext_last_word_choices': 'finetune/decoder_choices.gin'}
+# The fine-tuning route of each downstream task (gin_configs/finetune/*); a model without
+# a vocabulary head takes the route's `_headless` variant (a new head from the embedding).
+FINETUNE_GIN = {'pdtext_continuation': 'finetune/text_to_text',
+                'pdtext_last_word': 'finetune/text_to_text',
+                'pdtext_continuation_cls': 'finetune/classification',
+                'pdtext_last_word_choices': 'finetune/choice_scoring'}
+# The shared recipe's settings on top of runs/finetune.gin (T5's Adafactor at a constant
+# 1e-3, dropout 0.1): a CPU-sized batch, two scorings of the validation split.
+FINETUNE_BATCH = 32
 FINETUNE_LENGTHS = {'pdtext_continuation': {'inputs': 128, 'targets': 8},
                     'pdtext_last_word': {'inputs': 128, 'targets': 8},
                     'pdtext_continuation_cls': {'inputs': 128},
@@ -90,15 +94,22 @@ def pretrain_command(spec: specs_lib.ObjectiveSpec, model_dir: str, stage_steps:
 
 def finetune_command(spec: specs_lib.ObjectiveSpec, task: str, init_dir: str, model_dir: str,
                      steps: int, seed: int, model_bindings: Sequence[str] = ()) -> List[str]:
-  """``python -m spactor_jax.finetune`` of a cell's checkpoint on one task (one shared recipe)."""
-  return [sys.executable, '-m', 'spactor_jax.finetune',
-          '--gin_file=runs/finetune.gin', f'--gin_file={MODEL_GIN[spec.family]}',
-          f'--gin_file={FINETUNE_GIN[task]}',
-          '--gin.TransformerConfig.vocab_size=4096',
-          f"--gin.INIT_CHECKPOINT='{init_dir}'", f"--gin.MIXTURE_OR_TASK_NAME='{task}'",
-          f'--gin.TASK_FEATURE_LENGTHS={FINETUNE_LENGTHS[task]!r}',
-          f'--gin.TRAIN_STEPS={steps}', f"--gin.MODEL_DIR='{model_dir}'",
-          f'--gin.RunConfig.seed={seed}'] + gin_flags(model_bindings)
+  """``python -m spactor_jax.finetune`` of a cell's checkpoint on one task (one shared recipe).
+
+  The model gin file of the family, ``runs/finetune.gin``, the task's route;
+  ``model_bindings`` (``TransformerConfig.*``) last.
+  """
+  route = FINETUNE_GIN[task] + ('_headless' if spec.finetune_headless else '') + '.gin'
+  bindings = [f"INIT_CHECKPOINT='{init_dir}'", f"MIXTURE_OR_TASK_NAME='{task}'",
+              f'TASK_FEATURE_LENGTHS={FINETUNE_LENGTHS[task]!r}', f'TRAIN_STEPS={steps}',
+              f"MODEL_DIR='{model_dir}'", f'BATCH_SIZE={FINETUNE_BATCH}',
+              f'EVAL_EVERY_STEPS={max(1, math.ceil(steps / 2))}',
+              f'LOG_EVERY_STEPS={max(1, math.ceil(steps / 10))}',
+              f'CHECKPOINT_EVERY_STEPS={steps}', 'TransformerConfig.vocab_size=4096',
+              f'RunConfig.seed={seed}']
+  return ([sys.executable, '-m', 'spactor_jax.finetune', f'--gin_file={MODEL_GIN[spec.family]}',
+           '--gin_file=runs/finetune.gin', f'--gin_file={route}'] +
+          gin_flags(bindings) + gin_flags(model_bindings))
 
 
 def child_env() -> Dict[str, str]:

@@ -41,6 +41,8 @@ class ObjectiveSpec:
       family; otherwise the objective's own ``loss``, not comparable across
       objectives).
     bindings: ``NAME=VALUE`` gin bindings on top of the gin file.
+    finetune_headless: the checkpoint has no vocabulary head; fine-tuning
+      routes that need one make it from the embedding.
   """
   name: str
   label: str
@@ -52,6 +54,7 @@ class ObjectiveSpec:
   claim: str = ''
   heldout_metric: str = 'loss'
   bindings: Tuple[str, ...] = ()
+  finetune_headless: bool = False
 
   @property
   def num_stages(self) -> int:
@@ -81,7 +84,7 @@ SPECS: Tuple[ObjectiveSpec, ...] = (
                   'none published (this project\'s mix)', 'heldout_sc_loss'),
     ObjectiveSpec('headless_t5', 'headless T5 (CWT decoder)', 'quickstart_headless_t5.gin',
                   ENCODER_DECODER, baseline='span_corruption',
-                  claim='none published (this project\'s mix)'),
+                  claim='none published (this project\'s mix)', finetune_headless=True),
     ObjectiveSpec('mlm', 'MLM (BERT)', 'quickstart_mlm.gin', ENCODER, claim='baseline'),
     ObjectiveSpec('electra', 'ELECTRA', 'quickstart_electra.gin', ENCODER, baseline='mlm',
                   claim='baseline of COCO-LM'),
