@@ -299,7 +299,7 @@ def plot_downstream(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], 
     axis.set_xticks(range(len(labels)))
     axis.set_xticklabels(labels, rotation=60, ha='right', fontsize=7)
     axis.set_title(task, fontsize=9)
-    axis.set_ylabel('accuracy')
+    axis.set_ylabel('accuracy (the task metric)')
     axis.grid(alpha=0.3, axis='y')
   figure.tight_layout()
   figure.savefig(out, dpi=120)
