@@ -185,3 +185,23 @@ def test_finetune_phase_is_skipped_with_a_message_without_the_finetune_module(co
   assert 'spactor_jax.finetune is not importable' in capsys.readouterr().err
   with open(os.path.join(out, 'results.md')) as f:
     assert 'downstream scores skipped' in f.read()
+
+
+@pytest.mark.skipif(runs.finetune_unavailable() is not None,
+                    reason='spactor_jax.finetune is not importable yet')
+def test_finetune_phase_scores_a_checkpoint_from_its_finetune_metrics(comparison):
+  out, _ = comparison
+  args = [a for a in ARGS if a != '--no_finetune']
+  args[args.index('--objectives') + 1] = 'headless_causal_lm'
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+    results = compare_objectives.main(['--out', out, *args])
+  task = specs.BY_NAME['headless_causal_lm'].downstream_tasks[0]
+  record = results['cells']['headless_causal_lm/0']['finetune'][task]
+  assert record['status'] == 'done', record.get('error')
+  with open(os.path.join(record['model_dir'], 'finetune_metrics.json')) as f:
+    metrics = json.load(f)
+  assert metrics['task'] == task and metrics['final']['step'] == 2
+  assert record['score'] == metrics['test']['metrics']['accuracy']
+  with open(os.path.join(out, 'results.md')) as f:
+    assert f'{record["score"]:.3f} (1 seed)' in f.read()
