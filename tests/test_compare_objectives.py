@@ -1,0 +1,207 @@
+"""The objective comparison harness (benchmarks/compare_objectives.py).
+
+The FLOPs budget is checked two ways: the step plan of every objective's
+curriculum against the arithmetic of the budget, and one real comparison run
+(two objectives, one with a two-stage curriculum, a tiny batch, real
+``spactor_jax.train`` subprocesses) whose steps are read back from the runs'
+own event files and checkpoints. The same run's table, plots and JSON are
+checked, and a second invocation must skip its finished cells.
+"""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from helpers import REPO, fresh_gin  # pylint: disable=unused-import
+
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import compare_objectives
+from compare import budget
+from compare import report
+from compare import runs
+from compare import specs
+
+# XLA FLOPs per train step of each stage at the quickstart sizes, as
+# budget.stage_costs counted them once (causal_lm's is LMTuning's step, as in the
+# LM-tuning stage); the plan's arithmetic is what is tested.
+QUICKSTART_FLOPS = {
+    'span_corruption': [1.777e10], 'spactor_tau12': [4.501e10, 1.777e10],
+    'spactor_tau25': [4.501e10, 1.777e10], 'light_spactor': [1.831e10, 1.777e10],
+    'headless_t5': [1.531e10], 'mlm': [2.474e10], 'electra': [2.66e10],
+    'coco_lm': [5.55e10], 'rts': [1.2e10], 'crts': [1.211e10], 'slm': [2.474e10],
+    'headless_mlm': [1.211e10], 'causal_lm': [1.24e10],
+    'headless_causal_lm': [9.091e9, 1.24e10],
+}
+
+
+def _spent(steps, flops):
+  return sum(s * f for s, f in zip(steps, flops))
+
+
+@pytest.mark.parametrize('spec', specs.SPECS, ids=lambda spec: spec.name)
+def test_plan_stops_within_one_step_of_the_budget_and_half_budget_at_half(spec):
+  flops = QUICKSTART_FLOPS[spec.name]
+  assert len(flops) == spec.num_stages
+  full_budget = compare_objectives.DEFAULT_BUDGET
+  spent = {}
+  for budget_flops in (full_budget, full_budget / 2, 1.234e12):
+    steps = budget.plan_steps(flops, spec.stage_fractions, budget_flops)
+    total = sum(steps)
+    spent[budget_flops] = _spent(steps, flops)
+    assert spent[budget_flops] <= budget_flops
+    assert budget_flops - spent[budget_flops] < max(flops)
+    # The non-final stages take their share of the run; one more step would not fit.
+    assert steps[:-1] == [round(f * total) for f in spec.stage_fractions]
+    more = [round(f * (total + 1)) for f in spec.stage_fractions]
+    assert _spent(more + [total + 1 - sum(more)], flops) > budget_flops
+  assert abs(spent[full_budget / 2] - spent[full_budget] / 2) < max(flops)
+
+
+def test_plan_refuses_a_budget_too_small_for_every_stage():
+  with pytest.raises(ValueError, match='give at least'):
+    budget.plan_steps([4e10, 2e10], [0.25], 5e10)
+
+
+def test_a_difference_is_read_against_the_spread_over_seeds():
+  ahead, base = [0.61, 0.63, 0.62], [0.50, 0.52, 0.51]
+  noise = np.std(ahead, ddof=1) + np.std(base, ddof=1)
+  delta = np.mean(ahead) - np.mean(base)
+  assert report.compare(ahead, base, True, 'acc', 'mlm') == (
+      f'acc {delta:+.3f} vs mlm: better beyond the spread (±{noise:.3f})')
+  assert report.compare(ahead, base, False, 'loss', 'mlm').endswith(
+      f'worse beyond the spread (±{noise:.3f})')
+  close = [0.515, 0.50, 0.53]
+  assert 'within noise' in report.compare(close, base, True, 'acc', 'mlm')
+  assert report.compare([0.6], base, True, 'acc', 'mlm').endswith('(one seed: spread unknown)')
+  assert report.compare([], base, True, 'acc', 'mlm') is None
+  assert report.format_values(base) == f'0.510 ± {np.std(base, ddof=1):.3f} (3 seeds)'
+
+
+# One real comparison: span corruption (one stage, held-out SC loss) and the
+# headless causal LM with LM-tuning (two stages), batch 4, no fine-tuning, both
+# cells at once.
+OBJECTIVES = ('span_corruption', 'headless_causal_lm')
+BUDGET = 1.2e10
+ARGS = ['--budget', str(BUDGET), '--objectives', ','.join(OBJECTIVES), '--gin', 'BATCH_SIZE=4',
+        '--no_finetune', '--finetune_steps', '2', '--jobs', '2']
+
+
+@pytest.fixture(scope='module')
+def comparison(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('compare'))
+  with pytest.MonkeyPatch.context() as patch:  # the training subprocesses: one CPU device.
+    patch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+    results = compare_objectives.main(['--out', out, *ARGS])
+  return out, results
+
+
+def _events(directory):
+  return runs.read_scalars(directory)
+
+
+def test_runs_stop_at_the_budget_and_half_budget_at_half(comparison):
+  out, results = comparison
+  for name in OBJECTIVES:
+    spec = specs.BY_NAME[name]
+    flops = [s['flops'] for s in results['stage_flops'][name]]
+    cell = results['cells'][f'{name}/0']
+    model_dir = os.path.join(out, 'runs', name, 'seed0', 'pretrain')
+    # What the training run did, from its own files: steps per stage.
+    stage = _events(os.path.join(model_dir, 'train'))['stage']
+    ran = [sum(1 for v in stage.values() if round(v) == i) for i in range(spec.num_stages)]
+    assert sorted(stage) == list(range(1, sum(ran) + 1))  # logged every step
+    assert ran == cell['stage_steps']
+    assert all(ran)
+    assert runs.last_step(model_dir) == sum(ran)
+    with open(os.path.join(model_dir, 'run_identity.json')) as f:
+      identity = json.load(f)
+    assert [s['steps'] for s in identity['curriculum']][:-1] == ran[:-1]
+    spent = _spent(ran, flops)
+    assert spent == pytest.approx(cell['pretrain']['flops'])
+    assert spent <= BUDGET
+    assert BUDGET - spent < max(flops)
+    # Twice the budget would have run twice the FLOPs, within one step.
+    doubled = _spent(budget.plan_steps(flops, spec.stage_fractions, 2 * BUDGET), flops)
+    assert abs(spent - doubled / 2) < max(flops)
+
+
+def test_table_plots_and_json_are_written(comparison):
+  out, results = comparison
+  with open(os.path.join(out, 'results.json')) as f:
+    assert json.load(f) == results
+  for name in ('heldout_vs_flops.png', 'downstream.png'):
+    import matplotlib.image  # pylint: disable=g-import-not-at-top
+    image = matplotlib.image.imread(os.path.join(out, name))
+    assert image.shape[0] > 200 and image.shape[1] > 200
+    assert np.std(image) > 0.01  # something is drawn
+  with open(os.path.join(out, 'results.md')) as f:
+    table = f.read()
+  rows = {line.split(' | ')[0].lstrip('| '): line.split(' | ')
+          for line in table.splitlines() if line.startswith('| ') and '---' not in line}
+  sc_dir = os.path.join(out, 'runs', 'span_corruption', 'seed0', 'pretrain')
+  heldout = _events(os.path.join(sc_dir, 'eval'))['heldout_sc_loss']
+  sc_row = rows[specs.BY_NAME['span_corruption'].label]
+  assert sc_row[1] == str(runs.last_step(sc_dir))
+  assert sc_row[4] == f'{heldout[max(heldout)]:.3f} (1 seed)'
+  lm_row = rows[specs.BY_NAME['headless_causal_lm'].label]
+  assert lm_row[1] == ' + '.join(str(s) for s in results['cells']['headless_causal_lm/0'][
+      'stage_steps'])
+  assert specs.BY_NAME['headless_causal_lm'].claim in table
+  # The held-out curve is read against FLOPs: its last point is the run's FLOPs.
+  curve = results['cells']['span_corruption/0']['pretrain']['heldout']['curve']
+  assert [p[0] for p in curve] == sorted(heldout)
+  assert curve[-1][1] == pytest.approx(results['cells']['span_corruption/0']['pretrain']['flops'])
+
+
+def test_a_second_run_skips_finished_cells(comparison, capsys):
+  out, results = comparison
+  logs = {name: os.path.getsize(os.path.join(out, 'logs', name))
+          for name in os.listdir(os.path.join(out, 'logs'))}
+  start = time.perf_counter()
+  again = compare_objectives.main(['--out', out, *ARGS])
+  assert time.perf_counter() - start < 30  # no subprocess, no compilation
+  assert '0 phases to run (2 recorded as done' in capsys.readouterr().err
+  assert {name: os.path.getsize(os.path.join(out, 'logs', name)) for name in logs} == logs
+  assert again['cells'] == results['cells']
+
+
+def test_a_different_budget_on_the_same_directory_is_refused(comparison):
+  out, _ = comparison
+  with pytest.raises(SystemExit, match='was made with budget'):
+    compare_objectives.main(['--out', out, *ARGS[2:], '--budget', str(2 * BUDGET)])
+
+
+@pytest.mark.skipif(runs.finetune_unavailable() is None,
+                    reason='spactor_jax.finetune is importable: the phase runs')
+def test_finetune_phase_is_skipped_with_a_message_without_the_finetune_module(comparison, capsys):
+  out, _ = comparison
+  args = [a for a in ARGS if a != '--no_finetune']
+  compare_objectives.main(['--out', out, *args])
+  assert 'spactor_jax.finetune is not importable' in capsys.readouterr().err
+  with open(os.path.join(out, 'results.md')) as f:
+    assert 'downstream scores skipped' in f.read()
+
+
+@pytest.mark.skipif(runs.finetune_unavailable() is not None,
+                    reason='spactor_jax.finetune is not importable yet')
+def test_finetune_phase_scores_a_checkpoint_from_its_finetune_metrics(comparison):
+  out, _ = comparison
+  args = [a for a in ARGS if a != '--no_finetune']
+  args[args.index('--objectives') + 1] = 'headless_causal_lm'
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+    results = compare_objectives.main(['--out', out, *args])
+  task = specs.BY_NAME['headless_causal_lm'].downstream_tasks[0]
+  record = results['cells']['headless_causal_lm/0']['finetune'][task]
+  assert record['status'] == 'done', record.get('error')
+  with open(os.path.join(record['model_dir'], 'finetune_metrics.json')) as f:
+    metrics = json.load(f)
+  assert metrics['task'] == task and metrics['final']['step'] == 2
+  assert record['score'] == metrics['test']['metrics']['accuracy']
+  with open(os.path.join(out, 'results.md')) as f:
+    assert f'{record["score"]:.3f} (1 seed)' in f.read()
