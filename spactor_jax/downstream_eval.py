@@ -1,0 +1,388 @@
+"""Scores a fine-tuning head's predictions with its seqio task's metric functions.
+
+A ``PredictionSet`` reads a task split once, unshuffled and unpacked (one
+example per row): the raw task examples (for ``targets_pretokenized``,
+labels and the task's postprocessor) and the model features, in global
+batches whose last one is padded with empty rows. ``predict`` runs the
+head's prediction (``objectives.finetuning``: greedy decoding for
+``'text'``, the head's outputs for ``'class'``, summed choice
+log-likelihoods for ``'choice'``) and ``score`` turns the outputs into the
+task's ``predict_metric_fns`` results, as seqio's evaluator does:
+
+* ``'text'``: predictions are the decoded ids (up to EOS) through
+  ``task.postprocess_fn(..., is_target=False)``; targets are
+  ``targets_pretokenized`` (else the decoded ``targets``) through
+  ``postprocess_fn(..., is_target=True)``.
+* ``'class'``: targets are the ``label`` values; predictions the argmax
+  class (with one output: its value, a regression).
+* ``'choice'``: rows are grouped by ``example``; the prediction is the
+  ``choice`` with the highest score (the first on ties), the target its
+  ``label``.
+
+``DownstreamEval`` is the fine-tuning run's hook (``training.StepHook``):
+it scores every ``every_steps`` steps and at the end, appends each result
+to ``<model_dir>/finetune_evals.jsonl``, keeps the parameters of the best
+step by ``metric`` in ``<model_dir>/best/checkpoints/<step>`` (a later step
+replaces them only when strictly better) and finally writes
+``<model_dir>/finetune_metrics.json``::
+
+    {"task": ..., "metric": "accuracy",
+     "best": {"step": int, "value": float, "metrics": {...}},
+     "final": {"step": int, "metrics": {...}},
+     "test": {"metrics": {...}}}      # the best parameters on ``test_split``; null without one
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from etils import epath
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import seqio
+
+from spactor_jax import decoding
+from spactor_jax import errors
+from spactor_jax import network
+from spactor_jax import runtime
+from spactor_jax import trainer as trainer_lib
+from spactor_jax.data import feature_converters
+from spactor_jax.data import pipeline
+from spactor_jax.objectives import base
+
+log = logging.getLogger('spactor_jax')
+
+HISTORY_FILE = 'finetune_evals.jsonl'
+METRICS_FILE = 'finetune_metrics.json'
+BEST_DIR = 'best'
+PREDICTIONS = ('text', 'class', 'choice')
+
+
+def prediction_kind(objective: Any) -> str:
+  """The head's ``prediction`` (``'text'``, ``'class'``, ``'choice'``); ConfigError otherwise."""
+  kind = getattr(objective, 'prediction', None)
+  if kind not in PREDICTIONS:
+    name = getattr(objective, '__name__', type(objective).__name__)
+    raise errors.ConfigError(
+        f'objective {name} is not a fine-tuning head; use TextToText, Classification '
+        'or ChoiceScoring (gin_configs/finetune/*.gin)')
+  return kind
+
+
+def get_task(name: str, split: str) -> seqio.Task:
+  """The registered seqio task ``name`` with a split ``split``; one-line errors."""
+  if name not in seqio.TaskRegistry.names():
+    kind = 'a mixture' if name in seqio.MixtureRegistry.names() else 'not registered'
+    raise errors.ConfigError(
+        f'downstream evaluation needs a seqio task, and {name!r} is {kind}; set '
+        'DownstreamEval.task to a registered task')
+  task = seqio.get_mixture_or_task(name)
+  if split not in task.splits:
+    raise errors.ConfigError(
+        f'task {name!r} has no split {split!r}; it has {", ".join(task.splits)}')
+  if not task.predict_metric_fns:
+    raise errors.ConfigError(
+        f'task {name!r} has no metric_fns that score predictions; register it with '
+        'metric_fns=[...]')
+  return task
+
+
+@dataclasses.dataclass
+class PredictionSet:
+  """A task split for scoring.
+
+  Attributes:
+    task: the seqio task.
+    split: its split.
+    examples: the task's examples as NumPy values, in order.
+    batches: model features, global ``[batch, length]`` NumPy batches; the
+      rows after ``len(examples)`` are zeros.
+  """
+  task: seqio.Task
+  split: str
+  examples: List[Dict[str, Any]]
+  batches: List[Dict[str, np.ndarray]]
+
+  @property
+  def description(self) -> str:
+    return f'{len(self.examples)} examples of {self.task.name}:{self.split}'
+
+
+def _converter(data: pipeline.DataConfig, model_family: str, task: seqio.Task):
+  """The run's feature converter, unpacked, and the task feature lengths it reads."""
+  if data.feature_converter is not None:
+    converter = data.feature_converter(pack=False)
+    return converter, converter.task_feature_lengths(data.task_feature_lengths)
+  features = task.output_features
+  return (feature_converters.get_feature_converter(model_family, features, pack=False),
+          feature_converters.task_feature_lengths(model_family, features,
+                                                  data.task_feature_lengths))
+
+
+def read_split(data: pipeline.DataConfig, model_family: str, task_name: str, split: str,
+               batch_size: int, max_examples: Optional[int] = None) -> PredictionSet:
+  """Reads a task split once (unshuffled, unpacked) for ``predict`` and ``score``.
+
+  Args:
+    data: the run's data configuration (lengths, converter, seed).
+    model_family: the head's model family.
+    task_name: a registered seqio task.
+    split: its split.
+    batch_size: global rows per batch.
+    max_examples: read at most this many examples (``None``: all).
+  """
+  task = get_task(task_name, split)
+  converter, lengths = _converter(data, model_family, task)
+  raw = task.get_dataset(sequence_length=lengths, split=split, shuffle=False,
+                         num_epochs=1, seed=data.seed)
+  if max_examples is not None:
+    raw = raw.take(max_examples)
+  examples = list(raw.as_numpy_iterator())
+  rows = list(converter(raw, lengths).as_numpy_iterator())
+  if not rows:
+    raise errors.ConfigError(f'{task_name}:{split} has no examples')
+  batches = []
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    batch = {name: np.zeros((batch_size,) + value.shape, value.dtype)
+             for name, value in chunk[0].items()}
+    for row, features in enumerate(chunk):
+      for name, value in features.items():
+        batch[name][row] = value
+    batches.append(batch)
+  return PredictionSet(task, split, examples, batches)
+
+
+def _global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding
+            ) -> Dict[str, jax.Array]:
+  """A batch every process holds whole → global arrays of ``sharding``."""
+  return {name: jax.make_array_from_callback(value.shape, sharding, lambda i, v=value: v[i])
+          for name, value in batch.items()}
+
+
+@functools.partial(jax.jit, static_argnames=('objective',))
+def _head_scores(objective: base.Objective, params: Any, batch: Dict[str, jax.Array]):
+  return objective.apply({'params': params}, batch, method=type(objective).scores)
+
+
+def predict(trainer: trainer_lib.Trainer, params: Any, prediction_set: PredictionSet,
+            target_length: Optional[int] = None) -> np.ndarray:
+  """The head's outputs for every example, on the trainer's mesh.
+
+  Args:
+    trainer: a trainer of the head (its objective, mesh and batch sharding).
+    params: the head's parameters.
+    prediction_set: what to predict.
+    target_length: decoded ids per example (``'text'`` only).
+
+  Returns:
+    ``[rows, target_length]`` ids (``'text'``), ``[rows, num_classes]``
+    outputs (``'class'``) or ``[rows]`` summed log-likelihoods
+    (``'choice'``), one row per example (choice row) in order.
+  """
+  objective = trainer.objective
+  kind = prediction_kind(objective)
+  outputs = []
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+    for batch in prediction_set.batches:
+      batch = _global(batch, trainer.data_sharding)
+      if kind == 'text':
+        out = decoding.greedy_spans(network.EncoderDecoder(objective.config), params['model'],
+                                    batch['encoder_input_tokens'], target_length)
+      else:
+        out = _head_scores(objective, params, batch)
+      outputs.append(np.asarray(jax.device_get(out)))
+  return np.concatenate(outputs)[:len(prediction_set.examples)]
+
+
+def _text(value: Any) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def _scalar(value: Any) -> Any:
+  return np.asarray(value).reshape(-1)[0].item()
+
+
+def targets_and_predictions(prediction_set: PredictionSet, kind: str, outputs: np.ndarray
+                            ) -> Tuple[List[Any], List[Any]]:
+  """``(targets, predictions)`` lists for the task's metric functions (module docstring)."""
+  task, examples = prediction_set.task, prediction_set.examples
+  if kind == 'text':
+    vocabulary = task.output_features['targets'].vocabulary
+    targets, predictions = [], []
+    for example, ids in zip(examples, outputs):
+      target = (_text(example['targets_pretokenized']) if 'targets_pretokenized' in example
+                else vocabulary.decode([int(t) for t in example['targets']]))
+      targets.append(task.postprocess_fn(target, example=example, is_target=True))
+      text = vocabulary.decode([int(t) for t in ids])
+      predictions.append(task.postprocess_fn(text, example=example, is_target=False))
+    return targets, predictions
+  if kind == 'class':
+    targets = [_scalar(example['label']) for example in examples]
+    if outputs.shape[-1] == 1:
+      return targets, [float(value) for value in outputs[:, 0]]
+    return targets, [int(np.argmax(row)) for row in outputs]
+  best: Dict[int, tuple] = {}  # example -> (score, choice, label)
+  for example, score in zip(examples, outputs):
+    index, choice = _scalar(example['example']), _scalar(example['choice'])
+    if index not in best or score > best[index][0] or (
+        score == best[index][0] and choice < best[index][1]):
+      best[index] = (float(score), choice, _scalar(example['label']))
+  order = sorted(best)
+  return [best[i][2] for i in order], [best[i][1] for i in order]
+
+
+def score(prediction_set: PredictionSet, kind: str, outputs: np.ndarray) -> Dict[str, float]:
+  """The task's ``predict_metric_fns`` on the outputs, merged into one dict."""
+  targets, predictions = targets_and_predictions(prediction_set, kind, outputs)
+  metrics: Dict[str, float] = {}
+  for metric_fn in prediction_set.task.predict_metric_fns:
+    for name, value in metric_fn(targets, predictions).items():
+      metrics[name] = float(getattr(value, 'value', value))
+  return metrics
+
+
+def evaluate(trainer: trainer_lib.Trainer, params: Any, prediction_set: PredictionSet,
+             target_length: Optional[int] = None) -> Dict[str, float]:
+  """``score(predict(...))``."""
+  kind = prediction_kind(trainer.objective)
+  return score(prediction_set, kind, predict(trainer, params, prediction_set, target_length))
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DownstreamEval:
+  """How a fine-tuning run scores itself; bound in ``runs/finetune.gin``.
+
+  Attributes:
+    every_steps: score every this many steps (and at the last step).
+    task: the scored task; ``None``: the run's task.
+    split: the split scored during the run.
+    metric: the metric that chooses the best checkpoint (higher is better);
+      ``None``: the first one the task's metric functions return.
+    max_examples: score at most this many examples of ``split`` (``None``: all).
+    test_split: the split the best parameters are scored on at the end;
+      ``None`` or a split the task lacks: none.
+  """
+  every_steps: int = 1000
+  task: Optional[str] = None
+  split: str = 'validation'
+  metric: Optional[str] = None
+  max_examples: Optional[int] = None
+  test_split: Optional[str] = 'test'
+
+
+class Evaluator:
+  """The ``training.StepHook`` of a fine-tuning run (module docstring)."""
+
+  def __init__(self, settings: DownstreamEval, run: Any):
+    if isinstance(settings.every_steps, bool) or not isinstance(settings.every_steps, int) \
+        or settings.every_steps < 1:
+      raise errors.ConfigError(
+          f'DownstreamEval.every_steps must be a positive integer, got {settings.every_steps!r}')
+    self.settings = settings
+    self.run = run
+    self.kind = prediction_kind(run.curriculum.stages[-1].objective)
+    self.task_name = settings.task or run.data.mixture_or_task_name
+    self.model_dir = epath.Path(run.model_dir)
+    self.prediction_set = read_split(run.data, run.model_family, self.task_name,
+                                     settings.split, run.batch_size, settings.max_examples)
+    log.info('downstream evaluation every %d steps on %s', settings.every_steps,
+             self.prediction_set.description)
+    self.history = self._read_history()
+    self._manager = ocp.CheckpointManager(
+        self.model_dir / BEST_DIR / 'checkpoints',
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                             enable_async_checkpointing=False),
+        item_handlers={'state': ocp.StandardCheckpointHandler()})
+
+  @property
+  def target_length(self) -> Optional[int]:
+    return self.run.data.task_feature_lengths.get('targets')
+
+  def _read_history(self) -> Dict[int, Dict[str, float]]:
+    path = self.model_dir / HISTORY_FILE
+    history: Dict[int, Dict[str, float]] = {}
+    if path.exists():
+      for line in path.read_text().splitlines():
+        if line.strip():
+          entry = json.loads(line)
+          history[entry['step']] = entry['metrics']  # a re-evaluated step: the later line
+    return history
+
+  def metric_name(self, metrics: Mapping[str, float]) -> str:
+    name = self.settings.metric or next(iter(metrics))
+    if name not in metrics:
+      raise errors.ConfigError(
+          f'DownstreamEval.metric = {name!r} is not among the metrics of {self.task_name}: '
+          f'{sorted(metrics)}')
+    return name
+
+  @property
+  def best_step(self) -> Optional[int]:
+    steps = [s for s in self._manager.all_steps() if s in self.history]
+    return max(steps) if steps else None
+
+  def after_step(self, step: int, trainer: trainer_lib.Trainer, state: Any) -> None:
+    if step % self.settings.every_steps == 0 or step == self.run.total_steps:
+      self._evaluate(step, trainer, state)
+
+  def _evaluate(self, step: int, trainer: trainer_lib.Trainer, state: Any) -> None:
+    start = time.perf_counter()
+    metrics = evaluate(trainer, state.params, self.prediction_set, self.target_length)
+    name = self.metric_name(metrics)
+    best = self.best_step
+    improved = best is None or best == step or metrics[name] > self.history[best][name]
+    self.history[step] = metrics
+    if runtime.is_main_process():
+      with (self.model_dir / HISTORY_FILE).open('a') as f:
+        f.write(json.dumps({'step': step, 'metrics': metrics}) + '\n')
+    if improved:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave({'params': state.params})), force=True)
+      self._manager.wait_until_finished()
+    log.info('step %d: %s %s (%.1fs)%s', step, self.prediction_set.description,
+             ', '.join(f'{k} {v:.4g}' for k, v in metrics.items()),
+             time.perf_counter() - start, ', the best so far: kept' if improved else '')
+
+  def at_end(self, step: int, trainer: trainer_lib.Trainer, state: Any) -> None:
+    """Scores the last step if it was not, the best parameters on the test split; writes the JSON."""
+    if step not in self.history:
+      self._evaluate(step, trainer, state)
+    best = self.best_step
+    name = self.metric_name(self.history[step])
+    result = {
+        'task': self.task_name, 'metric': name,
+        'best': {'step': best, 'value': self.history[best][name], 'metrics': self.history[best]},
+        'final': {'step': step, 'metrics': self.history[step]},
+        'test': None,
+    }
+    test_split = self.settings.test_split
+    if test_split and test_split in self.prediction_set.task.splits:
+      test_set = read_split(self.run.data, self.run.model_family, self.task_name, test_split,
+                            self.run.batch_size)
+      params = self.restore_best(trainer)
+      result['test'] = {'metrics': evaluate(trainer, params, test_set, self.target_length)}
+      log.info('best step %d on %s: %s', best, test_set.description, result['test']['metrics'])
+    if runtime.is_main_process():
+      (self.model_dir / METRICS_FILE).write_text(json.dumps(result, indent=1) + '\n')
+    log.info('%s: best %s %.4g at step %d; wrote %s', self.task_name, name,
+             result['best']['value'], best, self.model_dir / METRICS_FILE)
+    self.result = result
+
+  def restore_best(self, trainer: trainer_lib.Trainer) -> Any:
+    """The kept best parameters, on the trainer's shardings."""
+    params = trainer.sharded_abstract_state().params
+    restored = self._manager.restore(self.best_step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore({'params': params})))
+    return restored.state['params']
+
+  def close(self) -> None:
+    self._manager.close()
+
