@@ -50,6 +50,8 @@ import seqio
 from spactor_jax import decoding
 from spactor_jax import errors
 from spactor_jax import network
+from spactor_jax import param_loading
+from spactor_jax import partitioning
 from spactor_jax import runtime
 from spactor_jax import trainer as trainer_lib
 from spactor_jax.data import feature_converters
@@ -386,3 +388,35 @@ class Evaluator:
   def close(self) -> None:
     self._manager.close()
 
+
+
+def score_checkpoint(config: Any) -> Dict[str, Any]:
+  """Scores a fine-tuned checkpoint with its task's metric functions (``python -m spactor_jax.eval``).
+
+  Args:
+    config: an ``evaluation.EvalConfig`` whose run trains a fine-tuning head;
+      ``best`` reads ``<model_dir>/best`` instead of ``<model_dir>/checkpoints``;
+      ``num_batches`` limits the examples to that many batches' worth.
+
+  Returns:
+    ``{'model_dir', 'checkpoint', 'step', 'eval_set', 'metrics'}``.
+  """
+  run = config.run
+  stage = len(run.curriculum.stages) - 1
+  prediction_kind(run.curriculum.stages[stage].objective)
+  directory = epath.Path(run.model_dir) / BEST_DIR if config.best else epath.Path(run.model_dir)
+  source = param_loading.ParamSource(str(directory), step=config.checkpoint_step,
+                                     prefixes={'': ''})
+  step_dir = source.checkpoint_directory()
+  max_examples = None if config.num_batches is None else config.num_batches * run.batch_size
+  prediction_set = read_split(run.data, run.model_family,
+                              config.task or run.data.mixture_or_task_name, config.split,
+                              run.batch_size, max_examples)
+  vocab = pipeline.vocab_info(pipeline.task_vocabulary(run.data, run.model_family))
+  spec = {name: (value.shape, value.dtype) for name, value in prediction_set.batches[0].items()}
+  trainer = run.make_trainer(stage, partitioning.make_mesh(run.mesh), spec, vocab)
+  params = source.load(trainer.init_state(jax.random.key(run.seed)).params).params
+  metrics = evaluate(trainer, params, prediction_set,
+                     run.data.task_feature_lengths.get('targets'))
+  return {'model_dir': run.model_dir, 'checkpoint': str(step_dir), 'step': int(step_dir.name),
+          'eval_set': prediction_set.description, 'metrics': metrics}

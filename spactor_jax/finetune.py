@@ -76,10 +76,13 @@ def finetune(config: training.RunConfig, settings: downstream_eval.DownstreamEva
         'a fine-tuning run has one curriculum stage (its head); include one route of '
         'gin_configs/finetune/')
   validation.validate(config)
+  evaluator = downstream_eval.Evaluator(settings, config)
   own = epath.Path(config.model_dir) / 'checkpoints'
   if not (own.exists() and any(p.name.isdigit() for p in own.iterdir())):
-    config.init_params.checkpoint_directory()  # a resumed run never reads it.
-  evaluator = downstream_eval.Evaluator(settings, config)
+    try:  # a resumed run never reads INIT_CHECKPOINT.
+      config.init_params.checkpoint_directory()
+    except errors.ConfigError as exc:
+      raise errors.ConfigError(f'INIT_CHECKPOINT: {exc}') from None
   try:
     training.train(config, hook=evaluator)
   finally:

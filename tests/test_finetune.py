@@ -11,6 +11,7 @@ import os
 
 from etils import epath
 import flax.linen as nn
+import gin
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -36,6 +37,7 @@ from spactor_jax import training
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import electra
 from spactor_jax.objectives import finetuning
+from spactor_jax.objectives import headless
 from spactor_jax.objectives import span_corruption
 
 VOCAB = tasks.vocab.pdtext_vocabulary()
@@ -82,9 +84,9 @@ def _choices_dataset(split, shuffle_files=False, seed=None):
     context = list(rng.integers(10, 300, size=6))
     label = int(rng.integers(0, 3))
     for choice in range(3):
-      word = list(rng.integers(10, 300, size=1 + choice))
-      rows['targets'].append(np.pad(context + word, (0, 3 - choice)))
-      rows['loss_mask'].append(np.pad([0] * 6 + [1] * len(word), (0, 3 - choice)))
+      word = list(rng.integers(10, 300, size=2))
+      rows['targets'].append(context + word)
+      rows['loss_mask'].append([0] * 6 + [1] * 2)
       rows['example'].append(example)
       rows['choice'].append(choice)
       rows['label'].append(label)
@@ -205,46 +207,54 @@ def test_loads_exactly_the_discriminator_and_initialises_the_head(electra_run, t
                             tuned['model/token_embedder/embedding'])
 
 
-def test_classification_learns_a_separable_task_and_keeps_the_best_step(electra_run, tmp_path):
-  config = _cls_config(tmp_path, electra_run, 60, learning_rate=1e-2, save_every=10)
-  result = finetune.finetune(config, downstream_eval.DownstreamEval(every_steps=10))
+CLS_STEPS = 40
+
+
+@pytest.fixture(scope='module')
+def cls_run(electra_run, tmp_path_factory):
+  """A fine-tuning run on the separable toy task: scored and checkpointed every 10 steps."""
+  model_dir = tmp_path_factory.mktemp('cls_run')
+  config = _cls_config(model_dir, electra_run, CLS_STEPS, learning_rate=1e-2, save_every=10)
+  return model_dir, finetune.finetune(config, downstream_eval.DownstreamEval(every_steps=10))
+
+
+def test_classification_learns_a_separable_task_and_keeps_the_best_step(cls_run):
+  model_dir, result = cls_run
   history = {}
-  for line in (tmp_path / 'finetune_evals.jsonl').read_text().splitlines():
+  for line in (model_dir / 'finetune_evals.jsonl').read_text().splitlines():
     entry = json.loads(line)
     history[entry['step']] = entry['metrics']['accuracy']
-  assert sorted(history) == [10, 20, 30, 40, 50, 60]
+  assert sorted(history) == list(range(10, CLS_STEPS + 1, 10))
   best = max(history, key=lambda step: (history[step], -step))  # the first of the best
-  assert result == _read_json(tmp_path / 'finetune_metrics.json')
+  assert result == _read_json(model_dir / 'finetune_metrics.json')
   assert result['task'] == 'ft_test_cls' and result['metric'] == 'accuracy'
   assert result['best'] == {'step': best, 'value': history[best],
                             'metrics': {'accuracy': history[best]}}
-  assert result['final'] == {'step': 60, 'metrics': {'accuracy': history[60]}}
-  assert result['best']['value'] >= 95.0
+  assert result['final'] == {'step': CLS_STEPS, 'metrics': {'accuracy': history[CLS_STEPS]}}
+  assert result['best']['value'] >= 95.0, history
   assert result['test']['metrics']['accuracy'] >= 90.0
   # The kept parameters are the best step's (a checkpoint of every 10th step to compare).
-  kept = list((tmp_path / 'best' / 'checkpoints').iterdir())
+  kept = list((model_dir / 'best' / 'checkpoints').iterdir())
   assert [p.name for p in kept] == [str(best)]
-  at_best = _stored_params(tmp_path / 'checkpoints' / str(best))
+  at_best = _stored_params(model_dir / 'checkpoints' / str(best))
   for path, value in _stored_params(kept[0]).items():
     np.testing.assert_array_equal(value, at_best[path], err_msg=path)
 
 
 def test_resume_continues_its_own_state_without_reloading_the_init_checkpoint(
-    electra_run, tmp_path):
-  settings = downstream_eval.DownstreamEval(every_steps=2, test_split=None)
-  straight = tmp_path / 'straight'
-  finetune.finetune(_cls_config(straight, electra_run, 4, save_every=2), settings)
-  resumed = tmp_path / 'resumed'
-  finetune.finetune(_cls_config(resumed, electra_run, 2, save_every=2), settings)
+    cls_run, electra_run, tmp_path):
+  straight, straight_result = cls_run
+  settings = downstream_eval.DownstreamEval(every_steps=10)
+  finetune.finetune(_cls_config(tmp_path, electra_run, 20, learning_rate=1e-2, save_every=10),
+                    settings)
   # The second start would fail if it read INIT_CHECKPOINT: it no longer exists.
-  result = finetune.finetune(
-      _cls_config(resumed, str(tmp_path / 'gone'), 4, save_every=2), settings)
-  assert result['final']['step'] == 4
-  want = _stored_params(straight / 'checkpoints' / '4')
-  got = _stored_params(resumed / 'checkpoints' / '4')
+  result = finetune.finetune(_cls_config(tmp_path, str(tmp_path / 'gone'), CLS_STEPS,
+                                         learning_rate=1e-2, save_every=10), settings)
+  assert result == straight_result
+  want = _stored_params(straight / 'checkpoints' / str(CLS_STEPS))
+  got = _stored_params(tmp_path / 'checkpoints' / str(CLS_STEPS))
   for path in want:
     np.testing.assert_array_equal(got[path], want[path], err_msg=path)
-  assert result == _read_json(straight / 'finetune_metrics.json')
 
 
 def test_text_to_text_predictions_go_through_the_task_metric(t5_run, tmp_path):
@@ -287,13 +297,13 @@ def test_choice_scoring_picks_the_most_likely_choice(tmp_path):
   examples = prediction_set.examples
   scores = {}
   for example in examples:
-    tokens = example['targets'][None]
-    logits = np.asarray(model.apply({'params': params},
-                                    np.concatenate([[[0]], tokens[:, :-1]], axis=1),
+    tokens = np.pad(example['targets'], (0, 12 - len(example['targets'])))
+    mask = np.pad(example['loss_mask'], (0, 12 - len(example['loss_mask'])))
+    logits = np.asarray(model.apply({'params': params}, np.concatenate([[0], tokens[:-1]])[None],
                                     method=lambda m, t: m.logits(m(t))), np.float64)[0]
-    log_probs = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
-                                       keepdims=True)) - logits.max(-1, keepdims=True)
-    ll = np.sum(log_probs[np.arange(12), example['targets']] * example['loss_mask'])
+    top = logits.max(-1, keepdims=True)
+    log_probs = logits - top - np.log(np.sum(np.exp(logits - top), -1, keepdims=True))
+    ll = np.sum(log_probs[np.arange(12), tokens] * mask)
     scores.setdefault(int(example['example']), []).append(ll)
   assert len(scores) == 16 and all(len(s) == 3 for s in scores.values())
   assert predictions == [int(np.argmax(scores[e])) for e in sorted(scores)]
@@ -302,11 +312,30 @@ def test_choice_scoring_picks_the_most_likely_choice(tmp_path):
   assert len(set(predictions)) > 1  # the reference is not trivially one answer
 
 
-def test_choice_scoring_trains_the_right_choice_from_a_headless_decoder(tmp_path):
-  del tmp_path  # TODO
+def test_choice_scoring_from_a_headless_decoder_gets_the_embedding_as_its_head(tmp_path):
+  init_dir = _pretrain(tmp_path / 'headless', headless.HeadlessCausalLM, 'pdtext_causal_lm',
+                       {'targets': 16}, 'decoder')
+  head = 'model/decoder/logits_dense/kernel'
+  config = _config(tmp_path / 'tuned', init_dir, finetuning.ChoiceScoring, 'ft_test_choices',
+                   {'targets': 12}, 1, learning_rate=0.0,
+                   converter=downstream_features.ChoiceScoringFeatureConverter,
+                   dont_load=[head], init_from={head: ('model/token_embedder/embedding',
+                                                       'transpose')})
+  result = finetune.finetune(config, downstream_eval.DownstreamEval(every_steps=1))
+  assert set(result['best']['metrics']) == {'accuracy'} and result['test'] is not None
+  pretrained = _stored_params(os.path.join(init_dir, 'checkpoints', '1'))
+  tuned = _stored_params(tmp_path / 'tuned' / 'checkpoints' / '1')
+  assert head not in pretrained
+  np.testing.assert_array_equal(tuned[head], pretrained['model/token_embedder/embedding'].T)
+  assert _read_json(tmp_path / 'tuned' / 'init_params.json')['new'] == [head]
 
 
-def test_bad_inputs_are_one_line(electra_run, tmp_path, capsys, monkeypatch):
+def _main(args):
+  gin.clear_config()
+  return finetune.main(args)
+
+
+def test_bad_inputs_are_one_line(tmp_path, capsys, monkeypatch):
   monkeypatch.chdir(helpers.REPO)
   base = ['--gin_file=gin_configs/models/encoder_tiny.gin', '--gin_file=runs/finetune.gin',
           '--gin_file=finetune/classification.gin', '--gin.TransformerConfig.vocab_size=4096',
@@ -314,11 +343,12 @@ def test_bad_inputs_are_one_line(electra_run, tmp_path, capsys, monkeypatch):
           '--gin.BATCH_SIZE=8']
   missing = base + [f'--gin.INIT_CHECKPOINT={tmp_path / "nothing"}',
                     '--gin.MIXTURE_OR_TASK_NAME=ft_test_cls', f'--gin.MODEL_DIR={tmp_path / "a"}']
-  assert finetune.main(missing) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and 'has no checkpoint' in err[0], err
-  no_label = base + [f'--gin.INIT_CHECKPOINT={electra_run}',
+  assert _main(missing) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
+  assert len(err) == 1 and err[0].startswith('error: INIT_CHECKPOINT: ') and \
+      'has no checkpoint' in err[0], err
+  no_label = base + [f'--gin.INIT_CHECKPOINT={tmp_path / "nothing"}',
                      '--gin.MIXTURE_OR_TASK_NAME=ft_test_t2t', f'--gin.MODEL_DIR={tmp_path / "b"}']
-  assert finetune.main(no_label) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "lacks features ['label']" in err[0], err
+  assert _main(no_label) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
+  assert len(err) == 1 and "the task lacks features ['label']" in err[0], err
