@@ -7,7 +7,7 @@ batches whose last one is padded with empty rows. ``predict`` runs the
 head's prediction (``objectives.finetuning``: greedy decoding for
 ``'text'``, the head's outputs for ``'class'``, summed choice
 log-likelihoods for ``'choice'``) and ``score`` turns the outputs into the
-task's ``predict_metric_fns`` results, as seqio's evaluator does:
+task's metric function results, as seqio's evaluator does:
 
 * ``'text'``: predictions are the decoded ids (up to EOS) through
   ``task.postprocess_fn(..., is_target=False)``; targets are
@@ -17,7 +17,9 @@ task's ``predict_metric_fns`` results, as seqio's evaluator does:
   class (with one output: its value, a regression).
 * ``'choice'``: rows are grouped by ``example``; the prediction is the
   ``choice`` with the highest score (the first on ties), the target its
-  ``label``.
+  ``label``. A task with ``score_metric_fns`` instead gets, as from seqio's
+  evaluator, each row's target through ``postprocess_fn(..., is_target=True)``
+  and its score (the summed log-likelihood).
 
 ``DownstreamEval`` is the fine-tuning run's hook (``training.StepHook``):
 it scores every ``every_steps`` steps and at the end, appends each result
@@ -88,10 +90,9 @@ def get_task(name: str, split: str) -> seqio.Task:
   if split not in task.splits:
     raise errors.ConfigError(
         f'task {name!r} has no split {split!r}; it has {", ".join(task.splits)}')
-  if not task.predict_metric_fns:
+  if not task.predict_metric_fns and not task.score_metric_fns:
     raise errors.ConfigError(
-        f'task {name!r} has no metric_fns that score predictions; register it with '
-        'metric_fns=[...]')
+        f'task {name!r} has no metric_fns; register it with metric_fns=[...]')
   return task
 
 
@@ -240,14 +241,36 @@ def targets_and_predictions(prediction_set: PredictionSet, kind: str, outputs: n
   return [best[i][2] for i in order], [best[i][1] for i in order]
 
 
+def _postprocessed_targets(prediction_set: PredictionSet) -> List[Any]:
+  """seqio's targets of score metrics: each row's target text through ``postprocess_fn``."""
+  task = prediction_set.task
+  vocabulary = task.output_features['targets'].vocabulary
+  return [task.postprocess_fn(
+      _text(example['targets_pretokenized']) if 'targets_pretokenized' in example
+      else vocabulary.decode([int(t) for t in example['targets']]),
+      example=example, is_target=True) for example in prediction_set.examples]
+
+
 def score(prediction_set: PredictionSet, kind: str, outputs: np.ndarray) -> Dict[str, float]:
-  """The task's ``predict_metric_fns`` on the outputs, merged into one dict."""
-  targets, predictions = targets_and_predictions(prediction_set, kind, outputs)
-  metrics: Dict[str, float] = {}
-  for metric_fn in prediction_set.task.predict_metric_fns:
-    for name, value in metric_fn(targets, predictions).items():
-      metrics[name] = float(getattr(value, 'value', value))
-  return metrics
+  """The task's metric functions on the outputs, merged into one dict.
+
+  ``predict_metric_fns`` get ``targets_and_predictions``; ``score_metric_fns``
+  (choice heads only) get seqio's postprocessed targets and the rows' scores.
+  """
+  task = prediction_set.task
+  results = []
+  if task.predict_metric_fns:
+    targets, predictions = targets_and_predictions(prediction_set, kind, outputs)
+    results += [fn(targets, predictions) for fn in task.predict_metric_fns]
+  if task.score_metric_fns:
+    if kind != 'choice':
+      raise errors.ConfigError(
+          f'task {task.name!r} has score metric functions, which only the ChoiceScoring '
+          'head feeds; fine-tune it with finetune/choice_scoring.gin')
+    targets = _postprocessed_targets(prediction_set)
+    results += [fn(targets, [float(s) for s in outputs]) for fn in task.score_metric_fns]
+  return {name: float(getattr(value, 'value', value))
+          for result in results for name, value in result.items()}
 
 
 def evaluate(trainer: trainer_lib.Trainer, params: Any, prediction_set: PredictionSet,
