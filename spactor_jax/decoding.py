@@ -7,15 +7,17 @@ is exhausted) and then its own choices: greedy (``temperature = 0``) or
 sampled from ``softmax(logits / temperature)`` restricted to the ``top_k``
 most likely ids. Rows stop at EOS; later positions are padding (0).
 
-Encoder-decoder (``network.EncoderDecoder``): the encoder reads the input once
-and the decoder is re-run on the whole (fixed-length) target prefix at each
-step, greedily; ``fill_spans`` puts the predicted spans back in place of the
-input's sentinels.
+Encoder-decoder (``network.EncoderDecoder``): ``greedy_decode`` runs the
+encoder once, projects its output to the cross-attention keys and values of
+every decoder layer once, and then decodes one position per step through the
+decoder's self-attention KV cache (T5's relative position bias of the step's
+query row); ``fill_spans`` puts predicted spans back in place of the input's
+sentinels.
 """
 
 import functools
 import re
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +29,21 @@ Array = jax.Array
 Params = Any
 
 
-def init_cache(model: network.DecoderOnly, batch_size: int) -> Dict[str, Any]:
-  """A zero ``cache`` collection for ``model.decode_length`` positions (no parameters made)."""
+def init_cache(model: Any, batch_size: int, input_length: Optional[int] = None
+               ) -> Dict[str, Any]:
+  """A zero ``cache`` collection for ``model.decode_length`` positions (no parameters made).
+
+  Args:
+    model: a ``DecoderOnly`` or an ``EncoderDecoder`` with ``decode_length`` set.
+    batch_size: rows decoded together.
+    input_length: encoder input length (``EncoderDecoder`` only).
+  """
   tokens = jnp.zeros((batch_size, model.decode_length), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))['cache']
+  if isinstance(model, network.EncoderDecoder):
+    args = (jnp.zeros((batch_size, input_length), jnp.int32), tokens)
+  else:
+    args = (tokens,)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))['cache']
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -40,6 +53,30 @@ def _step_logits(model: network.DecoderOnly, params: Params, cache: Any,
   logits, variables = model.apply(
       {'params': params, 'cache': cache}, tokens[:, None],
       method=lambda m, t: m.logits(m(t)), mutable=['cache'])
+  return logits[:, 0], variables['cache']
+
+
+def _encdec_step_logits(model: network.EncoderDecoder, params: Params, cache: Any,
+                        inputs: Array, encoded: Optional[Array], tokens: Array
+                        ) -> Tuple[Array, Any]:
+  """One cached decoder step of an encoder-decoder.
+
+  Args:
+    model: an ``EncoderDecoder`` with ``decode_length`` set.
+    params: its parameters.
+    cache: the ``cache`` collection (``init_cache``).
+    inputs: ``[batch, in_len]`` encoder input ids (the cross-attention mask).
+    encoded: ``[batch, in_len, emb]`` encoder output on the first step, which
+      stores its cross-attention keys and values in the cache; None on later
+      steps, which reuse them.
+    tokens: ``[batch]`` decoder input ids at the cache position.
+
+  Returns:
+    ``([batch, vocab]`` float32 logits, the updated cache).
+  """
+  logits, variables = model.apply(
+      {'params': params, 'cache': cache}, encoded, inputs, tokens[:, None],
+      method=lambda m, e, i, t: m.decode(e, i, t), mutable=['cache'])
   return logits[:, 0], variables['cache']
 
 
@@ -98,28 +135,56 @@ def generate(model: network.DecoderOnly, params: Params, prompts: Array, prompt_
   return tokens.T  # [batch, length]
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'target_length'))
-def greedy_spans(model: network.EncoderDecoder, params: Params, inputs: Array,
-                 target_length: int) -> Array:
-  """Greedy decoder targets ``[batch, target_length]`` for ``inputs [batch, in_len]``.
+@functools.partial(jax.jit, static_argnames=('model', 'max_length', 'eos_id'))
+def greedy_decode(model: network.EncoderDecoder, params: Params, inputs: Array,
+                  max_length: int, eos_id: int = 1) -> Array:
+  """Greedy encoder-decoder targets, KV-cached.
 
-  The decoder re-runs on the fixed-length prefix (causal, so later
-  positions do not change earlier ones) at each step; no cache.
+  The encoder runs once and each decoder layer projects its output to
+  cross-attention keys and values once; then one position per step through
+  the self-attention cache, starting from BOS (0), until every row has
+  emitted ``eos_id`` or ``max_length`` positions are written.
+
+  Args:
+    model: an ``EncoderDecoder`` (any ``decode_length``; scanned layers or not,
+      matching ``params``).
+    params: its parameters.
+    inputs: ``[batch, in_len]`` int32 encoder input ids (0 = padding).
+    max_length: decoded positions.
+    eos_id: a row stops after emitting it.
+
+  Returns:
+    ``[batch, max_length]`` int32 ids up to and including EOS, 0 after.
   """
-  batch = inputs.shape[0]
+  model = model.clone(decode_length=max_length)
+  batch, input_length = inputs.shape
   encoded = model.apply({'params': params}, inputs, method=lambda m, x: m.encode(x))
+  cache = init_cache(model, batch, input_length)
+  logits, cache = _encdec_step_logits(model, params, cache, inputs, encoded,
+                                      jnp.zeros((batch,), jnp.int32))
+  first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  targets = jnp.zeros((batch, max_length), jnp.int32).at[:, 0].set(first)
 
-  def step(targets, position):
-    decoder_inputs = jnp.concatenate(
-        [jnp.zeros((batch, 1), jnp.int32), targets[:, :-1]], axis=1)
-    logits = model.apply({'params': params}, encoded, inputs, decoder_inputs,
-                         method=lambda m, e, i, d: m.decode(e, i, d))
-    chosen = jnp.argmax(logits[:, position], axis=-1).astype(jnp.int32)
-    return targets.at[:, position].set(chosen), None
+  def not_finished(carry):
+    _, _, position, _, done = carry
+    return (position < max_length) & ~jnp.all(done)
 
-  targets, _ = jax.lax.scan(step, jnp.zeros((batch, target_length), jnp.int32),
-                            jnp.arange(target_length))
-  return targets
+  def step(carry):
+    cache, targets, position, previous, done = carry
+    logits, cache = _encdec_step_logits(model, params, cache, inputs, None, previous)
+    token = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    targets = jax.lax.dynamic_update_slice_in_dim(targets, token[:, None], position, axis=1)
+    return cache, targets, position + 1, token, done | (token == eos_id)
+
+  init = (cache, targets, jnp.ones((), jnp.int32), first, first == eos_id)
+  return jax.lax.while_loop(not_finished, step, init)[1]
+
+
+def greedy_spans(model: network.EncoderDecoder, params: Params, inputs: Array,
+                 target_length: int, eos_id: int = 1) -> Array:
+  """Span-filling targets ``[batch, target_length]`` (``<extra_id_0> a b .. EOS``)
+  for ``inputs [batch, in_len]``: ``greedy_decode``."""
+  return greedy_decode(model, params, inputs, target_length, eos_id)
 
 
 _SENTINEL = re.compile(r'<extra_id_(\d+)>')

@@ -36,7 +36,6 @@ from spactor_jax import gin_utils
 from spactor_jax import network
 from spactor_jax import partitioning
 from spactor_jax import runtime
-from spactor_jax import scan_conversion
 from spactor_jax import training
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
@@ -137,12 +136,9 @@ def perplexity(objective: base.Objective, params: Any, batches: Any) -> float:
 
 def continue_prompts(run: training.RunConfig, config: GenerateConfig, params: Any,
                      vocabulary: seqio.Vocabulary, prompts: List[str]) -> List[str]:
-  """Decoder-only continuations of ``prompts`` (KV cache; scanned layers are unstacked)."""
+  """Decoder-only continuations of ``prompts`` (KV cache, scanned or not)."""
   model_params = params['model']
-  if run.model.scan_layers:
-    model_params = scan_conversion.to_unscanned(model_params)
-  model = network.DecoderOnly(run.model.replace(scan_layers=False),
-                              decode_length=config.decode_length)
+  model = network.DecoderOnly(run.model, decode_length=config.decode_length)
   ids = [list(vocabulary.encode(p)) for p in prompts]
   tokens, lengths = decoding.pad_prompts(ids, config.decode_length)
   out = np.asarray(decoding.generate(

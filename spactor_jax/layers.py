@@ -352,6 +352,10 @@ class MultiHeadDotProductAttention(nn.Module):
       of autoregressive decoding): ``init`` on the full decoding length sizes
       the cache, each later call writes its positions at the cache index and
       attends over the whole cache (the caller masks the unwritten slots).
+    memory_cache: keep the keys and values projected from ``inputs_kv`` in
+      the ``cache`` collection (cross-attention of autoregressive decoding,
+      ``inputs_kv`` the encoder output): a call with ``inputs_kv`` projects
+      and stores them, a call with ``inputs_kv=None`` reuses the stored ones.
     attention_impl: ``'einsum'`` (``dot_product_attention`` above, the
       reference) or ``'dot_product_attention'`` (``jax.nn``'s, cuDNN flash
       attention on GPU; no attention-weights dropout).
@@ -368,16 +372,18 @@ class MultiHeadDotProductAttention(nn.Module):
   param_dtype: DType = jnp.float32
   kernel_init: Initializer = attention_kernel_init
   decode: bool = False
+  memory_cache: bool = False
   attention_impl: str = 'einsum'
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array] = None,
+  def __call__(self, inputs_q: Array, inputs_kv: Optional[Array], mask: Optional[Array] = None,
                bias: Optional[Array] = None, deterministic: bool = True) -> Array:
     """Attends from ``inputs_q`` to ``inputs_kv``.
 
     Args:
       inputs_q: ``[batch, q_len, emb_dim]``.
-      inputs_kv: ``[batch, k_len, emb_dim]``.
+      inputs_kv: ``[batch, k_len, emb_dim]``; None with ``memory_cache``
+        reuses the cached keys and values.
       mask: bool, broadcastable to ``[batch, heads, q_len, k_len]``.
       bias: float, broadcastable to ``[batch, heads, q_len, k_len]``.
       deterministic: disables dropout.
@@ -395,13 +401,22 @@ class MultiHeadDotProductAttention(nn.Module):
     # [batch, length, heads, head_dim]
     query = checkpoint_name(nn.with_logical_constraint(
         projection(kernel_init=query_init, name='query')(inputs_q), head_axes), 'query')
-    key = checkpoint_name(nn.with_logical_constraint(
-        projection(kernel_init=self.kernel_init, name='key')(inputs_kv), head_axes), 'key')
-    value = checkpoint_name(nn.with_logical_constraint(
-        projection(kernel_init=self.kernel_init, name='value')(inputs_kv), head_axes), 'value')
-
-    if self.decode:
-      key, value = self._cached(key, value)
+    if self.memory_cache and inputs_kv is None:
+      key = self.get_variable('cache', 'cached_key')
+      value = self.get_variable('cache', 'cached_value')
+      if key is None:
+        raise ValueError('memory_cache attention called with inputs_kv=None before a call '
+                         'with inputs_kv stored the keys and values')
+    else:
+      key = checkpoint_name(nn.with_logical_constraint(
+          projection(kernel_init=self.kernel_init, name='key')(inputs_kv), head_axes), 'key')
+      value = checkpoint_name(nn.with_logical_constraint(
+          projection(kernel_init=self.kernel_init, name='value')(inputs_kv), head_axes), 'value')
+      if self.decode:
+        key, value = self._cached(key, value)
+      elif self.memory_cache:
+        self.put_variable('cache', 'cached_key', key)
+        self.put_variable('cache', 'cached_value', value)
 
     if self.attention_impl == 'dot_product_attention':
       if not deterministic and self.dropout_rate > 0.0:

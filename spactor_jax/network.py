@@ -110,14 +110,15 @@ class TransformerConfig:
 
 
 def _layer_class(layer_cls: type, config: TransformerConfig, num_layers: int,
-                 deterministic_argnum: int) -> type:
+                 deterministic_argnum: int, remat: bool = True) -> type:
   """The class of one layer (unscanned) or of the whole scanned stack.
 
   Wraps ``layer_cls`` in ``nn.remat`` according to ``config.remat_policy``
-  and, with ``config.scan_layers``, in ``nn.scan`` over ``num_layers``
-  layers whose parameters gain a leading ``'layers'`` axis; every argument
-  but the hidden states is broadcast to all layers. Instances of the scanned
-  class take ``scanned=True`` and return ``(hidden, None)``.
+  (unless ``remat`` is False) and, with ``config.scan_layers``, in ``nn.scan``
+  over ``num_layers`` layers whose parameters (and decoding ``cache``)
+  gain a leading ``'layers'`` axis; every argument but the hidden states is
+  broadcast to all layers. Instances of the scanned class take
+  ``scanned=True`` and return ``(hidden, None)``.
 
   Args:
     layer_cls: the layer module class (``EncoderLayer`` or ``DecoderLayer``).
@@ -126,15 +127,17 @@ def _layer_class(layer_cls: type, config: TransformerConfig, num_layers: int,
     deterministic_argnum: positional index of ``deterministic`` in
       ``__call__``, counting ``self`` as 0 (it must be static); it is the
       last argument.
+    remat: apply ``config.remat_policy`` (decoding, which has no backward
+      pass, does not).
   """
   policy = _remat_policy(config.remat_policy, config.remat_saved_names)
-  if config.remat_policy != 'none':
+  if remat and config.remat_policy != 'none':
     layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not config.scan_layers,
                          static_argnums=(deterministic_argnum,))
   if not config.scan_layers:
     return layer_cls
-  return nn.scan(layer_cls, variable_axes={'params': 0}, split_rngs={'params': True,
-                                                                      'dropout': True},
+  return nn.scan(layer_cls, variable_axes={'params': 0, 'cache': 0},
+                 split_rngs={'params': True, 'dropout': True},
                  in_axes=(nn.broadcast,) * (deterministic_argnum - 1), length=num_layers,
                  metadata_params={nn.PARTITION_NAME: 'layers'})
 
@@ -148,12 +151,12 @@ def _norm(config: TransformerConfig, name: Optional[str] = None) -> layers.RMSNo
   return layers.RMSNorm(dtype=config.dtype, param_dtype=config.param_dtype, name=name)
 
 
-def _attention(config: TransformerConfig, name: str,
-               decode: bool = False) -> layers.MultiHeadDotProductAttention:
+def _attention(config: TransformerConfig, name: str, decode: bool = False,
+               memory_cache: bool = False) -> layers.MultiHeadDotProductAttention:
   return layers.MultiHeadDotProductAttention(
       num_heads=config.num_heads, head_dim=config.head_dim, dropout_rate=config.dropout_rate,
       dtype=config.dtype, param_dtype=config.param_dtype, decode=decode,
-      attention_impl=config.attention_impl, name=name)
+      memory_cache=memory_cache, attention_impl=config.attention_impl, name=name)
 
 
 def _mlp(config: TransformerConfig) -> layers.MlpBlock:
@@ -260,16 +263,20 @@ class DecoderLayer(nn.Module):
   """
   config: TransformerConfig
   cross_attention: bool = True
-  decode: bool = False  # self-attention keys and values in a KV cache.
+  # Decoding: self-attention keys and values in a KV cache, cross-attention
+  # keys and values computed once (``encoded`` given) and then reused
+  # (``encoded=None``).
+  decode: bool = False
   scanned: bool = False
 
   @nn.compact
   def __call__(self, x: Array, encoded: Optional[Array], self_mask: Array, self_bias: Array,
                cross_mask: Optional[Array], deterministic: bool) -> Array:
     """Args: ``x [batch, tgt_len, emb]``, ``encoded [batch, in_len, emb]`` (None
-    without cross-attention), ``self_mask [batch or 1, 1, tgt_len, tgt_len]``,
-    ``self_bias [1, heads, tgt_len, tgt_len]``, ``cross_mask [batch, 1, tgt_len,
-    in_len]``. Returns ``[batch, tgt_len, emb]``."""
+    without cross-attention, or when decoding reuses the cached keys and values),
+    ``self_mask [batch or 1, 1, tgt_len, tgt_len]``, ``self_bias [1, heads, tgt_len,
+    tgt_len]``, ``cross_mask [batch, 1, tgt_len, in_len]``. Returns
+    ``[batch, tgt_len, emb]``."""
     cfg = self.config
     y = _norm(cfg, 'pre_self_attention_layer_norm')(x)
     y = _attention(cfg, 'self_attention', self.decode)(y, y, self_mask, self_bias,
@@ -277,8 +284,8 @@ class DecoderLayer(nn.Module):
     x = _constrain(x + _dropout(cfg, y, deterministic))
     if self.cross_attention:
       y = _norm(cfg, 'pre_cross_attention_layer_norm')(x)
-      y = _attention(cfg, 'encoder_decoder_attention')(y, encoded, cross_mask, None,
-                                                      deterministic)
+      y = _attention(cfg, 'encoder_decoder_attention', memory_cache=self.decode)(
+          y, encoded, cross_mask, None, deterministic)
       x = _constrain(x + _dropout(cfg, y, deterministic))
     y = _norm(cfg, 'pre_mlp_layer_norm')(x)
     y = _mlp(cfg)(y, deterministic)
@@ -352,7 +359,9 @@ class Decoder(nn.Module):
     decode_length: None, or autoregressive decoding with a KV cache of this
       many positions (``spactor_jax.decoding``): ``init`` with
       ``[batch, decode_length]`` inputs creates the ``cache`` collection,
-      then each call feeds the next tokens (no segment ids).
+      then each call feeds the next tokens (no segment ids). With
+      cross-attention, the first call's ``encoded`` is projected to keys and
+      values once and kept in the cache; later calls pass ``encoded=None``.
   """
   config: TransformerConfig
   shared_embedding: nn.Module
@@ -362,21 +371,17 @@ class Decoder(nn.Module):
   def setup(self) -> None:
     cfg = self.config
     decode = self.decode_length is not None
-    if decode and cfg.scan_layers:
-      raise ValueError('KV-cached decoding runs unscanned layers; convert the parameters with '
-                       'scan_conversion.to_unscanned and set scan_layers=False')
     self.relpos_bias = _relpos(cfg, bidirectional=False)
-    if decode:
-      self.layers = [DecoderLayer(cfg, cross_attention=self.cross_attention, decode=True)
+    layer_cls = _layer_class(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic_argnum=6,
+                             remat=not decode)
+    if cfg.scan_layers:  # parameters (and cache) under 'layers'
+      self.layers = layer_cls(cfg, cross_attention=self.cross_attention, decode=decode,
+                              scanned=True)
+    else:  # parameters under 'layers_0', 'layers_1', ...
+      self.layers = [layer_cls(cfg, cross_attention=self.cross_attention, decode=decode)
                      for _ in range(cfg.num_decoder_layers)]
+    if decode:
       self.position = self.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
-    else:
-      layer_cls = _layer_class(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic_argnum=6)
-      if cfg.scan_layers:  # parameters under 'layers'
-        self.layers = layer_cls(cfg, cross_attention=self.cross_attention, scanned=True)
-      else:  # parameters under 'layers_0', 'layers_1', ...
-        self.layers = [layer_cls(cfg, cross_attention=self.cross_attention)
-                       for _ in range(cfg.num_decoder_layers)]
     self.decoder_norm = _norm(cfg)
     self.embedding_dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     self.output_dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
@@ -394,7 +399,8 @@ class Decoder(nn.Module):
 
     Args:
       decoder_input_tokens: ``[batch, tgt_len]`` shifted-right targets.
-      encoded: ``[batch, in_len, emb]`` encoder output (cross-attention only).
+      encoded: ``[batch, in_len, emb]`` encoder output (cross-attention only;
+        None when decoding reuses the cached cross-attention keys and values).
       encoder_input_tokens: ``[batch, in_len]`` ids, for the cross mask.
       decoder_segment_ids: ``[batch, tgt_len]`` packing segment ids.
       encoder_segment_ids: ``[batch, in_len]`` packing segment ids.
@@ -413,7 +419,7 @@ class Decoder(nn.Module):
       self_bias = self.relpos_bias(length, length)  # [1, heads, tgt_len, tgt_len]
     cross_mask = None
     if self.cross_attention:
-      if encoded is None or encoder_input_tokens is None:
+      if (encoded is None and self.decode_length is None) or encoder_input_tokens is None:
         raise ValueError('A cross-attending Decoder needs encoded and encoder_input_tokens.')
       cross_mask = _cross_mask(encoder_input_tokens, encoder_segment_ids, decoder_segment_ids)
 
@@ -455,13 +461,19 @@ class Decoder(nn.Module):
 
 
 class EncoderDecoder(nn.Module):
-  """T5.1.1 encoder-decoder with a shared token embedding."""
+  """T5.1.1 encoder-decoder with a shared token embedding.
+
+  ``decode_length`` (None in training) switches on the decoder's caches
+  (``Decoder``; ``decoding.greedy_decode``).
+  """
   config: TransformerConfig
+  decode_length: Optional[int] = None
 
   def setup(self) -> None:
     self.token_embedder = _make_embedder(self.config)
     self.encoder = Encoder(self.config, shared_embedding=self.token_embedder)
-    self.decoder = Decoder(self.config, shared_embedding=self.token_embedder)
+    self.decoder = Decoder(self.config, shared_embedding=self.token_embedder,
+                           decode_length=self.decode_length)
 
   def embed(self, tokens: Array) -> Array:
     """``[batch, length]`` ids -> ``[batch, length, emb]`` (no dropout)."""
@@ -482,11 +494,16 @@ class EncoderDecoder(nn.Module):
     return self.encoder(encoder_input_tokens, encoder_segment_ids,
                         enable_dropout=enable_dropout, input_embeddings=input_embeddings)
 
-  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+  def decode(self, encoded: Optional[Array], encoder_input_tokens: Array,
+             decoder_input_tokens: Array,
              encoder_segment_ids: Optional[Array] = None,
              decoder_segment_ids: Optional[Array] = None, *,
              enable_dropout: bool = False) -> Array:
-    """Runs the decoder on ``encoded``; returns ``[batch, tgt_len, vocab]`` float32 logits."""
+    """Runs the decoder on ``encoded``; returns ``[batch, tgt_len, vocab]`` float32 logits.
+
+    With ``decode_length``, ``encoded=None`` reuses the cross-attention keys
+    and values cached by an earlier call.
+    """
     hidden = self.decoder(decoder_input_tokens, encoded, encoder_input_tokens,
                           decoder_segment_ids, encoder_segment_ids,
                           enable_dropout=enable_dropout)

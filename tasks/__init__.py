@@ -5,10 +5,17 @@ T5's cc_all.32000 vocabulary, path gin-configurable through
 ``tasks.c4_vocabulary_path.path``) and ``pdtext`` (the shipped public-domain
 corpus and its SentencePiece model), and family in ``corpora.FAMILIES``.
 A user's own text files get the same family through ``corpora.TextCorpus``.
+The offline downstream tasks (``downstream.ROUTES``) and GLUE / SuperGLUE
+(``glue``: ``glue_{name}_t2t``, ``glue_{name}_cls``, ``super_glue_{name}_t2t``)
+are registered too.
 """
 
 from tasks import corpora
+from tasks import downstream
+from tasks import glue
 from tasks import preprocessors
 from tasks import vocab
 
 corpora.register_builtin()
+downstream.register()
+glue.register()
