@@ -41,8 +41,13 @@ class _Unpacked(seqio.FeatureConverter):
     super().__init__(pack=False, **kwargs)
 
   def task_feature_lengths(self, lengths: Mapping[str, int]) -> dict:
-    """Every task feature's length from the user's (scalars: 1, unused)."""
+    """The sequence features' lengths from the user's (scalars have none)."""
     raise NotImplementedError
+
+  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+               ) -> tf.data.Dataset:
+    """seqio's conversion; the scalars get the length 1 that its checks ask for."""
+    return super().__call__(ds, {**task_feature_lengths, **{k: 1 for k in self.SCALARS}})
 
   def _convert_features(self, ds: tf.data.Dataset,
                         task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
@@ -88,7 +93,7 @@ class ClassificationFeatureConverter(_Unpacked):
     super().__init__(pack=pack, **kwargs)
 
   def task_feature_lengths(self, lengths: Mapping[str, int]) -> dict:
-    return {'inputs': lengths['inputs'], 'label': 1}
+    return {'inputs': lengths['inputs']}
 
   def _convert_example(self, features: Mapping[str, tf.Tensor]) -> dict:
     return {'encoder_input_tokens': features['inputs'], 'label': features['label'][None]}
@@ -110,8 +115,7 @@ class ChoiceScoringFeatureConverter(_Unpacked):
                     **{name: FeatureSpec(dtype=tf.int32) for name in SCALARS}}
 
   def task_feature_lengths(self, lengths: Mapping[str, int]) -> dict:
-    return {'targets': lengths['targets'], 'loss_mask': lengths['targets'],
-            **{name: 1 for name in self.SCALARS}}
+    return {'targets': lengths['targets'], 'loss_mask': lengths['targets']}
 
   def _convert_example(self, features: Mapping[str, tf.Tensor]) -> dict:
     targets = features['targets']

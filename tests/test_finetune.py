@@ -97,9 +97,12 @@ def _choices_dataset(split, shuffle_files=False, seed=None):
 def _register():
   splits = tuple(SPLITS)
   accuracy = [t5.evaluation.metrics.accuracy]
-  ids = {'inputs': seqio.Feature(VOCAB, add_eos=False)}
+  scalar = seqio.Feature(seqio.PassThroughVocabulary(size=0), add_eos=False, dtype=tf.int32,
+                         rank=0)
   seqio.TaskRegistry.add('ft_test_cls', seqio.FunctionDataSource(_cls_dataset, splits),
-                         preprocessors=[], output_features=ids, metric_fns=accuracy)
+                         preprocessors=[], metric_fns=accuracy,
+                         output_features={'inputs': seqio.Feature(VOCAB, add_eos=False),
+                                          'label': scalar})
   seqio.TaskRegistry.add(
       'ft_test_t2t', seqio.FunctionDataSource(_t2t_dataset, splits),
       preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
@@ -107,7 +110,11 @@ def _register():
       metric_fns=accuracy)
   seqio.TaskRegistry.add(
       'ft_test_choices', seqio.FunctionDataSource(_choices_dataset, splits), preprocessors=[],
-      output_features={'targets': seqio.Feature(VOCAB, add_eos=False)}, metric_fns=accuracy)
+      output_features={'targets': seqio.Feature(VOCAB, add_eos=False),
+                       'loss_mask': seqio.Feature(seqio.PassThroughVocabulary(size=0),
+                                                  add_eos=False, dtype=tf.int32),
+                       'example': scalar, 'choice': scalar, 'label': scalar},
+      metric_fns=accuracy)
 
 
 for _name in ('ft_test_cls', 'ft_test_t2t', 'ft_test_choices'):
@@ -310,6 +317,17 @@ def test_choice_scoring_picks_the_most_likely_choice(tmp_path):
   labels = {int(e['example']): int(e['label']) for e in examples}
   assert targets == [labels[e] for e in sorted(labels)]
   assert len(set(predictions)) > 1  # the reference is not trivially one answer
+
+
+def test_choice_scores_go_through_the_task_score_metric():
+  # pdtext_last_word_choices scores with a seqio score metric over postprocessed targets.
+  data = pipeline.DataConfig('pdtext_last_word_choices', {'targets': 64}, pack=False,
+                             feature_converter=downstream_features.ChoiceScoringFeatureConverter)
+  prediction_set = downstream_eval.read_split(data, 'decoder', 'pdtext_last_word_choices',
+                                              'validation', 16, max_examples=40)
+  right = np.array([e['choice'] == e['label'] for e in prediction_set.examples], np.float32)
+  assert downstream_eval.score(prediction_set, 'choice', right) == {'accuracy': 100.0}
+  assert downstream_eval.score(prediction_set, 'choice', -right) == {'accuracy': 0.0}
 
 
 def test_choice_scoring_from_a_headless_decoder_gets_the_embedding_as_its_head(tmp_path):
