@@ -196,8 +196,9 @@ def predict(trainer: trainer_lib.Trainer, params: Any, prediction_set: Predictio
     for batch in prediction_set.batches:
       batch = _global(batch, trainer.data_sharding)
       if kind == 'text':
-        out = decoding.greedy_spans(network.EncoderDecoder(objective.config), params['model'],
-                                    batch['encoder_input_tokens'], target_length)
+        out = decoding.greedy_decode(network.EncoderDecoder(objective.config), params['model'],
+                                     batch['encoder_input_tokens'], target_length,
+                                     objective.vocab.eos_id)
       else:
         out = _head_scores(objective, params, batch)
       outputs.append(np.asarray(jax.device_get(out)))
