@@ -27,7 +27,7 @@ from spactor_jax import checkpoints
 from spactor_jax import curriculum
 from spactor_jax import downstream_eval
 from spactor_jax import downstream_features
-from spactor_jax import errors
+from spactor_jax import evaluation
 from spactor_jax import finetune
 from spactor_jax import network
 from spactor_jax import optimizers
@@ -246,6 +246,15 @@ def test_classification_learns_a_separable_task_and_keeps_the_best_step(cls_run)
   at_best = _stored_params(model_dir / 'checkpoints' / str(best))
   for path, value in _stored_params(kept[0]).items():
     np.testing.assert_array_equal(value, at_best[path], err_msg=path)
+
+
+def test_eval_scores_the_kept_best_parameters_as_the_run_did(cls_run, electra_run):
+  model_dir, result = cls_run
+  config = evaluation.EvalConfig(
+      run=_cls_config(model_dir, electra_run, CLS_STEPS), split='test', best=True)
+  scored = downstream_eval.score_checkpoint(config)
+  assert scored['step'] == result['best']['step']
+  assert scored['metrics'] == result['test']['metrics']
 
 
 def test_resume_continues_its_own_state_without_reloading_the_init_checkpoint(
