@@ -29,6 +29,7 @@ from spactor_jax import downstream_eval
 from spactor_jax import downstream_features
 from spactor_jax import evaluation
 from spactor_jax import finetune
+from spactor_jax import gin_utils
 from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import param_loading
@@ -379,3 +380,35 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, monkeypatch):
   assert _main(no_label) == 2
   err = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
   assert len(err) == 1 and "the task lacks features ['label']" in err[0], err
+
+
+ROUTE_FILES = sorted(
+    os.path.relpath(os.path.join(root, name), os.path.join(helpers.REPO, 'gin_configs'))
+    for root, _, names in os.walk(os.path.join(helpers.REPO, 'gin_configs', 'finetune'))
+    for name in names)
+HEADS = {'text': finetuning.TextToText, 'class': finetuning.Classification,
+         'choice': finetuning.ChoiceScoring}
+
+
+@pytest.mark.parametrize('route', ROUTE_FILES + ['quickstart_finetune.gin',
+                                                 'quickstart_finetune_cls.gin'])
+def test_route_files_build_a_finetuning_run(route, monkeypatch):
+  monkeypatch.chdir(helpers.REPO)
+  gin.clear_config()
+  model = 'models/decoder_tiny.gin' if 'choice' in route else 'models/tiny.gin'
+  files = [route] if route.startswith('quickstart') else [model, 'runs/finetune.gin', route]
+  bindings = ['INIT_CHECKPOINT = "/tmp/init"', 'MODEL_DIR = "/tmp/ft"', 'TRAIN_STEPS = 10']
+  if 'MIXTURE_OR_TASK_NAME' not in ''.join(open(f'gin_configs/{f}').read() for f in files
+                                          if f.startswith(('finetune/glue', 'finetune/super',
+                                                           'quickstart'))):
+    task, lengths = (('pdtext_last_word_choices', "{'targets': 64}") if 'choice' in route else
+                     ('pdtext_continuation_cls', "{'inputs': 64}") if 'classif' in route else
+                     ('pdtext_continuation', "{'inputs': 64, 'targets': 4}"))
+    bindings += [f'MIXTURE_OR_TASK_NAME = "{task}"', f'TASK_FEATURE_LENGTHS = {lengths}']
+  gin_utils.parse_with_tasks(gin_utils.GinFlags(files=files, bindings=bindings))
+  config = gin_utils.call(training.RunConfig)
+  objective = config.curriculum.stages[0].objective
+  assert HEADS[downstream_eval.prediction_kind(objective)] in objective.__mro__
+  assert config.data.mixture_or_task_name in seqio.TaskRegistry.names()
+  assert config.init_params.prefixes == {'model': 'model'}
+  gin_utils.call(downstream_eval.DownstreamEval)
