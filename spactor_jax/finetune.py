@@ -17,7 +17,7 @@ from ``INIT_CHECKPOINT``'s ``model/...`` (``RunConfig.init_params``, a
 of ELECTRA / COCO-LM / RTS, a headless run's body); the loaded and the new
 parameter paths are logged and written to ``MODEL_DIR/init_params.json``.
 A resumed run continues from its own checkpoint and never reloads
-``INIT_CHECKPOINT``. ``downstream_eval.Evaluator`` scores the task's
+``INIT_CHECKPOINT``. ``downstream_hook.Evaluator`` scores the task's
 metric functions every ``DownstreamEval.every_steps`` and at the end, keeps
 the best step's parameters in ``MODEL_DIR/best`` and writes
 ``MODEL_DIR/finetune_metrics.json``, which is also printed.
@@ -33,7 +33,7 @@ from typing import List, Optional, Sequence
 
 from etils import epath
 
-from spactor_jax import downstream_eval
+from spactor_jax import downstream_hook
 from spactor_jax import errors
 from spactor_jax import gin_utils
 from spactor_jax import runtime
@@ -54,12 +54,12 @@ def _finetune(flags: gin_utils.GinFlags, rest: List[str]) -> None:
   gin_utils.parse_with_tasks(flags)
   validation.check_gin_bindings()
   runtime.initialize()
-  result = finetune(train.run_config(), gin_utils.call(downstream_eval.DownstreamEval))
+  result = finetune(train.run_config(), gin_utils.call(downstream_hook.DownstreamEval))
   if result is not None and runtime.is_main_process():
     print(json.dumps(result, indent=1))
 
 
-def finetune(config: training.RunConfig, settings: downstream_eval.DownstreamEval
+def finetune(config: training.RunConfig, settings: downstream_hook.DownstreamEval
              ) -> Optional[dict]:
   """Fine-tunes and scores; returns ``finetune_metrics.json``'s content (``None`` if preempted).
 
@@ -76,7 +76,7 @@ def finetune(config: training.RunConfig, settings: downstream_eval.DownstreamEva
         'a fine-tuning run has one curriculum stage (its head); include one route of '
         'gin_configs/finetune/')
   validation.validate(config)
-  evaluator = downstream_eval.Evaluator(settings, config)
+  evaluator = downstream_hook.Evaluator(settings, config)
   own = epath.Path(config.model_dir) / 'checkpoints'
   if not (own.exists() and any(p.name.isdigit() for p in own.iterdir())):
     try:  # a resumed run never reads INIT_CHECKPOINT.

@@ -26,6 +26,7 @@ import tasks
 from spactor_jax import checkpoints
 from spactor_jax import curriculum
 from spactor_jax import downstream_eval
+from spactor_jax import downstream_hook
 from spactor_jax import downstream_features
 from spactor_jax import evaluation
 from spactor_jax import finetune
@@ -189,7 +190,7 @@ def _read_json(path):
 def test_loads_exactly_the_discriminator_and_initialises_the_head(electra_run, tmp_path):
   # Learning rate 0: the final parameters are the initial ones.
   config = _cls_config(tmp_path, electra_run, 1, learning_rate=0.0)
-  finetune.finetune(config, downstream_eval.DownstreamEval(every_steps=1, test_split=None))
+  finetune.finetune(config, downstream_hook.DownstreamEval(every_steps=1, test_split=None))
   pretrained = _stored_params(os.path.join(electra_run, 'checkpoints', '1'))
   tuned = _stored_params(tmp_path / 'checkpoints' / '1')
   assert any(p.startswith('generator/') for p in pretrained)
@@ -223,7 +224,7 @@ def cls_run(electra_run, tmp_path_factory):
   """A fine-tuning run on the separable toy task: scored and checkpointed every 10 steps."""
   model_dir = tmp_path_factory.mktemp('cls_run')
   config = _cls_config(model_dir, electra_run, CLS_STEPS, learning_rate=1e-2, save_every=10)
-  return model_dir, finetune.finetune(config, downstream_eval.DownstreamEval(every_steps=10))
+  return model_dir, finetune.finetune(config, downstream_hook.DownstreamEval(every_steps=10))
 
 
 def test_classification_learns_a_separable_task_and_keeps_the_best_step(cls_run):
@@ -261,7 +262,7 @@ def test_eval_scores_the_kept_best_parameters_as_the_run_did(cls_run, electra_ru
 def test_resume_continues_its_own_state_without_reloading_the_init_checkpoint(
     cls_run, electra_run, tmp_path):
   straight, straight_result = cls_run
-  settings = downstream_eval.DownstreamEval(every_steps=10)
+  settings = downstream_hook.DownstreamEval(every_steps=10)
   finetune.finetune(_cls_config(tmp_path, electra_run, 20, learning_rate=1e-2, save_every=10),
                     settings)
   # The second start would fail if it read INIT_CHECKPOINT: it no longer exists.
@@ -277,7 +278,7 @@ def test_resume_continues_its_own_state_without_reloading_the_init_checkpoint(
 def test_text_to_text_predictions_go_through_the_task_metric(t5_run, tmp_path):
   config = _config(tmp_path, t5_run, finetuning.TextToText, 'ft_test_t2t',
                    {'inputs': 16, 'targets': 4}, 2)
-  result = finetune.finetune(config, downstream_eval.DownstreamEval(every_steps=2))
+  result = finetune.finetune(config, downstream_hook.DownstreamEval(every_steps=2))
   assert set(result['final']['metrics']) == {'accuracy'}
   prediction_set = downstream_eval.read_split(config.data, 'encoder_decoder', 'ft_test_t2t',
                                               'validation', 16)
@@ -349,7 +350,7 @@ def test_choice_scoring_from_a_headless_decoder_gets_the_embedding_as_its_head(t
                    converter=downstream_features.ChoiceScoringFeatureConverter,
                    dont_load=[head], init_from={head: ('model/token_embedder/embedding',
                                                        'transpose')})
-  result = finetune.finetune(config, downstream_eval.DownstreamEval(every_steps=1))
+  result = finetune.finetune(config, downstream_hook.DownstreamEval(every_steps=1))
   assert set(result['best']['metrics']) == {'accuracy'} and result['test'] is not None
   pretrained = _stored_params(os.path.join(init_dir, 'checkpoints', '1'))
   tuned = _stored_params(tmp_path / 'tuned' / 'checkpoints' / '1')
@@ -411,4 +412,4 @@ def test_route_files_build_a_finetuning_run(route, monkeypatch):
   assert HEADS[downstream_eval.prediction_kind(objective)] in objective.__mro__
   assert config.data.mixture_or_task_name in seqio.TaskRegistry.names()
   assert config.init_params.prefixes == {'model': 'model'}
-  gin_utils.call(downstream_eval.DownstreamEval)
+  gin_utils.call(downstream_hook.DownstreamEval)
