@@ -44,6 +44,7 @@ setuptools.setup(
             'spactor-aot=spactor_jax.aot:main',
             'spactor-eval=spactor_jax.eval:main',
             'spactor-generate=spactor_jax.generate:main',
+            'spactor-finetune=spactor_jax.finetune:main',
         ],
     },
 )

@@ -13,6 +13,11 @@ Give the run's own gin files; ``runs/eval.gin`` is read after them and the
 The checkpoint is evaluated under the curriculum stage whose state it holds
 (SpacTor's hybrid objective before τ, span corruption after), exactly as the
 in-loop evaluation does; the metrics are printed and written as JSON.
+
+A fine-tuning run (``spactor_jax.finetune``'s gin files) is scored instead
+with its task's metric functions on the split (``downstream_eval``), from
+a checkpoint of ``checkpoints/`` or, with ``--gin.EVAL_BEST=True``, from the
+kept best parameters.
 Mistakes end with one ``error:`` line and exit status 2.
 """
 
@@ -23,6 +28,7 @@ from typing import List, Optional, Sequence
 
 import tensorflow as tf
 
+from spactor_jax import downstream_eval
 from spactor_jax import errors
 from spactor_jax import evaluation
 from spactor_jax import gin_utils
@@ -45,7 +51,11 @@ def _eval(flags: gin_utils.GinFlags, rest: List[str]) -> None:
   gin_utils.parse_with_tasks(flags)
   runtime.initialize()
   config = gin_utils.call(evaluation.EvalConfig)
-  result = evaluation.evaluate_checkpoint(config)
+  head = getattr(config.run.curriculum.stages[-1].objective, 'prediction', None)
+  if head is not None:
+    result = downstream_eval.score_checkpoint(config)
+  else:
+    result = evaluation.evaluate_checkpoint(config)
   text = json.dumps(result, indent=2, sort_keys=True)
   print(text)
   if runtime.is_main_process():

@@ -166,6 +166,8 @@ class EvalConfig:
     split: the held-out split, read unshuffled.
     num_batches: global batches to read; ``None``: every full batch.
     output: the JSON file; ``None``: ``<model_dir>/eval_<step>.json``.
+    best: a fine-tuning run only: score its kept best parameters
+      (``<model_dir>/best``) instead of a checkpoint of ``checkpoints/``.
   """
   run: 'training.RunConfig' = gin.REQUIRED
   checkpoint_step: Optional[int] = None
@@ -173,6 +175,7 @@ class EvalConfig:
   split: str = 'validation'
   num_batches: Optional[int] = None
   output: Optional[str] = None
+  best: bool = False
 
 
 def _checkpoint_step(model_dir: str, steps: Sequence[int],

@@ -250,6 +250,10 @@ class ParamSource:
   dont_load: Sequence[str] = ()
   ignore_unused: Sequence[str] = ()
 
+  def checkpoint_directory(self) -> epath.Path:
+    """The checkpoint ``load`` reads; ConfigError when there is none."""
+    return _step_directory(self.model_dir, self.step)
+
   def load(self, initialised: Any) -> Merged:
     return load_params(self.model_dir, initialised, step=self.step,
                        prefixes=self.prefixes, dont_load=self.dont_load,

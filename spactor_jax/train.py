@@ -12,7 +12,7 @@ with 130. SIGTERM / SIGINT during training save a checkpoint and exit 0.
 """
 
 import sys
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from spactor_jax import errors
 from spactor_jax import gin_utils
@@ -21,10 +21,14 @@ from spactor_jax import training
 from spactor_jax import validation
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Console entry point; returns the process exit status."""
+def main(argv: Optional[Sequence[str]] = None,
+         run: Optional[Callable[[gin_utils.GinFlags, List[str]], None]] = None) -> int:
+  """Console entry point; returns the process exit status.
+
+  ``run`` replaces the pre-training run (``spactor_jax.finetune`` passes its own).
+  """
   try:
-    return gin_utils.run_main(_train, argv)
+    return gin_utils.run_main(run or _train, argv)
   except errors.RunError as exc:
     print(f'error: {exc}', file=sys.stderr)
     return 1
@@ -41,10 +45,10 @@ def _train(flags: gin_utils.GinFlags, rest: List[str]) -> None:
   gin_utils.parse_with_tasks(flags)
   validation.check_gin_bindings()
   runtime.initialize()
-  training.train(_run_config())
+  training.train(run_config())
 
 
-def _run_config() -> training.RunConfig:
+def run_config() -> training.RunConfig:
   """Builds the gin-bound ``RunConfig``; a constructor's complaint is one line."""
   try:
     return gin_utils.call(training.RunConfig)

@@ -5,9 +5,11 @@ resumes from the latest checkpoint in ``model_dir``.
 """
 
 import dataclasses
+import json
 import logging
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Protocol
 
+from etils import epath
 import gin
 import jax
 import optax
@@ -22,6 +24,7 @@ from spactor_jax import metrics_log
 from spactor_jax import model_dir as model_dir_lib
 from spactor_jax import network
 from spactor_jax import optimizers
+from spactor_jax import param_loading
 from spactor_jax import partitioning
 from spactor_jax import runtime
 from spactor_jax import trainer as trainer_lib
@@ -68,6 +71,10 @@ class RunConfig:
       ``'skip'`` logs it and goes on, ``'stop'`` ends the run (exit 1).
     max_consecutive_nonfinite: with ``'skip'``, end the run after this many
       skipped updates in a row.
+    init_params: where a fresh run's parameters come from (fine-tuning:
+      a pre-training run's); ``None``: initialised. Read only when the run
+      starts without a checkpoint of its own; the loaded and the new
+      parameter paths are logged and written to ``init_params.json``.
   """
   model_dir: str = gin.REQUIRED
   data: pipeline.DataConfig = gin.REQUIRED
@@ -88,6 +95,7 @@ class RunConfig:
   checkpointer: Callable[..., checkpoints.Checkpointer] = checkpoints.Checkpointer
   on_nonfinite: str = 'skip'
   max_consecutive_nonfinite: int = 10
+  init_params: Optional[param_loading.ParamSource] = None
 
   @property
   def model_family(self) -> str:
@@ -121,7 +129,19 @@ class RunConfig:
         batch_spec, self.num_microbatches)
 
 
-def train(config: RunConfig) -> Optional[Dict[str, float]]:
+class StepHook(Protocol):
+  """Called by ``train`` (fine-tuning's downstream evaluation)."""
+
+  def after_step(self, step: int, trainer: trainer_lib.Trainer,
+                 state: train_state.TrainState) -> None:
+    """After every train step ``step`` (completed steps), before its checkpoint."""
+
+  def at_end(self, step: int, trainer: trainer_lib.Trainer,
+             state: train_state.TrainState) -> None:
+    """Once the run has done all its steps (also when it resumed there)."""
+
+
+def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[str, float]]:
   """Trains, checkpoints and logs; returns the last logged averages."""
   validation.validate(config)  # before anything compiles or reads data.
   model_dir_lib.check(config)  # before any restore.
@@ -151,7 +171,10 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
   if state is not None:
     log.info('resumed from %s at step %d', checkpointer.directory, start)
   else:
-    state = _init_from(trainer.init_state(rng), trainer, curriculum.stages[0])
+    state = trainer.init_state(rng)
+    if config.init_params is not None:
+      state = _load_params(config, state)
+    state = _init_from(state, trainer, curriculum.stages[0])
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
   log.info('%s parameters: %s', curriculum.stages[stage].name, f'{num_params:,}')
   eval_set = _make_eval_set(config, trainer, vocab) if config.eval_every_steps else None
@@ -188,7 +211,11 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
       if eval_set is not None and (step % config.eval_every_steps == 0 or step == total_steps):
         logger.write_eval(step, curriculum.stages[stage].name,
                           *eval_set.timed_evaluate(trainer, state))
+      if hook is not None:
+        hook.after_step(step, trainer, state)
       checkpointer.save(step, state, iterator, force=step == total_steps)
+    if hook is not None and step >= total_steps:
+      hook.at_end(step, trainer, state)
     if preemption.requested:
       nonfinite.settle()
       preemption.report(step, checkpointer.save(step, state, iterator, force=True))
@@ -197,6 +224,22 @@ def train(config: RunConfig) -> Optional[Dict[str, float]]:
     preemption.close()
     logger.close()
   return averages
+
+
+def _load_params(config: RunConfig, state: train_state.TrainState
+                 ) -> train_state.TrainState:
+  """The fresh state with ``init_params``' parameters; logs and records which."""
+  source = config.init_params
+  merged = source.load(state.params)
+  log.info('parameters loaded from %s: %s', source.model_dir, ', '.join(merged.loaded) or 'none')
+  log.info('parameters new (initialised): %s', ', '.join(merged.new) or 'none')
+  if runtime.is_main_process():
+    record = {'model_dir': source.model_dir, 'step': source.step,
+              'prefixes': dict(source.prefixes), 'loaded': list(merged.loaded),
+              'new': list(merged.new)}
+    (epath.Path(config.model_dir) / 'init_params.json').write_text(
+        json.dumps(record, indent=1) + '\n')
+  return state.replace(params=merged.params)
 
 
 def _make_eval_set(config: RunConfig, trainer: trainer_lib.Trainer,

@@ -14,7 +14,7 @@ import difflib
 import gzip
 import os
 import zlib
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 from google.protobuf.message import DecodeError
 import gin
@@ -58,6 +58,10 @@ class DataConfig:
     pack: pack several examples per row.
     text_corpus: a user's own text files; its task family is registered
       when the iterator is made.
+    feature_converter: a converter class (called with ``pack``) replacing
+      the model family's, for fine-tuning heads that read other task
+      features (``spactor_jax.downstream_features``); it expands the lengths
+      with its ``task_feature_lengths`` method.
   """
   mixture_or_task_name: str = gin.REQUIRED
   task_feature_lengths: Mapping[str, int] = gin.REQUIRED
@@ -66,6 +70,7 @@ class DataConfig:
   shuffle: bool = True
   pack: bool = True
   text_corpus: Optional[TextCorpus] = None
+  feature_converter: Optional[Callable[..., seqio.FeatureConverter]] = None
 
 
 class DataIterator:
@@ -178,7 +183,7 @@ def _check_corpus(task: seqio.Task, split: str) -> None:
 
 
 def _check_lengths(task: seqio.Task, model_family: str,
-                   lengths: Mapping[str, int]) -> None:
+                   lengths: Mapping[str, int], own_converter: bool = False) -> None:
   needed = _REQUIRED_LENGTHS[model_family]
   missing = [k for k in needed if k not in lengths]
   if missing:
@@ -193,7 +198,7 @@ def _check_lengths(task: seqio.Task, model_family: str,
   fits = family_features <= features and {
       'encoder': not span_corruption,
       'decoder': 'inputs' not in features}.get(model_family, True)
-  if not fits:
+  if not fits and not own_converter:
     raise ConfigError(f'task {task.name!r} (features {sorted(features)}) '
                       f'does not fit model family {model_family!r}')
   if span_corruption:
@@ -239,7 +244,8 @@ def _checked_provider(config: DataConfig,
     tasks.corpora.register_text_corpus(config.text_corpus)
   provider = _provider(config)
   for task in _leaf_tasks(provider):
-    _check_lengths(task, model_family, config.task_feature_lengths)
+    _check_lengths(task, model_family, config.task_feature_lengths,
+                   own_converter=config.feature_converter is not None)
   return provider
 
 
@@ -279,14 +285,18 @@ def make_iterator(config: DataConfig, model_family: str,
   vocabulary = _objective_vocabulary(provider, model_family)
   _check_vocabulary(vocabulary, model_vocab_size)
 
-  lengths = feature_converters.task_feature_lengths(
-      model_family, features, config.task_feature_lengths)
+  if config.feature_converter is None:
+    lengths = feature_converters.task_feature_lengths(
+        model_family, features, config.task_feature_lengths)
+    converter = feature_converters.get_feature_converter(
+        model_family, features, pack=config.pack)
+  else:
+    converter = config.feature_converter(pack=config.pack)
+    lengths = converter.task_feature_lengths(config.task_feature_lengths)
   dataset = provider.get_dataset(
       sequence_length=lengths, split=config.split, shuffle=config.shuffle,
       seed=config.seed, shard_info=shard_info,
       num_epochs=None if config.split == 'train' else 1)
-  converter = feature_converters.get_feature_converter(
-      model_family, features, pack=config.pack)
   dataset = converter(dataset, lengths)
   dataset = dataset.batch(global_batch_size // shard_info.num_shards,
                           drop_remainder=True)
