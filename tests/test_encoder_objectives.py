@@ -1,25 +1,20 @@
 """MLM, ELECTRA and COCO-LM: CLS in the data, labels, stop-gradients, CLM and SCL
 against NumPy, crops, meshes and exact resume."""
 
-import functools
 import shutil
 
-from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import seqio
 
-from spactor_jax import checkpoints
+import helpers
 from spactor_jax import curriculum
 from spactor_jax import errors
 from spactor_jax import network
-from spactor_jax import optimizers
 from spactor_jax import partitioning
-from spactor_jax import trainer as trainer_lib
 from spactor_jax import training
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
@@ -439,58 +434,28 @@ def test_coco_lm_refuses_packed_batches_and_bad_settings():
 # -------------------------------------------------------------- meshes ---
 
 
-def _trainer(objective, mesh_config, devices, batch):
-  schedule = optimizers.constant_schedule(1e-2)
-  mesh = partitioning.make_mesh(mesh_config, devices)
-  spec = {k: (v.shape, v.dtype) for k, v in batch.items()}
-  return trainer_lib.Trainer(objective, optimizers.adafactor(learning_rate=schedule), schedule,
-                             mesh, mesh_config.logical_rules, spec)
-
-
-def _train_losses(trainer, batches):
-  state = trainer.init_state(jax.random.key(0))
-  losses = []
-  for batch in batches:
-    state, metrics = trainer.train_step(
-        state, pipeline.global_arrays(batch, trainer.data_sharding), jax.random.key(1))
-    losses.append(float(metrics['loss']))
-  return losses
-
-
 @pytest.mark.parametrize('name', ['mlm', 'electra', 'coco_lm'])
 def test_train_steps_on_a_fake_mesh_give_single_device_losses(name):
   batches = [_batch(seed=s, packed=name != 'coco_lm') for s in range(2)]
-  objective = OBJECTIVES[name](config=CONFIG, vocab=VOCAB)  # COCO-LM: global negatives
-  single = _trainer(objective, partitioning.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1],
-                    batches[0])
-  sharded = _trainer(objective, partitioning.MeshConfig(
-      ici=(2, 2, 2), logical_rules=partitioning.FSDP_RULES), jax.devices(), batches[0])
-  np.testing.assert_allclose(_train_losses(sharded, batches), _train_losses(single, batches),
-                             rtol=2e-5)
+  # One layer: sharding is per layer alike, and compiling twice as many costs twice the time.
+  config = CONFIG.replace(num_encoder_layers=1)
+  objective = OBJECTIVES[name](config=config, vocab=VOCAB)  # COCO-LM: global negatives
+  spec = helpers.batch_spec(batches[0])
+  single = helpers.make_trainer(objective, spec, partitioning.MeshConfig(ici=(1, 1, 1)),
+                                jax.devices()[:1])
+  sharded = helpers.make_trainer(objective, spec, partitioning.MeshConfig(
+      ici=(2, 2, 2), logical_rules=partitioning.FSDP_RULES), jax.devices())
+  np.testing.assert_allclose(helpers.train_steps(sharded, batches)[0],
+                             helpers.train_steps(single, batches)[0], rtol=2e-5)
 
 
 # -------------------------------------------------------------- resume ---
 
 
 def _run_config(name, model_dir, total_steps):
-  return training.RunConfig(
-      model_dir=str(model_dir),
-      data=pipeline.DataConfig(TASKS[name], {'inputs': PD_LENGTH}, pack=name != 'coco_lm'),
-      curriculum=curriculum.Curriculum(stages=(curriculum.Stage(OBJECTIVES[name]),)),
-      model=PD_CONFIG, total_steps=total_steps, batch_size=8,
-      optimizer=optimizers.adafactor,
-      learning_rate=optimizers.rsqrt_schedule(base_learning_rate=0.05, warmup_steps=1),
-      log_every_steps=1,
-      checkpointer=functools.partial(checkpoints.Checkpointer, save_every_steps=1,
-                                     keep=None, async_save=False))
-
-
-def _raw_state(model_dir, step):
-  manager = ocp.CheckpointManager(epath.Path(model_dir) / 'checkpoints',
-                                  item_handlers={'state': ocp.StandardCheckpointHandler()})
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  return state.state
+  return helpers.run_config(
+      model_dir, pipeline.DataConfig(TASKS[name], {'inputs': PD_LENGTH}, pack=name != 'coco_lm'),
+      (curriculum.Stage(OBJECTIVES[name]),), PD_CONFIG, total_steps)
 
 
 @pytest.mark.parametrize('name', ['mlm', 'electra', 'coco_lm'])
@@ -502,6 +467,6 @@ def test_a_checkpoint_resumes_exactly(name, tmp_path):
                   ignore=lambda directory, names: ['3'] if directory.endswith('checkpoints')
                   else [])
   training.train(_run_config(name, resumed, 3))
-  final, reference = _raw_state(resumed, 3), _raw_state(uninterrupted, 3)
+  final, reference = helpers.raw_state(resumed, 3), helpers.raw_state(uninterrupted, 3)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                          final, reference)

@@ -1,14 +1,10 @@
 """SpacTor: RTD labels, gradient isolation, special tokens, the τ switch, resume, meshes."""
 
-import functools
-
-from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 import seqio
 
@@ -18,7 +14,6 @@ from spactor_jax import curriculum
 from spactor_jax import errors
 from spactor_jax import generator as generator_lib
 from spactor_jax import network
-from spactor_jax import optimizers
 from spactor_jax import partitioning
 from spactor_jax import train_state
 from spactor_jax import training
@@ -232,28 +227,11 @@ def test_bad_settings_are_one_line_errors():
 
 
 def _run_config(model_dir, total_steps):
-  return training.RunConfig(
-      model_dir=str(model_dir),
-      data=pipeline.DataConfig('pdtext_spactor', PD_LENGTHS),
-      curriculum=curriculum.Curriculum(stages=(
-          curriculum.Stage(spactor.SpacTor, TAU),
-          curriculum.Stage(span_corruption.SpanCorruption))),
-      model=PD_CONFIG, total_steps=total_steps, batch_size=8,
-      optimizer=optimizers.adafactor,
-      learning_rate=optimizers.rsqrt_schedule(base_learning_rate=0.05, warmup_steps=1),
-      # Windows of 2 steps: the one after step 2 would straddle τ = 3.
-      log_every_steps=2,
-      checkpointer=functools.partial(checkpoints.Checkpointer, save_every_steps=1,
-                                     keep=None, async_save=False))
-
-
-def _raw_state(model_dir, step):
-  """The ``state`` item of a checkpoint as saved, without a target structure."""
-  manager = ocp.CheckpointManager(epath.Path(model_dir) / 'checkpoints',
-                                  item_handlers={'state': ocp.StandardCheckpointHandler()})
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  return state.state
+  # Windows of 2 steps: the one after step 2 would straddle τ = 3.
+  return helpers.run_config(
+      model_dir, pipeline.DataConfig('pdtext_spactor', PD_LENGTHS),
+      (curriculum.Stage(spactor.SpacTor, TAU), curriculum.Stage(span_corruption.SpanCorruption)),
+      PD_CONFIG, total_steps, log_every_steps=2)
 
 
 def _paths(tree):
@@ -272,24 +250,15 @@ def uninterrupted(tmp_path_factory):
   return model_dir
 
 
-def _trainers(config):
-  """The two stages' trainers of ``config`` on its mesh, and a fresh iterator."""
-  mesh = partitioning.make_mesh(config.mesh)
-  iterator = pipeline.make_iterator(config.data, config.model_family, config.batch_size,
-                                    seqio.ShardInfo(0, 1), config.model.vocab_size)
-  vocab = pipeline.vocab_info(iterator.vocabulary)
-  make = lambda stage: config.make_trainer(stage, mesh, iterator.element_spec, vocab)
-  return make(0), make(1), iterator, vocab
-
-
 def test_after_tau_state_has_no_generator_and_trains_span_corruption(uninterrupted):
   config = _run_config(uninterrupted, TAU + 2)
-  before, after = _raw_state(uninterrupted, TAU), _raw_state(uninterrupted, TAU + 2)
+  before, after = helpers.raw_state(uninterrupted, TAU), helpers.raw_state(uninterrupted, TAU + 2)
   assert any(map(_is_hybrid_only, _paths(before['params'])))
   assert any(map(_is_hybrid_only, _paths(before['opt_state'])))
   assert not any(map(_is_hybrid_only, _paths(after['params']) | _paths(after['opt_state'])))
 
-  hybrid, plain, iterator, vocab = _trainers(config)
+  iterator, vocab, make = helpers.stage_trainers(config)
+  hybrid, plain = make(0), make(1)
   abstract = plain.abstract_state
   assert len(_paths(after['params'])) == len(_paths(abstract.params))
   assert len(_paths(after['opt_state'])) == len(_paths(abstract.opt_state))
@@ -350,7 +319,7 @@ def test_resume_before_and_after_tau_matches_uninterrupted(uninterrupted, tmp_pa
   assert sorted(got) == sorted(expected) == list(range(1, TAU + 3))
   np.testing.assert_allclose([got[s] for s in sorted(got)],
                              [expected[s] for s in sorted(expected)], rtol=1e-6)
-  final, reference = _raw_state(tmp_path, TAU + 2), _raw_state(uninterrupted, TAU + 2)
+  final, reference = helpers.raw_state(tmp_path, TAU + 2), helpers.raw_state(uninterrupted, TAU + 2)
   assert _paths(final) == _paths(reference)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                          final, reference)
