@@ -13,6 +13,7 @@ import socket
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from etils import epath
+import flax.linen as nn
 import gin
 import jax
 import numpy as np
@@ -48,6 +49,19 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def run_main(main: Callable[[Sequence[str]], int], args: Sequence[str]) -> int:
+  """An entry point's ``main(args)`` in this process (no start-up cost), from the
+  repository root with an empty gin config before and after; its exit status."""
+  cwd = os.getcwd()
+  os.chdir(REPO)
+  try:
+    gin.clear_config()
+    return main(list(args))
+  finally:
+    gin.clear_config()
+    os.chdir(cwd)
 
 
 def subprocess_env(devices: Optional[int] = None, **extra: str) -> Dict[str, str]:
@@ -124,6 +138,15 @@ def stage_trainers(config: training.RunConfig) -> Tuple[
   vocab = pipeline.vocab_info(iterator.vocabulary)
   return iterator, vocab, lambda stage: config.make_trainer(stage, mesh, iterator.element_spec,
                                                             vocab)
+
+
+def init_variables(objective: base.Objective, batch: Mapping[str, np.ndarray],
+                   seed: int = 0) -> Dict[str, Any]:
+  """An objective's variables (unboxed) for ``batch``: params from ``seed``, sample key 1."""
+  init = lambda batch: objective.init(
+      {'params': jax.random.key(seed), 'sample': jax.random.key(1)}, batch,
+      objective.denominators(batch), enable_dropout=False)
+  return nn.unbox(jax.jit(init)(batch))
 
 
 def batch_spec(batch: Mapping[str, np.ndarray]) -> trainer_lib.BatchSpec:

@@ -3,7 +3,6 @@ against NumPy, crops, meshes and exact resume."""
 
 import shutil
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,13 +64,6 @@ def _batch(batch_size=8, length=16, seed=0, packed=False):
   if packed:
     batch['encoder_segment_ids'] = segments
   return batch
-
-
-def _init(objective, batch, seed=0):
-  init = lambda batch: objective.init(
-      {'params': jax.random.key(seed), 'sample': jax.random.key(1)}, batch,
-      objective.denominators(batch), enable_dropout=False)['params']
-  return {'params': nn.unbox(jax.jit(init)(batch))}
 
 
 def _apply(objective, params, batch, sample_seed=2, enable_dropout=False):
@@ -158,7 +150,7 @@ def test_every_encoder_example_and_segment_starts_with_an_unselected_cls(family,
 def test_mlm_is_cross_entropy_of_the_tied_head_at_selected_positions():
   batch = _batch()
   objective = mlm.MLM(config=CONFIG, vocab=VOCAB)
-  params = _init(objective, batch)['params']
+  params = helpers.init_variables(objective, batch)['params']
   loss, metrics, _, _ = _apply(objective, params, batch)
   logits = _hidden(params, batch['encoder_input_tokens']) @ _embedding(params).T / np.sqrt(
       CONFIG.emb_dim)
@@ -176,7 +168,7 @@ def test_mlm_is_cross_entropy_of_the_tied_head_at_selected_positions():
 def test_electra_generator_input_replacements_and_labels():
   batch = _batch(batch_size=64, length=32)
   objective = electra.ELECTRA(config=CONFIG, vocab=VOCAB)
-  params = _init(objective, batch)['params']
+  params = helpers.init_variables(objective, batch)['params']
   loss, metrics, inter, _ = _apply(objective, params, batch)
   tokens, selected = batch['encoder_target_tokens'], batch['encoder_mlm_mask'] == 1
   generator_input, replaced, labels = inter['generator_input'], inter['replaced'], inter[
@@ -235,7 +227,7 @@ def _is_zero(tree):
 def test_electra_generator_gets_no_gradient_from_the_discriminator():
   batch = _batch()
   objective = electra.ELECTRA(config=CONFIG, vocab=VOCAB)
-  params = _init(objective, batch)['params']
+  params = helpers.init_variables(objective, batch)['params']
   grads = _grads(objective, params, batch, ('rtd_loss', 'generator_loss'))
   rtd, generator = grads['rtd_loss'], grads['generator_loss']
   assert _is_zero(rtd['generator']), 'L_RTD reached the generator'
@@ -282,7 +274,7 @@ def test_corrective_lm_loss_is_the_formula_and_finite_where_probabilities_underf
 def test_coco_lm_corrective_lm_matches_numpy():
   batch = _batch()
   objective = coco_lm.COCOLM(config=CONFIG, vocab=VOCAB)
-  params = _init(objective, batch)['params']
+  params = helpers.init_variables(objective, batch)['params']
   loss, metrics, inter, _ = _apply(objective, params, batch)
   tokens, selected = batch['encoder_target_tokens'], batch['encoder_mlm_mask']
   replaced = inter['replaced']
@@ -308,7 +300,7 @@ def test_coco_lm_corrective_lm_matches_numpy():
 def test_coco_lm_stop_gradients():
   batch = _batch()
   objective = coco_lm.COCOLM(config=CONFIG, vocab=VOCAB)
-  params = _init(objective, batch)['params']
+  params = helpers.init_variables(objective, batch)['params']
   grads = _grads(objective, params, batch, ('clm_loss', 'copy_loss', 'generator_loss'))
   lm, copy, generator = grads['clm_loss'], grads['copy_loss'], grads['generator_loss']
   downstream = grads['downstream']  # L_CLM + L_SCL
@@ -402,7 +394,7 @@ def test_scl_is_info_nce_over_both_views_with_the_right_positives(num_groups):
 def test_scl_vectors_are_the_cls_outputs_of_the_replaced_input_and_its_crop():
   batch = _batch()
   objective = coco_lm.COCOLM(config=CONFIG, vocab=VOCAB)
-  params = _init(objective, batch)['params']
+  params = helpers.init_variables(objective, batch)['params']
   _, _, inter, coupled = _apply(objective, params, batch)
   for view, name in (('replaced', 'scl_replaced'), ('cropped', 'scl_cropped')):
     cls_hidden = _hidden(params, inter[view])[:, 0]

@@ -16,16 +16,16 @@ import subprocess
 import sys
 import threading
 
-import gin
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+import helpers
 
 from spactor_jax import checkpoints
 from spactor_jax import errors
 from spactor_jax import train as train_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     '--gin_file=gin_configs/quickstart.gin',
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
@@ -37,7 +37,7 @@ TINY = [
 # The shared run checkpoints every step, all kept: one per kind of DAMAGE and
 # the good one before them.
 BASE_STEPS = 10
-ENV = {**os.environ, 'PYTHONPATH': ROOT, 'TF_CPP_MIN_LOG_LEVEL': '3'}
+ENV = helpers.subprocess_env(8, TF_CPP_MIN_LOG_LEVEL='3')
 
 
 # A full disk: files may not grow past 1 MB (the parameters need 5 MB); the
@@ -52,21 +52,14 @@ _FULL_DISK = ('import resource, runpy, signal, sys; '
 def _run_on_a_full_disk(args):
   """The entry point in a subprocess on a full disk; (status, error-relevant stderr lines)."""
   result = subprocess.run(
-      [sys.executable, '-c', _FULL_DISK] + TINY + args, cwd=ROOT,
+      [sys.executable, '-c', _FULL_DISK] + TINY + args, cwd=helpers.REPO,
       capture_output=True, text=True, timeout=600, env=ENV)
   return result.returncode, _lines(result.stderr)
 
 
 def _main(args):
   """The entry point in this process (no start-up cost); its exit status."""
-  cwd = os.getcwd()
-  os.chdir(ROOT)
-  try:
-    gin.clear_config()
-    return train_main.main(TINY + args)
-  finally:
-    gin.clear_config()
-    os.chdir(cwd)
+  return helpers.run_main(train_main.main, TINY + args)
 
 
 def _lines(stderr):
@@ -347,7 +340,7 @@ def _start(model_dir, extra=()):
       [sys.executable, '-m', 'spactor_jax.train'] + TINY +
       [f'--gin.MODEL_DIR={model_dir}', '--gin.TRAIN_STEPS=100000',
        '--gin.CHECKPOINT_EVERY_STEPS=2'] + list(extra),
-      cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV)
+      cwd=helpers.REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV)
 
 
 def _signal_at_step(process, step, signals):
@@ -402,7 +395,7 @@ def test_second_signal_exits_at_once_and_keeps_committed_checkpoints(tmp_path):
 
 # --- bad input: one line, exit status ---------------------------------------------------
 
-PDTEXT_MODEL = os.path.join(ROOT, 'tasks', 'data', 'pdtext.model')
+PDTEXT_MODEL = os.path.join(helpers.REPO, 'tasks', 'data', 'pdtext.model')
 
 
 def _corpus_args(train_file, vocabulary=PDTEXT_MODEL):

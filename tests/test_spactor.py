@@ -63,12 +63,6 @@ def _batch(batch_size=8, inputs=24, targets=8, seed=0):
   }
 
 
-def _init(objective, batch, seed=0):
-  variables = objective.init({'params': jax.random.key(seed), 'sample': jax.random.key(1)},
-                             batch, objective.denominators(batch), enable_dropout=False)
-  return nn.unbox(variables)
-
-
 def _forward(objective, variables, batch, sample_seed=2):
   """``(loss, metrics, intermediates)`` of one deterministic forward pass."""
   (loss, metrics), state = objective.apply(
@@ -103,7 +97,7 @@ def test_gumbel_max_sample_draws_from_the_tempered_softmax(temperature):
 def test_rtd_labels_are_sample_differs_from_original():
   batch = _batch()
   objective = spactor.SpacTor(config=CONFIG, vocab=VOCAB)
-  _, metrics, inter = _forward(objective, _init(objective, batch), batch)
+  _, metrics, inter = _forward(objective, helpers.init_variables(objective, batch), batch)
   tokens, mlm = batch['encoder_input_tokens'], batch['encoder_mlm_mask'] == 1
   samples, replaced, labels = inter['samples'], inter['replaced'], inter['rtd_labels']
 
@@ -148,7 +142,7 @@ def _loss_terms(objective, batch):
 def test_loss_is_the_weighted_sum_of_per_token_terms():
   batch = _batch()
   objective = spactor.SpacTor(config=CONFIG, vocab=VOCAB)
-  terms = _loss_terms(objective, batch)(_init(objective, batch)['params'])
+  terms = _loss_terms(objective, batch)(helpers.init_variables(objective, batch)['params'])
   expected = sum(WEIGHTS[name] * terms[name] for name in WEIGHTS)
   np.testing.assert_allclose(float(terms['total']), float(expected), rtol=1e-6)
 
@@ -156,7 +150,7 @@ def test_loss_is_the_weighted_sum_of_per_token_terms():
 def test_no_gradient_reaches_the_generator_from_rtd_or_sc():
   batch = _batch()
   objective = spactor.SpacTor(config=CONFIG, vocab=VOCAB)
-  params = _init(objective, batch)['params']
+  params = helpers.init_variables(objective, batch)['params']
   terms = _loss_terms(objective, batch)
   downstream = jax.grad(lambda p: (WEIGHTS['rtd_loss'] * terms(p)['rtd_loss'] +
                                    WEIGHTS['sc_loss'] * terms(p)['sc_loss']))(params)
@@ -187,7 +181,7 @@ def test_special_tokens_are_never_masked_or_replaced_on_real_data():
   vocab = pipeline.vocab_info(iterator.vocabulary)
   batch = next(iterator)
   objective = spactor.SpacTor(config=PD_CONFIG, vocab=vocab)
-  variables = _init(objective, batch)
+  variables = helpers.init_variables(objective, batch)
   # Make the generator prefer special ids: their embedding rows dominate the
   # tied logits, so only the restriction of the sampling keeps them out.
   embedding = variables['params']['model']['token_embedder']['embedding']

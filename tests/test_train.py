@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import gin
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -26,10 +25,8 @@ SMALL_RUN = [
 ]
 
 
-def _main(args, monkeypatch):
-  monkeypatch.chdir(helpers.REPO)
-  gin.clear_config()
-  return train_main.main(args)
+def _main(args):
+  return helpers.run_main(train_main.main, args)
 
 
 @pytest.mark.parametrize('args,expected', [
@@ -51,17 +48,17 @@ def _main(args, monkeypatch):
      "task or mixture 'pdtext_span_corruptoin' is not registered; did you mean "
      'pdtext_span_corruption'),
 ])
-def test_config_mistakes_are_one_line(args, expected, capsys, monkeypatch):
-  assert _main(args, monkeypatch) == 2
+def test_config_mistakes_are_one_line(args, expected, capsys):
+  assert _main(args) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1, err
   assert err[0].startswith('error: ' + expected), err[0]
 
 
-def test_mistake_in_a_gin_file_names_file_and_line(tmp_path, capsys, monkeypatch):
+def test_mistake_in_a_gin_file_names_file_and_line(tmp_path, capsys):
   config = tmp_path / 'typo.gin'
   config.write_text("include 'quickstart.gin'\n\nTransformerConfig.emb_dimm = 3\n")
-  assert _main([f'--gin_file={config}', '--gin.MODEL_DIR=/tmp/x'], monkeypatch) == 2
+  assert _main([f'--gin_file={config}', '--gin.MODEL_DIR=/tmp/x']) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [f"error: {config}:3: Configurable 'TransformerConfig' doesn't "
                  "have a parameter named 'emb_dimm'."]
@@ -85,14 +82,11 @@ def _final_params(model_dir, step):
   return state['params']
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={straight}', '--gin.TRAIN_STEPS=6'],
-               monkeypatch) == 0
-  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={resumed}', '--gin.TRAIN_STEPS=3'],
-               monkeypatch) == 0
-  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={resumed}', '--gin.TRAIN_STEPS=6'],
-               monkeypatch) == 0
+  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={straight}', '--gin.TRAIN_STEPS=6']) == 0
+  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={resumed}', '--gin.TRAIN_STEPS=3']) == 0
+  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={resumed}', '--gin.TRAIN_STEPS=6']) == 0
 
   expected, got = helpers.logged_scalars(straight, 'loss'), helpers.logged_scalars(resumed, 'loss')
   assert sorted(expected) == [1, 2, 3, 4, 5, 6]
