@@ -1,25 +1,34 @@
 """What several test files share: gin isolation, ports, child-process
-environments, TensorBoard readers and small train loops.
+environments, TensorBoard and checkpoint readers, small train loops and runs.
 
 Test modules import it as ``import helpers`` (pytest puts ``tests/`` on the
 path). ``fresh_gin`` is a fixture: a module opts in with
 ``from helpers import fresh_gin  # pylint: disable=unused-import``.
 """
 
+import functools
 import glob
 import os
 import socket
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+from etils import epath
+import flax.linen as nn
 import gin
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
+import seqio
 
+from spactor_jax import checkpoints
+from spactor_jax import curriculum
+from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import partitioning
 from spactor_jax import trainer as trainer_lib
+from spactor_jax import training
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 from spactor_jax.train_state import TrainState
@@ -40,6 +49,19 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def run_main(main: Callable[[Sequence[str]], int], args: Sequence[str]) -> int:
+  """An entry point's ``main(args)`` in this process (no start-up cost), from the
+  repository root with an empty gin config before and after; its exit status."""
+  cwd = os.getcwd()
+  os.chdir(REPO)
+  try:
+    gin.clear_config()
+    return main(list(args))
+  finally:
+    gin.clear_config()
+    os.chdir(cwd)
 
 
 def subprocess_env(devices: Optional[int] = None, **extra: str) -> Dict[str, str]:
@@ -78,6 +100,53 @@ def logged_scalars(model_dir: str, tag: str) -> Dict[int, float]:
         if value.tag == tag:
           values[event.step] = float(tf.make_ndarray(value.tensor))
   return values
+
+
+def raw_state(model_dir, step: int) -> Any:
+  """The ``state`` item of a checkpoint as stored (NumPy), read without a target."""
+  manager = ocp.CheckpointManager(epath.Path(model_dir) / 'checkpoints',
+                                  item_handlers={'state': ocp.StandardCheckpointHandler()})
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  return state.state
+
+
+def run_config(model_dir, data: pipeline.DataConfig, stages: Sequence[curriculum.Stage],
+               model: network.TransformerConfig, total_steps: int, *,
+               optimizer: Callable[..., optax.GradientTransformation] = optimizers.adafactor,
+               base_learning_rate: float = 0.05,
+               log_every_steps: int = 1) -> training.RunConfig:
+  """A tiny run of batches of 8 rows at rsqrt(``base_learning_rate``, warm-up 1),
+  checkpointed synchronously after every step, all checkpoints kept."""
+  return training.RunConfig(
+      model_dir=str(model_dir), data=data,
+      curriculum=curriculum.Curriculum(stages=tuple(stages)),
+      model=model, total_steps=total_steps, batch_size=8, optimizer=optimizer,
+      learning_rate=optimizers.rsqrt_schedule(base_learning_rate=base_learning_rate,
+                                              warmup_steps=1),
+      log_every_steps=log_every_steps,
+      checkpointer=functools.partial(checkpoints.Checkpointer, save_every_steps=1,
+                                     keep=None, async_save=False))
+
+
+def stage_trainers(config: training.RunConfig) -> Tuple[
+    Iterator[Dict[str, np.ndarray]], base.VocabInfo, Callable[[int], trainer_lib.Trainer]]:
+  """A fresh iterator of ``config``'s data, its vocabulary and ``stage -> trainer`` on its mesh."""
+  mesh = partitioning.make_mesh(config.mesh)
+  iterator = pipeline.make_iterator(config.data, config.model_family, config.batch_size,
+                                    seqio.ShardInfo(0, 1), config.model.vocab_size)
+  vocab = pipeline.vocab_info(iterator.vocabulary)
+  return iterator, vocab, lambda stage: config.make_trainer(stage, mesh, iterator.element_spec,
+                                                            vocab)
+
+
+def init_variables(objective: base.Objective, batch: Mapping[str, np.ndarray],
+                   seed: int = 0) -> Dict[str, Any]:
+  """An objective's variables (unboxed) for ``batch``: params from ``seed``, sample key 1."""
+  init = lambda batch: objective.init(
+      {'params': jax.random.key(seed), 'sample': jax.random.key(1)}, batch,
+      objective.denominators(batch), enable_dropout=False)
+  return nn.unbox(jax.jit(init)(batch))
 
 
 def batch_spec(batch: Mapping[str, np.ndarray]) -> trainer_lib.BatchSpec:

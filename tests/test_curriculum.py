@@ -3,23 +3,19 @@
 import functools
 import shutil
 
-from etils import epath
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-import seqio
-import tensorflow as tf
 
+import helpers
 import tasks  # pylint: disable=unused-import
 from spactor_jax import checkpoints
 from spactor_jax import curriculum
 from spactor_jax import errors
 from spactor_jax import network
 from spactor_jax import optimizers
-from spactor_jax import partitioning
 from spactor_jax import train_state
 from spactor_jax import training
 from spactor_jax.data import pipeline
@@ -99,25 +95,11 @@ LM_TUNING = (
 
 
 def _run_config(model_dir, total_steps, stages=LM_TUNING):
-  return training.RunConfig(
-      model_dir=str(model_dir), data=DATA, curriculum=curriculum.Curriculum(stages=stages),
-      model=CONFIG, total_steps=total_steps, batch_size=8,
-      # Adam without weight decay: a fresh state's first update is
-      # -lr * g / (|g| + eps), i.e. lr in magnitude wherever |g| >> eps.
-      optimizer=functools.partial(optimizers.adamw, weight_decay=0.0),
-      learning_rate=optimizers.rsqrt_schedule(base_learning_rate=BASE_LR, warmup_steps=1),
-      log_every_steps=1,
-      checkpointer=functools.partial(checkpoints.Checkpointer, save_every_steps=1,
-                                     keep=None, async_save=False))
-
-
-def _raw_state(model_dir, step):
-  """The ``state`` item of a checkpoint as stored (NumPy), read without a target."""
-  manager = ocp.CheckpointManager(epath.Path(model_dir) / 'checkpoints',
-                                  item_handlers={'state': ocp.StandardCheckpointHandler()})
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  return state.state
+  # Adam without weight decay: a fresh state's first update is
+  # -lr * g / (|g| + eps), i.e. lr in magnitude wherever |g| >> eps.
+  return helpers.run_config(model_dir, DATA, stages, CONFIG, total_steps,
+                            optimizer=functools.partial(optimizers.adamw, weight_decay=0.0),
+                            base_learning_rate=BASE_LR)
 
 
 def _flat(tree):
@@ -133,24 +115,10 @@ def _counts(opt_state):
   return {int(v) for k, v in _flat(opt_state).items() if k.endswith('count')}
 
 
-def _logged(model_dir, tag):
-  """``{step: value}`` of a scalar from every TensorBoard file of a run."""
-  values = {}
-  for path in sorted(tf.io.gfile.glob(f'{model_dir}/train/events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor))
-  return values
-
-
 def _setup(config):
-  """A fresh iterator, the mesh and ``index -> trainer`` of ``config``."""
-  mesh = partitioning.make_mesh(config.mesh)
-  iterator = pipeline.make_iterator(config.data, config.model_family, config.batch_size,
-                                    seqio.ShardInfo(0, 1), config.model.vocab_size)
-  vocab = pipeline.vocab_info(iterator.vocabulary)
-  return iterator, lambda index: config.make_trainer(index, mesh, iterator.element_spec, vocab)
+  """A fresh iterator and ``index -> trainer`` of ``config``."""
+  iterator, _, make = helpers.stage_trainers(config)
+  return iterator, make
 
 
 @pytest.fixture(scope='module')
@@ -250,13 +218,13 @@ def test_a_shape_change_at_a_switch_is_an_error_naming_the_path(tmp_path):
 
 
 def test_a_trainable_pattern_freezes_the_rest_bit_for_bit(lm_tuning):
-  before, after = _flat(_raw_state(lm_tuning, 2)['params']), _raw_state(lm_tuning, 4)
+  before, after = _flat(helpers.raw_state(lm_tuning, 2)['params']), helpers.raw_state(lm_tuning, 4)
   params = _flat(after['params'])
   assert HEAD not in before and set(params) == set(before) | {HEAD}
   for path, value in before.items():
     np.testing.assert_array_equal(params[path], value, err_msg=path)
   # The head moved in the stage's second step (the first had learning rate 0).
-  assert np.abs(params[HEAD] - _flat(_raw_state(lm_tuning, 3)['params'])[HEAD]).max() > 0
+  assert np.abs(params[HEAD] - _flat(helpers.raw_state(lm_tuning, 3)['params'])[HEAD]).max() > 0
   # Optimizer moments exist for the head only.
   moments = {path for path, value in _flat(after['opt_state']).items() if value.ndim}
   assert moments and all(path.endswith(HEAD) for path in moments)
@@ -264,7 +232,7 @@ def test_a_trainable_pattern_freezes_the_rest_bit_for_bit(lm_tuning):
 
 
 def test_init_from_copies_the_embedding_transposed_then_they_part(lm_tuning):
-  stored = _flat(_raw_state(lm_tuning, 2)['params'])
+  stored = _flat(helpers.raw_state(lm_tuning, 2)['params'])
   config = _run_config(lm_tuning, 5)
   iterator, make = _setup(config)
   tied, tuned = make(0), make(1)
@@ -278,7 +246,7 @@ def test_init_from_copies_the_embedding_transposed_then_they_part(lm_tuning):
       'logits_dense']['kernel']
   # The run did the same at step 2 and, in the stage's second step, trained
   # the head away from the (frozen) embedding.
-  after = _flat(_raw_state(lm_tuning, 4)['params'])
+  after = _flat(helpers.raw_state(lm_tuning, 4)['params'])
   np.testing.assert_array_equal(after[EMBEDDING], stored[EMBEDDING])
   assert np.abs(after[HEAD] - stored[EMBEDDING].T).max() > 0
 
@@ -288,22 +256,22 @@ def test_a_stage_schedule_counts_from_the_stage_start(lm_tuning):
   expected = {1: rsqrt(0), 2: rsqrt(1),                       # the run's, steps 0 and 1
               3: 0.0, 4: STAGE_LR / STAGE_WARMUP,             # the stage's, from its start
               5: rsqrt(4)}                                    # the run's again, at step 4
-  logged = _logged(lm_tuning, 'learning_rate')
+  logged = helpers.logged_scalars(lm_tuning, 'learning_rate')
   assert sorted(logged) == sorted(expected)
   np.testing.assert_allclose([logged[s] for s in expected], list(expected.values()), rtol=1e-6)
   # The optimizer used these rates: 0 left the new head as initialised ...
-  stored = _flat(_raw_state(lm_tuning, 2)['params'])
-  np.testing.assert_array_equal(_flat(_raw_state(lm_tuning, 3)['params'])[HEAD],
+  stored = _flat(helpers.raw_state(lm_tuning, 2)['params'])
+  np.testing.assert_array_equal(_flat(helpers.raw_state(lm_tuning, 3)['params'])[HEAD],
                                 stored[EMBEDDING].T)
   # ... and the last stage's fresh Adam, whose first update is
   # lr * |g| / (|g| + eps) <= lr, used the run's rate at step 4, not at its
   # own step count 0 (which would be twice that).
-  before, after = (_flat(_raw_state(lm_tuning, s)['params']) for s in (4, 5))
+  before, after = (_flat(helpers.raw_state(lm_tuning, s)['params']) for s in (4, 5))
   moves = np.concatenate([np.abs(after[p] - before[p]).ravel() for p in before])
   assert moves.max() <= rsqrt(4) * (1 + 1e-4)
   assert np.percentile(moves[moves > 0], 90) > 0.98 * rsqrt(4)
   # Step counts restart with every fresh optimizer state.
-  assert [_counts(_raw_state(lm_tuning, s)['opt_state']) for s in (2, 3, 4, 5)] == [
+  assert [_counts(helpers.raw_state(lm_tuning, s)['opt_state']) for s in (2, 3, 4, 5)] == [
       {2}, {1}, {2}, {1}]
 
 
@@ -317,7 +285,7 @@ def test_reset_optimizer_zeroes_the_moments(lm_tuning, reset):
                        trainable=LM_TUNING[1].trainable))
   config = _run_config(lm_tuning, 5, stages)
   assert config.curriculum.resets_optimizer(3) == reset
-  stored = _raw_state(lm_tuning, 4)  # the head-only stage's state after two steps
+  stored = helpers.raw_state(lm_tuning, 4)  # the head-only stage's state after two steps
   iterator, make = _setup(config)
   state = checkpoints.Checkpointer(str(lm_tuning)).restore(
       4, make(2).sharded_abstract_state(), iterator)
@@ -344,11 +312,11 @@ def test_resume_in_any_stage_matches_the_uninterrupted_run(lm_tuning, tmp_path):
   for step in range(1, stop + 1):
     shutil.copytree(lm_tuning / 'checkpoints' / str(step), tmp_path / 'checkpoints' / str(step))
   training.train(_run_config(tmp_path, 5))
-  expected, got = _logged(lm_tuning, 'loss'), _logged(tmp_path, 'loss')
+  expected, got = helpers.logged_scalars(lm_tuning, 'loss'), helpers.logged_scalars(tmp_path, 'loss')
   assert sorted(got) == list(range(stop + 1, 6))
   np.testing.assert_allclose([got[s] for s in sorted(got)],
                              [expected[s] for s in sorted(got)], rtol=1e-6)
-  final, reference = _flat(_raw_state(tmp_path, 5)), _flat(_raw_state(lm_tuning, 5))
+  final, reference = _flat(helpers.raw_state(tmp_path, 5)), _flat(helpers.raw_state(lm_tuning, 5))
   assert set(final) == set(reference)
   for path, value in reference.items():
     np.testing.assert_allclose(final[path], value, rtol=1e-6, atol=1e-7, err_msg=path)

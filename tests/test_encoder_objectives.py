@@ -1,25 +1,19 @@
 """MLM, ELECTRA and COCO-LM: CLS in the data, labels, stop-gradients, CLM and SCL
 against NumPy, crops, meshes and exact resume."""
 
-import functools
 import shutil
 
-from etils import epath
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import seqio
 
-from spactor_jax import checkpoints
+import helpers
 from spactor_jax import curriculum
 from spactor_jax import errors
 from spactor_jax import network
-from spactor_jax import optimizers
 from spactor_jax import partitioning
-from spactor_jax import trainer as trainer_lib
 from spactor_jax import training
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
@@ -70,13 +64,6 @@ def _batch(batch_size=8, length=16, seed=0, packed=False):
   if packed:
     batch['encoder_segment_ids'] = segments
   return batch
-
-
-def _init(objective, batch, seed=0):
-  init = lambda batch: objective.init(
-      {'params': jax.random.key(seed), 'sample': jax.random.key(1)}, batch,
-      objective.denominators(batch), enable_dropout=False)['params']
-  return {'params': nn.unbox(jax.jit(init)(batch))}
 
 
 def _apply(objective, params, batch, sample_seed=2, enable_dropout=False):
@@ -163,7 +150,7 @@ def test_every_encoder_example_and_segment_starts_with_an_unselected_cls(family,
 def test_mlm_is_cross_entropy_of_the_tied_head_at_selected_positions():
   batch = _batch()
   objective = mlm.MLM(config=CONFIG, vocab=VOCAB)
-  params = _init(objective, batch)['params']
+  params = helpers.init_variables(objective, batch)['params']
   loss, metrics, _, _ = _apply(objective, params, batch)
   logits = _hidden(params, batch['encoder_input_tokens']) @ _embedding(params).T / np.sqrt(
       CONFIG.emb_dim)
@@ -181,7 +168,7 @@ def test_mlm_is_cross_entropy_of_the_tied_head_at_selected_positions():
 def test_electra_generator_input_replacements_and_labels():
   batch = _batch(batch_size=64, length=32)
   objective = electra.ELECTRA(config=CONFIG, vocab=VOCAB)
-  params = _init(objective, batch)['params']
+  params = helpers.init_variables(objective, batch)['params']
   loss, metrics, inter, _ = _apply(objective, params, batch)
   tokens, selected = batch['encoder_target_tokens'], batch['encoder_mlm_mask'] == 1
   generator_input, replaced, labels = inter['generator_input'], inter['replaced'], inter[
@@ -240,7 +227,7 @@ def _is_zero(tree):
 def test_electra_generator_gets_no_gradient_from_the_discriminator():
   batch = _batch()
   objective = electra.ELECTRA(config=CONFIG, vocab=VOCAB)
-  params = _init(objective, batch)['params']
+  params = helpers.init_variables(objective, batch)['params']
   grads = _grads(objective, params, batch, ('rtd_loss', 'generator_loss'))
   rtd, generator = grads['rtd_loss'], grads['generator_loss']
   assert _is_zero(rtd['generator']), 'L_RTD reached the generator'
@@ -287,7 +274,7 @@ def test_corrective_lm_loss_is_the_formula_and_finite_where_probabilities_underf
 def test_coco_lm_corrective_lm_matches_numpy():
   batch = _batch()
   objective = coco_lm.COCOLM(config=CONFIG, vocab=VOCAB)
-  params = _init(objective, batch)['params']
+  params = helpers.init_variables(objective, batch)['params']
   loss, metrics, inter, _ = _apply(objective, params, batch)
   tokens, selected = batch['encoder_target_tokens'], batch['encoder_mlm_mask']
   replaced = inter['replaced']
@@ -313,7 +300,7 @@ def test_coco_lm_corrective_lm_matches_numpy():
 def test_coco_lm_stop_gradients():
   batch = _batch()
   objective = coco_lm.COCOLM(config=CONFIG, vocab=VOCAB)
-  params = _init(objective, batch)['params']
+  params = helpers.init_variables(objective, batch)['params']
   grads = _grads(objective, params, batch, ('clm_loss', 'copy_loss', 'generator_loss'))
   lm, copy, generator = grads['clm_loss'], grads['copy_loss'], grads['generator_loss']
   downstream = grads['downstream']  # L_CLM + L_SCL
@@ -407,7 +394,7 @@ def test_scl_is_info_nce_over_both_views_with_the_right_positives(num_groups):
 def test_scl_vectors_are_the_cls_outputs_of_the_replaced_input_and_its_crop():
   batch = _batch()
   objective = coco_lm.COCOLM(config=CONFIG, vocab=VOCAB)
-  params = _init(objective, batch)['params']
+  params = helpers.init_variables(objective, batch)['params']
   _, _, inter, coupled = _apply(objective, params, batch)
   for view, name in (('replaced', 'scl_replaced'), ('cropped', 'scl_cropped')):
     cls_hidden = _hidden(params, inter[view])[:, 0]
@@ -439,58 +426,28 @@ def test_coco_lm_refuses_packed_batches_and_bad_settings():
 # -------------------------------------------------------------- meshes ---
 
 
-def _trainer(objective, mesh_config, devices, batch):
-  schedule = optimizers.constant_schedule(1e-2)
-  mesh = partitioning.make_mesh(mesh_config, devices)
-  spec = {k: (v.shape, v.dtype) for k, v in batch.items()}
-  return trainer_lib.Trainer(objective, optimizers.adafactor(learning_rate=schedule), schedule,
-                             mesh, mesh_config.logical_rules, spec)
-
-
-def _train_losses(trainer, batches):
-  state = trainer.init_state(jax.random.key(0))
-  losses = []
-  for batch in batches:
-    state, metrics = trainer.train_step(
-        state, pipeline.global_arrays(batch, trainer.data_sharding), jax.random.key(1))
-    losses.append(float(metrics['loss']))
-  return losses
-
-
 @pytest.mark.parametrize('name', ['mlm', 'electra', 'coco_lm'])
 def test_train_steps_on_a_fake_mesh_give_single_device_losses(name):
   batches = [_batch(seed=s, packed=name != 'coco_lm') for s in range(2)]
-  objective = OBJECTIVES[name](config=CONFIG, vocab=VOCAB)  # COCO-LM: global negatives
-  single = _trainer(objective, partitioning.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1],
-                    batches[0])
-  sharded = _trainer(objective, partitioning.MeshConfig(
-      ici=(2, 2, 2), logical_rules=partitioning.FSDP_RULES), jax.devices(), batches[0])
-  np.testing.assert_allclose(_train_losses(sharded, batches), _train_losses(single, batches),
-                             rtol=2e-5)
+  # One layer: sharding is per layer alike, and compiling twice as many costs twice the time.
+  config = CONFIG.replace(num_encoder_layers=1)
+  objective = OBJECTIVES[name](config=config, vocab=VOCAB)  # COCO-LM: global negatives
+  spec = helpers.batch_spec(batches[0])
+  single = helpers.make_trainer(objective, spec, partitioning.MeshConfig(ici=(1, 1, 1)),
+                                jax.devices()[:1])
+  sharded = helpers.make_trainer(objective, spec, partitioning.MeshConfig(
+      ici=(2, 2, 2), logical_rules=partitioning.FSDP_RULES), jax.devices())
+  np.testing.assert_allclose(helpers.train_steps(sharded, batches)[0],
+                             helpers.train_steps(single, batches)[0], rtol=2e-5)
 
 
 # -------------------------------------------------------------- resume ---
 
 
 def _run_config(name, model_dir, total_steps):
-  return training.RunConfig(
-      model_dir=str(model_dir),
-      data=pipeline.DataConfig(TASKS[name], {'inputs': PD_LENGTH}, pack=name != 'coco_lm'),
-      curriculum=curriculum.Curriculum(stages=(curriculum.Stage(OBJECTIVES[name]),)),
-      model=PD_CONFIG, total_steps=total_steps, batch_size=8,
-      optimizer=optimizers.adafactor,
-      learning_rate=optimizers.rsqrt_schedule(base_learning_rate=0.05, warmup_steps=1),
-      log_every_steps=1,
-      checkpointer=functools.partial(checkpoints.Checkpointer, save_every_steps=1,
-                                     keep=None, async_save=False))
-
-
-def _raw_state(model_dir, step):
-  manager = ocp.CheckpointManager(epath.Path(model_dir) / 'checkpoints',
-                                  item_handlers={'state': ocp.StandardCheckpointHandler()})
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  return state.state
+  return helpers.run_config(
+      model_dir, pipeline.DataConfig(TASKS[name], {'inputs': PD_LENGTH}, pack=name != 'coco_lm'),
+      (curriculum.Stage(OBJECTIVES[name]),), PD_CONFIG, total_steps)
 
 
 @pytest.mark.parametrize('name', ['mlm', 'electra', 'coco_lm'])
@@ -502,6 +459,6 @@ def test_a_checkpoint_resumes_exactly(name, tmp_path):
                   ignore=lambda directory, names: ['3'] if directory.endswith('checkpoints')
                   else [])
   training.train(_run_config(name, resumed, 3))
-  final, reference = _raw_state(resumed, 3), _raw_state(uninterrupted, 3)
+  final, reference = helpers.raw_state(resumed, 3), helpers.raw_state(uninterrupted, 3)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                          final, reference)

@@ -7,27 +7,24 @@ import os
 import subprocess
 import sys
 
-import gin
 import jax
 import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
 
+import helpers
 from spactor_jax import errors
 from spactor_jax import eval as eval_main
 from spactor_jax import evaluation
 from spactor_jax import metrics_log
 from spactor_jax import network
-from spactor_jax import optimizers
 from spactor_jax import partitioning
 from spactor_jax import train as train_main
-from spactor_jax import trainer as trainer_lib
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import span_corruption
 from spactor_jax.objectives import spactor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {'inputs': 64, 'targets': 16}
 CONFIG = network.TransformerConfig(
     vocab_size=4096, emb_dim=32, num_heads=2, head_dim=16,
@@ -71,12 +68,8 @@ def test_window_average_is_sum_over_sum(tmp_path):
 
 
 def _trainer(objective, batch_spec, mesh=(1, 1, 1), devices=None):
-  schedule = optimizers.constant_schedule(1e-2)
-  mesh_config = partitioning.MeshConfig(ici=mesh)
-  return trainer_lib.Trainer(
-      objective, optimizers.adafactor(learning_rate=schedule), schedule,
-      partitioning.make_mesh(mesh_config, devices or jax.devices()[:1]),
-      mesh_config.logical_rules, batch_spec)
+  return helpers.make_trainer(objective, batch_spec, partitioning.MeshConfig(ici=mesh),
+                              devices or jax.devices()[:1])
 
 
 def _eval_set(task, num_batches, sharding, batch_size=8):
@@ -176,14 +169,9 @@ def trained(tmp_path_factory):
   lines = _Lines()
   logger = logging.getLogger('spactor_jax')
   logger.addHandler(lines)
-  cwd = os.getcwd()
-  os.chdir(ROOT)
   try:
-    gin.clear_config()
-    assert train_main.main(RUN + TRAIN + [f'--gin.MODEL_DIR={model_dir}']) == 0
+    assert helpers.run_main(train_main.main, RUN + TRAIN + [f'--gin.MODEL_DIR={model_dir}']) == 0
   finally:
-    gin.clear_config()
-    os.chdir(cwd)
     logger.removeHandler(lines)
   return model_dir, lines.lines
 
@@ -212,8 +200,8 @@ def test_eval_command_prints_the_in_loop_metrics(trained):
   result = subprocess.run(
       [sys.executable, '-m', 'spactor_jax.eval'] + RUN +
       [f'--gin.MODEL_DIR={model_dir}', '--gin.EVAL_BATCHES=1', f'--gin.EVAL_OUTPUT={output}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env={**os.environ, 'PYTHONPATH': ROOT, 'TF_CPP_MIN_LOG_LEVEL': '3'})
+      cwd=helpers.REPO, capture_output=True, text=True, timeout=300,
+      env=helpers.subprocess_env(8, TF_CPP_MIN_LOG_LEVEL='3'))
   assert result.returncode == 0, result.stderr[-2000:]
   printed = json.loads(result.stdout)
   with open(output) as f:
@@ -231,15 +219,9 @@ def test_eval_command_prints_the_in_loop_metrics(trained):
     ('--gin.MODEL_DIR=/nonexistent/run', 'error: /nonexistent/run has no checkpoints/ folder'),
     ('--gin.CHECKPOINT_STEP=7', 'error: no checkpoint at step 7 in '),
 ])
-def test_eval_command_mistakes_are_one_line(trained, binding, expected, capsys, monkeypatch):
+def test_eval_command_mistakes_are_one_line(trained, binding, expected, capsys):
   model_dir, _ = trained
-  monkeypatch.chdir(ROOT)
-  gin.clear_config()
-  try:
-    status = eval_main.main(RUN + [f'--gin.MODEL_DIR={model_dir}', binding])
-  finally:
-    gin.clear_config()
-  assert status == 2
+  assert helpers.run_main(eval_main.main, RUN + [f'--gin.MODEL_DIR={model_dir}', binding]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith(expected), err
   if 'CHECKPOINT_STEP' in binding:

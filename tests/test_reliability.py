@@ -1,7 +1,7 @@
 """Reliability end to end: damaged checkpoints, failed saves, NaN, signals, bad input.
 
-Real orbax checkpoints of a tiny run (trained once per module by a subprocess
-``python -m spactor_jax.train``), damaged on disk the ways a crash, a full disk
+Real orbax checkpoints of a tiny run (trained once per module through the
+entry point ``spactor_jax.train.main``), damaged on disk the ways a crash, a full disk
 or a bad copy damage them; real signals to real processes; every bad input
 through the real entry point. ``BAD_INPUTS`` is the table of bad-input cases:
 add a row ``(extra args, expected message fragment, exit status)``.
@@ -16,16 +16,16 @@ import subprocess
 import sys
 import threading
 
-import gin
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+import helpers
 
 from spactor_jax import checkpoints
 from spactor_jax import errors
 from spactor_jax import train as train_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     '--gin_file=gin_configs/quickstart.gin',
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
@@ -34,8 +34,10 @@ TINY = [
     '--gin.TransformerConfig.num_encoder_layers=1',
     '--gin.TransformerConfig.num_decoder_layers=1',
 ]
-BASE_STEPS = 12  # the shared run checkpoints every step, all kept.
-ENV = {**os.environ, 'PYTHONPATH': ROOT, 'TF_CPP_MIN_LOG_LEVEL': '3'}
+# The shared run checkpoints every step, all kept: one per kind of DAMAGE and
+# the good one before them.
+BASE_STEPS = 10
+ENV = helpers.subprocess_env(8, TF_CPP_MIN_LOG_LEVEL='3')
 
 
 # A full disk: files may not grow past 1 MB (the parameters need 5 MB); the
@@ -47,13 +49,17 @@ _FULL_DISK = ('import resource, runpy, signal, sys; '
               'runpy.run_module("spactor_jax.train", run_name="__main__")')
 
 
-def _run(args, timeout=600, full_disk=False):
-  """Runs the entry point in a subprocess; (status, error-relevant stderr lines)."""
-  start = ['-c', _FULL_DISK] if full_disk else ['-m', 'spactor_jax.train']
+def _run_on_a_full_disk(args):
+  """The entry point in a subprocess on a full disk; (status, error-relevant stderr lines)."""
   result = subprocess.run(
-      [sys.executable] + start + TINY + args, cwd=ROOT,
-      capture_output=True, text=True, timeout=timeout, env=ENV)
+      [sys.executable, '-c', _FULL_DISK] + TINY + args, cwd=helpers.REPO,
+      capture_output=True, text=True, timeout=600, env=ENV)
   return result.returncode, _lines(result.stderr)
+
+
+def _main(args):
+  """The entry point in this process (no start-up cost); its exit status."""
+  return helpers.run_main(train_main.main, TINY + args)
 
 
 def _lines(stderr):
@@ -86,9 +92,8 @@ def _all_finite(tree):
 def trained(tmp_path_factory):
   """A model dir with checkpoints 1..BASE_STEPS of one tiny run (read only)."""
   model_dir = str(tmp_path_factory.mktemp('base') / 'run')
-  status, lines = _run([f'--gin.MODEL_DIR={model_dir}', f'--gin.TRAIN_STEPS={BASE_STEPS}',
-                        '--gin.CHECKPOINT_EVERY_STEPS=1', '--gin.Checkpointer.keep=None'])
-  assert status == 0, lines[-20:]
+  assert _main([f'--gin.MODEL_DIR={model_dir}', f'--gin.TRAIN_STEPS={BASE_STEPS}',
+                '--gin.CHECKPOINT_EVERY_STEPS=1', '--gin.Checkpointer.keep=None']) == 0
   assert _steps(model_dir) == list(range(1, BASE_STEPS + 1))
   return model_dir
 
@@ -167,7 +172,7 @@ DAMAGE = [
 
 
 def test_damaged_checkpoints_are_set_aside_and_the_newest_good_one_resumes(
-    trained, tmp_path):
+    trained, tmp_path, capsys):
   """Every kind of damage at once, one per checkpoint: the run falls back past all."""
   model_dir = _copy(trained, tmp_path)
   ckpt = os.path.join(model_dir, 'checkpoints')
@@ -183,8 +188,9 @@ def test_damaged_checkpoints_are_set_aside_and_the_newest_good_one_resumes(
                   for p in glob.glob(os.path.join(ckpt, str(step), '**'), recursive=True)
                   if os.path.isfile(p)}
 
-  status, lines = _run([f'--gin.MODEL_DIR={model_dir}', f'--gin.TRAIN_STEPS={good + 1}',
-                        '--gin.CHECKPOINT_EVERY_STEPS=1'])
+  status = _main([f'--gin.MODEL_DIR={model_dir}', f'--gin.TRAIN_STEPS={good + 1}',
+                  '--gin.CHECKPOINT_EVERY_STEPS=1'])
+  lines = _lines(capsys.readouterr().err)
   assert status == 0, lines[-20:]
   for step, name in damaged_steps.items():
     reports = [l for l in lines if f'checkpoint step {step} is damaged' in l]
@@ -213,7 +219,7 @@ def test_every_checkpoint_damaged_is_one_line_and_nonzero(trained, tmp_path, cap
   shutil.copytree(os.path.join(trained, 'checkpoints', '1'),
                   os.path.join(model_dir, 'checkpoints', '1'))
   _invert_64_bytes(os.path.join(model_dir, 'checkpoints', '1'))
-  assert _main([f'--gin.MODEL_DIR={model_dir}', '--gin.TRAIN_STEPS=2'], tmp_path) == 1
+  assert _main([f'--gin.MODEL_DIR={model_dir}', '--gin.TRAIN_STEPS=2']) == 1
   err = _errors(capsys.readouterr().err.splitlines())
   assert len(err) == 1 and err[0].startswith(
       f'error: every checkpoint in {model_dir}/checkpoints is damaged'), err
@@ -226,10 +232,9 @@ def test_every_checkpoint_damaged_is_one_line_and_nonzero(trained, tmp_path, cap
 def test_failed_saves_keep_committed_checkpoints_and_exit_nonzero(trained, tmp_path):
   model_dir = _copy(trained, tmp_path)
   before = _state(trained, BASE_STEPS)
-  status, lines = _run(
+  status, lines = _run_on_a_full_disk(
       [f'--gin.MODEL_DIR={model_dir}', f'--gin.TRAIN_STEPS={BASE_STEPS + 2}',
-       '--gin.CHECKPOINT_EVERY_STEPS=1', "--gin.Checkpointer.on_save_error='retry'"],
-      full_disk=True)
+       '--gin.CHECKPOINT_EVERY_STEPS=1', "--gin.Checkpointer.on_save_error='retry'"])
   retried = [l for l in lines if f'checkpoint of step {BASE_STEPS + 1} failed' in l]
   assert len(retried) == 1 and 'retries at the next interval' in retried[0], lines[-20:]
   # The last step has no next interval: its failure stops the run.
@@ -296,22 +301,10 @@ HUGE_LR = ['--gin.RunConfig.learning_rate=@constant_schedule()',
            '--gin.CHECKPOINT_EVERY_STEPS=1', '--gin.TRAIN_STEPS=20']
 
 
-def _main(args, tmp_path, capsys=None):
-  """The entry point in this process (no start-up cost); its exit status."""
-  cwd = os.getcwd()
-  os.chdir(ROOT)
-  try:
-    gin.clear_config()
-    return train_main.main(TINY + args)
-  finally:
-    gin.clear_config()
-    os.chdir(cwd)
-
-
 def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, capsys):
   model_dir = str(tmp_path / 'skip')
   status = _main(HUGE_LR + [f'--gin.MODEL_DIR={model_dir}',
-                            '--gin.RunConfig.max_consecutive_nonfinite=3'], tmp_path)
+                            '--gin.RunConfig.max_consecutive_nonfinite=3'])
   lines = capsys.readouterr().err.splitlines()
   err = _errors(lines)
   assert status == 1
@@ -330,7 +323,7 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, capsys):
 def test_nonfinite_stop_saves_nothing_and_names_the_step(tmp_path, capsys):
   model_dir = str(tmp_path / 'stop')
   status = _main(HUGE_LR + [f'--gin.MODEL_DIR={model_dir}',
-                            "--gin.RunConfig.on_nonfinite='stop'"], tmp_path)
+                            "--gin.RunConfig.on_nonfinite='stop'"])
   err = _errors(capsys.readouterr().err.splitlines())
   assert status == 1
   assert len(err) == 1 and re.match(r"error: step 1: .* \(RunConfig.on_nonfinite='stop'\)",
@@ -347,7 +340,7 @@ def _start(model_dir, extra=()):
       [sys.executable, '-m', 'spactor_jax.train'] + TINY +
       [f'--gin.MODEL_DIR={model_dir}', '--gin.TRAIN_STEPS=100000',
        '--gin.CHECKPOINT_EVERY_STEPS=2'] + list(extra),
-      cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV)
+      cwd=helpers.REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV)
 
 
 def _signal_at_step(process, step, signals):
@@ -367,16 +360,19 @@ def _signal_at_step(process, step, signals):
     process.kill()
 
 
-def test_sigint_saves_a_checkpoint_and_exits_zero(tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_and_exits_zero(signum, tmp_path):
+  """Ctrl-C or a preempted job (SIGTERM): the step reached is checkpointed, exit 0."""
+  name = signal.Signals(signum).name
   model_dir = str(tmp_path / 'interrupted')
   # No interval save can fall on the interrupted step, so the signal's own save must happen.
   status, lines = _signal_at_step(_start(model_dir, ['--gin.CHECKPOINT_EVERY_STEPS=1000']), 3,
-                                  [signal.SIGINT])
+                                  [signum])
   assert status == 0, lines
-  saved = [l for l in lines if 'SIGINT: saved a checkpoint at step' in l]
+  saved = [l for l in lines if f'{name}: saved a checkpoint at step' in l]
   assert len(saved) == 1, lines
   step = int(re.search(r'at step (\d+)', saved[0]).group(1))
-  assert step in _steps(model_dir)
+  assert step >= 3 and _steps(model_dir) == [step]
   assert not any('Traceback' in l or 'KeyboardInterrupt' in l for l in lines), lines
 
 
@@ -399,7 +395,7 @@ def test_second_signal_exits_at_once_and_keeps_committed_checkpoints(tmp_path):
 
 # --- bad input: one line, exit status ---------------------------------------------------
 
-PDTEXT_MODEL = os.path.join(ROOT, 'tasks', 'data', 'pdtext.model')
+PDTEXT_MODEL = os.path.join(helpers.REPO, 'tasks', 'data', 'pdtext.model')
 
 
 def _corpus_args(train_file, vocabulary=PDTEXT_MODEL):
@@ -520,7 +516,7 @@ def test_bad_inputs_end_in_one_line(trained, tmp_path, capsys):
     if not any(a.startswith('--gin.TRAIN_STEPS=') for a in args):
       args.append('--gin.TRAIN_STEPS=2')
     try:
-      status = _main(args, tmp_path)
+      status = _main(args)
     except BaseException as exc:  # pylint: disable=broad-except
       failures.append((args, f'raised {type(exc).__name__}: {exc}'))
       continue

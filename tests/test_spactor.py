@@ -1,14 +1,10 @@
 """SpacTor: RTD labels, gradient isolation, special tokens, the τ switch, resume, meshes."""
 
-import functools
-
-from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 import seqio
 
@@ -18,7 +14,6 @@ from spactor_jax import curriculum
 from spactor_jax import errors
 from spactor_jax import generator as generator_lib
 from spactor_jax import network
-from spactor_jax import optimizers
 from spactor_jax import partitioning
 from spactor_jax import train_state
 from spactor_jax import training
@@ -68,12 +63,6 @@ def _batch(batch_size=8, inputs=24, targets=8, seed=0):
   }
 
 
-def _init(objective, batch, seed=0):
-  variables = objective.init({'params': jax.random.key(seed), 'sample': jax.random.key(1)},
-                             batch, objective.denominators(batch), enable_dropout=False)
-  return nn.unbox(variables)
-
-
 def _forward(objective, variables, batch, sample_seed=2):
   """``(loss, metrics, intermediates)`` of one deterministic forward pass."""
   (loss, metrics), state = objective.apply(
@@ -108,7 +97,7 @@ def test_gumbel_max_sample_draws_from_the_tempered_softmax(temperature):
 def test_rtd_labels_are_sample_differs_from_original():
   batch = _batch()
   objective = spactor.SpacTor(config=CONFIG, vocab=VOCAB)
-  _, metrics, inter = _forward(objective, _init(objective, batch), batch)
+  _, metrics, inter = _forward(objective, helpers.init_variables(objective, batch), batch)
   tokens, mlm = batch['encoder_input_tokens'], batch['encoder_mlm_mask'] == 1
   samples, replaced, labels = inter['samples'], inter['replaced'], inter['rtd_labels']
 
@@ -153,7 +142,7 @@ def _loss_terms(objective, batch):
 def test_loss_is_the_weighted_sum_of_per_token_terms():
   batch = _batch()
   objective = spactor.SpacTor(config=CONFIG, vocab=VOCAB)
-  terms = _loss_terms(objective, batch)(_init(objective, batch)['params'])
+  terms = _loss_terms(objective, batch)(helpers.init_variables(objective, batch)['params'])
   expected = sum(WEIGHTS[name] * terms[name] for name in WEIGHTS)
   np.testing.assert_allclose(float(terms['total']), float(expected), rtol=1e-6)
 
@@ -161,7 +150,7 @@ def test_loss_is_the_weighted_sum_of_per_token_terms():
 def test_no_gradient_reaches_the_generator_from_rtd_or_sc():
   batch = _batch()
   objective = spactor.SpacTor(config=CONFIG, vocab=VOCAB)
-  params = _init(objective, batch)['params']
+  params = helpers.init_variables(objective, batch)['params']
   terms = _loss_terms(objective, batch)
   downstream = jax.grad(lambda p: (WEIGHTS['rtd_loss'] * terms(p)['rtd_loss'] +
                                    WEIGHTS['sc_loss'] * terms(p)['sc_loss']))(params)
@@ -192,7 +181,7 @@ def test_special_tokens_are_never_masked_or_replaced_on_real_data():
   vocab = pipeline.vocab_info(iterator.vocabulary)
   batch = next(iterator)
   objective = spactor.SpacTor(config=PD_CONFIG, vocab=vocab)
-  variables = _init(objective, batch)
+  variables = helpers.init_variables(objective, batch)
   # Make the generator prefer special ids: their embedding rows dominate the
   # tied logits, so only the restriction of the sampling keeps them out.
   embedding = variables['params']['model']['token_embedder']['embedding']
@@ -232,28 +221,11 @@ def test_bad_settings_are_one_line_errors():
 
 
 def _run_config(model_dir, total_steps):
-  return training.RunConfig(
-      model_dir=str(model_dir),
-      data=pipeline.DataConfig('pdtext_spactor', PD_LENGTHS),
-      curriculum=curriculum.Curriculum(stages=(
-          curriculum.Stage(spactor.SpacTor, TAU),
-          curriculum.Stage(span_corruption.SpanCorruption))),
-      model=PD_CONFIG, total_steps=total_steps, batch_size=8,
-      optimizer=optimizers.adafactor,
-      learning_rate=optimizers.rsqrt_schedule(base_learning_rate=0.05, warmup_steps=1),
-      # Windows of 2 steps: the one after step 2 would straddle τ = 3.
-      log_every_steps=2,
-      checkpointer=functools.partial(checkpoints.Checkpointer, save_every_steps=1,
-                                     keep=None, async_save=False))
-
-
-def _raw_state(model_dir, step):
-  """The ``state`` item of a checkpoint as saved, without a target structure."""
-  manager = ocp.CheckpointManager(epath.Path(model_dir) / 'checkpoints',
-                                  item_handlers={'state': ocp.StandardCheckpointHandler()})
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  return state.state
+  # Windows of 2 steps: the one after step 2 would straddle τ = 3.
+  return helpers.run_config(
+      model_dir, pipeline.DataConfig('pdtext_spactor', PD_LENGTHS),
+      (curriculum.Stage(spactor.SpacTor, TAU), curriculum.Stage(span_corruption.SpanCorruption)),
+      PD_CONFIG, total_steps, log_every_steps=2)
 
 
 def _paths(tree):
@@ -272,24 +244,15 @@ def uninterrupted(tmp_path_factory):
   return model_dir
 
 
-def _trainers(config):
-  """The two stages' trainers of ``config`` on its mesh, and a fresh iterator."""
-  mesh = partitioning.make_mesh(config.mesh)
-  iterator = pipeline.make_iterator(config.data, config.model_family, config.batch_size,
-                                    seqio.ShardInfo(0, 1), config.model.vocab_size)
-  vocab = pipeline.vocab_info(iterator.vocabulary)
-  make = lambda stage: config.make_trainer(stage, mesh, iterator.element_spec, vocab)
-  return make(0), make(1), iterator, vocab
-
-
 def test_after_tau_state_has_no_generator_and_trains_span_corruption(uninterrupted):
   config = _run_config(uninterrupted, TAU + 2)
-  before, after = _raw_state(uninterrupted, TAU), _raw_state(uninterrupted, TAU + 2)
+  before, after = helpers.raw_state(uninterrupted, TAU), helpers.raw_state(uninterrupted, TAU + 2)
   assert any(map(_is_hybrid_only, _paths(before['params'])))
   assert any(map(_is_hybrid_only, _paths(before['opt_state'])))
   assert not any(map(_is_hybrid_only, _paths(after['params']) | _paths(after['opt_state'])))
 
-  hybrid, plain, iterator, vocab = _trainers(config)
+  iterator, vocab, make = helpers.stage_trainers(config)
+  hybrid, plain = make(0), make(1)
   abstract = plain.abstract_state
   assert len(_paths(after['params'])) == len(_paths(abstract.params))
   assert len(_paths(after['opt_state'])) == len(_paths(abstract.opt_state))
@@ -350,7 +313,7 @@ def test_resume_before_and_after_tau_matches_uninterrupted(uninterrupted, tmp_pa
   assert sorted(got) == sorted(expected) == list(range(1, TAU + 3))
   np.testing.assert_allclose([got[s] for s in sorted(got)],
                              [expected[s] for s in sorted(expected)], rtol=1e-6)
-  final, reference = _raw_state(tmp_path, TAU + 2), _raw_state(uninterrupted, TAU + 2)
+  final, reference = helpers.raw_state(tmp_path, TAU + 2), helpers.raw_state(uninterrupted, TAU + 2)
   assert _paths(final) == _paths(reference)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                          final, reference)
@@ -364,17 +327,24 @@ def _trainer(mesh_config, devices, batch):
   return helpers.make_trainer(objective, helpers.batch_spec(batch), mesh_config, devices)
 
 
-@pytest.mark.parametrize('ici', [(2, 2, 2), (1, 2, 4)])
-def test_hybrid_step_on_fake_meshes_gives_single_device_losses(ici):
+@pytest.fixture(scope='module')
+def single_device_run():
+  """Two batches and their hybrid steps on one device: every mesh's reference."""
   batches = [_batch(seed=s) for s in range(2)]
   single = _trainer(partitioning.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1], batches[0])
+  losses, state = helpers.train_steps(single, batches)
+  return batches, losses, jax.device_get(state.params)
+
+
+@pytest.mark.parametrize('ici', [(2, 2, 2), (1, 2, 4)])
+def test_hybrid_step_on_fake_meshes_gives_single_device_losses(ici, single_device_run):
+  batches, expected, expected_params = single_device_run
   sharded = _trainer(partitioning.MeshConfig(ici=ici, logical_rules=partitioning.FSDP_RULES),
                      jax.devices(), batches[0])
-  expected, expected_state = helpers.train_steps(single, batches)
   got, got_state = helpers.train_steps(sharded, batches)
   np.testing.assert_allclose(got, expected, rtol=2e-5)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                         jax.device_get(got_state.params), jax.device_get(expected_state.params))
+                         jax.device_get(got_state.params), expected_params)
   # The generator and the RTD head are sharded like the rest of the model.
   for kernel in (got_state.params['generator']['encoder']['layers_0']['mlp']['wi_0']['kernel'],
                  got_state.params['rtd_head']['dense']['kernel']):

@@ -1,13 +1,11 @@
-"""The entry point end to end: one-line gin errors, TensorBoard logs, exact resume."""
+"""The entry point end to end: one-line gin errors, TensorBoard logs, exact resume.
+
+Signals (SIGINT, SIGTERM) to a running job: test_reliability.py."""
 
 import os
-import re
-import signal
 import subprocess
 import sys
-import threading
 
-import gin
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -27,10 +25,8 @@ SMALL_RUN = [
 ]
 
 
-def _main(args, monkeypatch):
-  monkeypatch.chdir(helpers.REPO)
-  gin.clear_config()
-  return train_main.main(args)
+def _main(args):
+  return helpers.run_main(train_main.main, args)
 
 
 @pytest.mark.parametrize('args,expected', [
@@ -52,17 +48,17 @@ def _main(args, monkeypatch):
      "task or mixture 'pdtext_span_corruptoin' is not registered; did you mean "
      'pdtext_span_corruption'),
 ])
-def test_config_mistakes_are_one_line(args, expected, capsys, monkeypatch):
-  assert _main(args, monkeypatch) == 2
+def test_config_mistakes_are_one_line(args, expected, capsys):
+  assert _main(args) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1, err
   assert err[0].startswith('error: ' + expected), err[0]
 
 
-def test_mistake_in_a_gin_file_names_file_and_line(tmp_path, capsys, monkeypatch):
+def test_mistake_in_a_gin_file_names_file_and_line(tmp_path, capsys):
   config = tmp_path / 'typo.gin'
   config.write_text("include 'quickstart.gin'\n\nTransformerConfig.emb_dimm = 3\n")
-  assert _main([f'--gin_file={config}', '--gin.MODEL_DIR=/tmp/x'], monkeypatch) == 2
+  assert _main([f'--gin_file={config}', '--gin.MODEL_DIR=/tmp/x']) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [f"error: {config}:3: Configurable 'TransformerConfig' doesn't "
                  "have a parameter named 'emb_dimm'."]
@@ -86,14 +82,11 @@ def _final_params(model_dir, step):
   return state['params']
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={straight}', '--gin.TRAIN_STEPS=6'],
-               monkeypatch) == 0
-  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={resumed}', '--gin.TRAIN_STEPS=3'],
-               monkeypatch) == 0
-  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={resumed}', '--gin.TRAIN_STEPS=6'],
-               monkeypatch) == 0
+  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={straight}', '--gin.TRAIN_STEPS=6']) == 0
+  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={resumed}', '--gin.TRAIN_STEPS=3']) == 0
+  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={resumed}', '--gin.TRAIN_STEPS=6']) == 0
 
   expected, got = helpers.logged_scalars(straight, 'loss'), helpers.logged_scalars(resumed, 'loss')
   assert sorted(expected) == [1, 2, 3, 4, 5, 6]
@@ -104,30 +97,3 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   jax.tree_util.tree_map(np.testing.assert_array_equal,
                          _final_params(resumed, 6), _final_params(straight, 6))
-
-
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-  """A preempted job (SIGTERM) checkpoints the step it reached; resuming continues."""
-  model_dir = str(tmp_path / 'preempted')
-  process = subprocess.Popen(
-      [sys.executable, '-m', 'spactor_jax.train'] + SMALL_RUN +
-      [f'--gin.MODEL_DIR={model_dir}', '--gin.TRAIN_STEPS=100000',
-       '--gin.CHECKPOINT_EVERY_STEPS=100000'],
-      cwd=helpers.REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-      env=helpers.subprocess_env(8, TF_CPP_MIN_LOG_LEVEL='3'))
-  watchdog = threading.Timer(240, process.kill)  # never hang the suite.
-  watchdog.start()
-  try:
-    for line in process.stderr:
-      if re.search(r'step +3/100000 ', line):
-        process.send_signal(signal.SIGTERM)
-        break
-    rest = process.stderr.read()
-    assert process.wait(timeout=120) == 0, rest
-  finally:
-    watchdog.cancel()
-    process.kill()
-  assert 'SIGTERM: saved a checkpoint at step' in rest
-  steps = sorted(int(p) for p in os.listdir(os.path.join(model_dir, 'checkpoints'))
-                 if p.isdigit())
-  assert len(steps) == 1 and 3 <= steps[0] < 100000

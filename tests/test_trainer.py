@@ -45,9 +45,9 @@ def _run(trainer, batches):
   return losses, jax.device_get(state.params)
 
 
-def _assert_same_training(trainer, reference, batches):
-  """Same per-step losses and final parameters, up to float reassociation."""
-  expected, expected_params = _run(reference, batches)
+def _assert_same_training(trainer, expected_run, batches):
+  """Same per-step losses and final parameters as ``expected_run``, up to float reassociation."""
+  expected, expected_params = expected_run
   got, got_params = _run(trainer, batches)
   np.testing.assert_allclose(got, expected, rtol=2e-5)
   jax.tree_util.tree_map(
@@ -59,19 +59,25 @@ def test_eight_fake_devices_available():
   assert jax.device_count() == 8, 'conftest must set XLA_FLAGS before jax starts'
 
 
+@pytest.fixture(scope='module')
+def single_device_run():
+  """Three batches and their run on one device: every mesh's reference."""
+  batches = [_batch(seed=s) for s in range(3)]
+  single = _trainer(partitioning.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1], batches[0])
+  return batches, _run(single, batches)
+
+
 @pytest.mark.parametrize('ici,rules', [
     ((8, 1, 1), partitioning.STANDARD_RULES),
     ((2, 2, 2), partitioning.STANDARD_RULES),
     ((1, 2, 4), partitioning.FSDP_RULES),
     ((2, 2, 2), partitioning.FSDP_RULES),
 ])
-def test_mesh_gives_single_device_losses(ici, rules):
-  batches = [_batch(seed=s) for s in range(3)]
-  single = _trainer(partitioning.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1],
-                    batches[0])
+def test_mesh_gives_single_device_losses(ici, rules, single_device_run):
+  batches, expected_run = single_device_run
   sharded = _trainer(partitioning.MeshConfig(ici=ici, logical_rules=rules),
                      jax.devices(), batches[0])
-  _assert_same_training(sharded, single, batches)
+  _assert_same_training(sharded, expected_run, batches)
 
 
 def test_parameters_are_sharded_not_replicated():
@@ -101,7 +107,7 @@ def test_microbatching_equals_full_batch(make_tx):
                   optimizer=make_tx(learning_rate=schedule))
   micro = _trainer(mesh_config, jax.devices(), batches[0], num_microbatches=4,
                    optimizer=make_tx(learning_rate=schedule))
-  _assert_same_training(micro, full, batches)
+  _assert_same_training(micro, _run(full, batches), batches)
 
 
 def test_loss_is_per_target_token_cross_entropy():
