@@ -105,13 +105,9 @@ def _layerwise_factored_rms(**kwargs: Any) -> optax.GradientTransformation:
   """
   leaf_tx = optax.scale_by_factored_rms(**kwargs)
 
-  def slice_state(param):
-    """The (shape-only) state of one layer slice of a stacked ``param``."""
-    return jax.eval_shape(leaf_tx.init, jax.ShapeDtypeStruct(param.shape[1:], param.dtype))
-
   def state_axes(param):
     """vmap axes of a stacked leaf's state: 0 for statistics, None for placeholders."""
-    one = slice_state(param)
+    one = jax.eval_shape(leaf_tx.init, jax.ShapeDtypeStruct(param.shape[1:], param.dtype))
     factored = one.v.shape != param.shape[1:]
     return optax.FactoredState(count=None, v_row=0 if factored else None,
                                v_col=0 if factored else None, v=None if factored else 0)
@@ -125,10 +121,9 @@ def _layerwise_factored_rms(**kwargs: Any) -> optax.GradientTransformation:
 
   def init(params):
     def leaf(path, p):
-      if not _is_stacked(path):
-        return leaf_tx.init(p)
-      axes = state_axes(p)
-      return jax.vmap(leaf_tx.init, out_axes=axes)(p)
+      stacked = _is_stacked(path)
+      axes = state_axes(p) if stacked else None
+      return _per_layer(leaf_tx.init, stacked, out_axes=axes)(p)
     per_leaf = jax.tree_util.tree_map_with_path(leaf, params)
     return split(per_leaf, leaf_tx.init({}).count)
 
@@ -137,12 +132,10 @@ def _layerwise_factored_rms(**kwargs: Any) -> optax.GradientTransformation:
       raise ValueError('Adafactor needs the parameters: update(grads, state, params)')
 
     def leaf(path, u, v_row, v_col, v, p):
-      leaf_state = optax.FactoredState(state.count, v_row, v_col, v)
-      if not _is_stacked(path):
-        return leaf_tx.update(u, leaf_state, p)
-      axes = state_axes(p)
-      return jax.vmap(leaf_tx.update, in_axes=(0, axes, 0), out_axes=(0, axes))(
-          u, leaf_state, p)
+      stacked = _is_stacked(path)
+      axes = state_axes(p) if stacked else None
+      return _per_layer(leaf_tx.update, stacked, in_axes=(0, axes, 0), out_axes=(0, axes))(
+          u, optax.FactoredState(state.count, v_row, v_col, v), p)
 
     per_leaf = jax.tree_util.tree_map_with_path(
         leaf, updates, state.v_row, state.v_col, state.v, params)
