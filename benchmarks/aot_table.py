@@ -34,6 +34,7 @@ more (0.8% there), which the formula multiplies by ``L - 2``.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -118,7 +119,7 @@ def step_flops(cells: Dict[str, Any], topology: str, model: str, objective: str,
     gen2 = get('depth2_gen2')
     if not gen2:
       return None
-    flops += (generator_layers - 1) * (gen2['stage']['flops'] - unscanned)
+    flops += (generator_layers - 1) * (gen2['stage']['flops'] - two)
   return flops
 
 
@@ -146,11 +147,15 @@ def render(cells: Dict[str, Any], topologies: List[str], models: List[str],
             continue
           stage = memory['stage']
           flops = step_flops(cells, topology, model, objective, policy)
-          total = (f'{_bytes(stage["total_bytes"])} ({stage["hbm_bytes"] / _GIB:.0f})'
-                   f'{"" if stage["fits"] else " NO"}')
+          total = f'{_bytes(stage["total_bytes"])} ({stage["hbm_bytes"] / _GIB:.0f})'
+          temp = _bytes(stage['temp_bytes'])
+          if not stage['fits']:  # the compiler's refusal names what it needed
+            needed = re.search(r'temporaries \(([\d.]+G)\)', stage.get('error') or '')
+            temp = f'{needed.group(1)[:-1]} GiB' if needed else '-'
+            total = f'does not fit ({stage["hbm_bytes"] / _GIB:.0f})'
           lines.append('| ' + ' | '.join((
               topology, f'T5.1.1-{model}', objective, policy, _bytes(stage['argument_bytes']),
-              _bytes(stage['temp_bytes']), total,
+              temp, total,
               '-' if flops is None else f'{flops / 1e12:.2f}',
               f'{memory["seconds"]:.0f} s')) + ' |')
   if missing:
