@@ -2,7 +2,8 @@
 
 ``adafactor`` reproduces T5.1.1's settings (decay 0.8, factored second
 moments, update clipping 1.0, parameter-scale multiplication) with T5's
-``constant * rsqrt_decay`` schedule; ``adamw`` is the usual alternative.
+``constant * rsqrt_decay`` schedule, layer by layer also when the layers are
+scanned (``layerwise_adafactor``); ``adamw`` is the usual alternative.
 Both accept a global-norm gradient clip. ``for_stage`` builds a curriculum
 stage's optimizer: its schedule read off the run's step count, and only the
 parameters that match a pattern trained.
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from spactor_jax import errors
+from spactor_jax import scan_conversion
 from spactor_jax import train_state
 
 
@@ -70,6 +72,116 @@ def _with_clipping(tx: optax.GradientTransformation,
   return tx
 
 
+def _is_stacked(path: Any) -> bool:
+  """Whether a leaf sits under a scanned ``layers`` subtree (leading layer axis)."""
+  return any(getattr(key, 'key', None) == scan_conversion.SCANNED_KEY for key in path)
+
+
+def _per_layer(fn: Callable[..., Any], stacked: bool, in_axes: Any = 0,
+               out_axes: Any = 0) -> Callable[..., Any]:
+  """``fn`` of one layer's slice, mapped over the layer axis of a stacked leaf."""
+  return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes) if stacked else fn
+
+
+def _layerwise_stateless(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """A stateless per-leaf ``tx`` (block-RMS clipping or scaling) per layer slice."""
+
+  def update(updates, state, params=None):
+    def leaf(path, u, p):
+      return _per_layer(lambda u, p: tx.update(u, state, p)[0], _is_stacked(path))(u, p)
+    return jax.tree_util.tree_map_with_path(leaf, updates, params), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def _layerwise_factored_rms(**kwargs: Any) -> optax.GradientTransformation:
+  """``optax.scale_by_factored_rms`` with each layer slice of a stacked leaf as its own parameter.
+
+  A stacked ``[layers, rows, cols]`` kernel's statistics are ``v_row
+  [layers, rows]`` and ``v_col [layers, cols]`` (its slices' factors chosen
+  on the slice shape, never on the layer axis); a statistic that a slice does
+  not need is one shape-``(1,)`` placeholder, as optax makes it. The state is
+  optax's ``FactoredState`` in the layout ``scan_conversion`` converts.
+  """
+  leaf_tx = optax.scale_by_factored_rms(**kwargs)
+
+  def state_axes(param):
+    """vmap axes of a stacked leaf's state: 0 for statistics, None for placeholders."""
+    one = jax.eval_shape(leaf_tx.init, jax.ShapeDtypeStruct(param.shape[1:], param.dtype))
+    factored = one.v.shape != param.shape[1:]
+    return optax.FactoredState(count=None, v_row=0 if factored else None,
+                               v_col=0 if factored else None, v=None if factored else 0)
+
+  def split(per_leaf, count):
+    is_leaf = lambda x: isinstance(x, optax.FactoredState)
+    pick = lambda name: jax.tree_util.tree_map(lambda s: getattr(s, name), per_leaf,
+                                               is_leaf=is_leaf)
+    return optax.FactoredState(count=count, v_row=pick('v_row'), v_col=pick('v_col'),
+                               v=pick('v'))
+
+  def init(params):
+    def leaf(path, p):
+      stacked = _is_stacked(path)
+      axes = state_axes(p) if stacked else None
+      return _per_layer(leaf_tx.init, stacked, out_axes=axes)(p)
+    per_leaf = jax.tree_util.tree_map_with_path(leaf, params)
+    return split(per_leaf, leaf_tx.init({}).count)
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError('Adafactor needs the parameters: update(grads, state, params)')
+
+    def leaf(path, u, v_row, v_col, v, p):
+      stacked = _is_stacked(path)
+      axes = state_axes(p) if stacked else None
+      return _per_layer(leaf_tx.update, stacked, in_axes=(0, axes, 0), out_axes=(0, axes))(
+          u, optax.FactoredState(state.count, v_row, v_col, v), p)
+
+    per_leaf = jax.tree_util.tree_map_with_path(
+        leaf, updates, state.v_row, state.v_col, state.v, params)
+    is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(
+        x[1], optax.FactoredState)
+    new_updates = jax.tree_util.tree_map(lambda pair: pair[0], per_leaf, is_leaf=is_pair)
+    states = jax.tree_util.tree_map(lambda pair: pair[1], per_leaf, is_leaf=is_pair)
+    count = leaf_tx.update({}, optax.FactoredState(state.count, {}, {}, {}), {})[1].count
+    return new_updates, split(states, count)
+
+  return optax.GradientTransformation(init, update)
+
+
+def layerwise_adafactor(learning_rate: optax.ScalarOrSchedule,
+                        decay_rate: float = 0.8,
+                        factored: bool = True,
+                        clipping_threshold: Optional[float] = 1.0,
+                        multiply_by_parameter_scale: bool = True,
+                        weight_decay_rate: Optional[float] = None,
+                        min_dim_size_to_factor: int = 128,
+                        eps: float = 1e-30) -> optax.GradientTransformation:
+  """``optax.adafactor`` (no momentum) that treats stacked layers as separate parameters.
+
+  optax factors second moments, clips updates by their RMS and scales them
+  by the parameter's RMS per leaf; a scanned stack's leaf ``[layers, ...]``
+  would share one RMS over all its layers. Here each layer slice of a leaf
+  under a ``layers`` subtree (``scan_layers=True``) is factored, clipped and
+  scaled on its own, so a scanned model trains exactly like the unscanned
+  one. Other leaves go through optax's own per-leaf code: on unscanned
+  parameters this is ``optax.adafactor``, with the same state (checkpoints
+  unchanged).
+  """
+  tx = [_layerwise_factored_rms(factored=factored, decay_rate=decay_rate,
+                                min_dim_size_to_factor=min_dim_size_to_factor,
+                                epsilon=eps)]
+  if clipping_threshold is not None:
+    tx.append(_layerwise_stateless(optax.clip_by_block_rms(clipping_threshold)))
+  tx.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
+  if multiply_by_parameter_scale:
+    tx.append(_layerwise_stateless(optax.scale_by_param_block_rms()))
+  if weight_decay_rate is not None:
+    tx.append(optax.add_decayed_weights(weight_decay_rate))
+  tx.append(optax.scale(-1))
+  return optax.chain(*tx)
+
+
 @gin.configurable
 def adafactor(learning_rate: optax.Schedule = gin.REQUIRED,
               decay_rate: float = 0.8,
@@ -77,17 +189,22 @@ def adafactor(learning_rate: optax.Schedule = gin.REQUIRED,
               clipping_threshold: Optional[float] = 1.0,
               multiply_by_parameter_scale: bool = True,
               weight_decay_rate: Optional[float] = None,
+              min_dim_size_to_factor: int = 128,
               grad_clip_norm: Optional[float] = None) -> optax.GradientTransformation:
-  """optax Adafactor with T5's settings."""
-  tx = optax.adafactor(
+  """Adafactor with T5's settings, per layer also for scanned layers.
+
+  ``min_dim_size_to_factor``: a parameter (a layer slice of a stacked one)
+  has factored second moments when its two largest dimensions are at least
+  this long (optax's and T5X's 128).
+  """
+  tx = layerwise_adafactor(
       learning_rate=learning_rate,
       decay_rate=decay_rate,
       factored=factored,
       clipping_threshold=clipping_threshold,
       multiply_by_parameter_scale=multiply_by_parameter_scale,
       weight_decay_rate=weight_decay_rate,
-      momentum=None,
-      eps=1e-30)
+      min_dim_size_to_factor=min_dim_size_to_factor)
   return _with_clipping(tx, grad_clip_norm)
 
 

@@ -13,6 +13,7 @@ from spactor_jax import errors
 from spactor_jax import generator as generator_lib
 from spactor_jax import layers
 from spactor_jax import network
+from spactor_jax import optimizers
 from spactor_jax import scan_conversion
 from spactor_jax.objectives import base
 from spactor_jax.objectives import spactor
@@ -119,26 +120,50 @@ def test_save_named_policy_keeps_only_the_named_activations(capsys):
   assert "named 'attention_out'" not in names and "named 'query'" not in names
 
 
-def test_optimizer_state_converts_with_the_params():
-  # Width 128 so Adafactor factors the kernels (and keeps (1,) placeholders).
-  config = network.TransformerConfig(vocab_size=64, emb_dim=128, num_heads=4, head_dim=32,
-                                     num_encoder_layers=2, num_decoder_layers=2, mlp_dim=256)
-  params = nn.unbox(_init(config))
-  tx = optax.adafactor(learning_rate=0.1, min_dim_size_to_factor=128)
-  grads = jax.tree_util.tree_map(lambda x: jnp.cos(x * 3.0), params)
+@functools.lru_cache(maxsize=None)
+def _jitted_grad(config):
+  model = network.EncoderDecoder(config)
 
-  def one_step(p, g):
-    # The statistics after one update. (Not the updated parameters: optax's
-    # Adafactor scales and clips an update by the RMS of its whole leaf, so a
-    # stacked leaf is scaled by the RMS over all its layers.)
-    _, state = tx.update(g, tx.init(p), p)
-    return TrainState(step=jnp.int32(1), params=p, opt_state=state, objective_state={})
+  def loss(p):
+    logits = model.apply({'params': p}, ENC, DEC, ENC_SEG, DEC_SEG)
+    return -jnp.sum(jnp.where((DEC_SEG > 0)[..., None], jax.nn.log_softmax(logits), 0.0)[..., :7])
+  return jax.jit(jax.grad(loss))
 
-  one_step = jax.jit(one_step)
-  unscanned = one_step(params, grads)
-  scanned = one_step(scan_conversion.to_scanned(params), scan_conversion.to_scanned(grads))
-  _assert_trees_close(scan_conversion.convert_state(unscanned, scanned=True), scanned)
-  _assert_trees_close(scan_conversion.convert_state(scanned, scanned=False), unscanned)
+
+def _adafactor_steps(tx, config, params, steps=3):
+  """``steps`` updates of ``tx`` on the network's real loss: params and state."""
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  for _ in range(steps):
+    updates, state = update(_jitted_grad(config)(params), state, params)
+    params = optax.apply_updates(params, updates)
+  return TrainState(step=jnp.int32(steps), params=params, opt_state=state, objective_state={})
+
+
+# min_dim_size_to_factor=16: the kernels' second moments are factored, the
+# norm scales' are not (both kinds of statistics and placeholders occur).
+def test_adafactor_trains_scanned_layers_like_unscanned():
+  tx = optimizers.adafactor(learning_rate=0.1, min_dim_size_to_factor=16)
+  unscanned = _adafactor_steps(tx, TINY, _unscanned_params())
+  # Unscanned, it is optax's Adafactor (same state layout: checkpoints unchanged).
+  reference = optax.adafactor(learning_rate=0.1, min_dim_size_to_factor=16, eps=1e-30)
+  want = _adafactor_steps(reference, TINY, _unscanned_params())
+  assert jax.tree_util.tree_structure(unscanned) == jax.tree_util.tree_structure(want)
+  _assert_trees_close(unscanned, want, rtol=0, atol=0)
+
+  scanned_config = TINY.replace(scan_layers=True)
+  scanned = _adafactor_steps(tx, scanned_config, scan_conversion.to_scanned(_unscanned_params()))
+  _assert_trees_close(scan_conversion.convert_state(scanned, scanned=False), unscanned,
+                      rtol=1e-5, atol=1e-7)
+  _assert_trees_close(scan_conversion.convert_state(unscanned, scanned=True), scanned,
+                      rtol=1e-5, atol=1e-7)
+  # optax's Adafactor on the stacked leaves clips and scales by the RMS of
+  # all layers together: not the unscanned training.
+  plain = _adafactor_steps(reference, scanned_config,
+                           scan_conversion.to_scanned(_unscanned_params()))
+  with pytest.raises(AssertionError):
+    _assert_trees_close(scan_conversion.to_unscanned(plain.params), unscanned.params,
+                        rtol=1e-5, atol=1e-7)
 
 
 def test_bad_config_names_are_one_line_errors():
