@@ -33,7 +33,7 @@ setuptools.setup(
     include_package_data=True,
     install_requires=_CORE,
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist>=3'],
+        'test': ['pytest>=8', 'pytest-xdist>=3', 'matplotlib>=3.8'],
         'tpu': ['jax[tpu]>=0.10.2,<0.11'],
         'gpu': ['jax[cuda12]>=0.10.2,<0.11'],
         'plots': ['matplotlib>=3.8'],

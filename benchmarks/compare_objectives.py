@@ -21,8 +21,7 @@ cell:
    steps, the route of the model family: encoder-decoder → text-to-text
    ``pdtext_continuation`` and ``pdtext_last_word``; encoder → the CLS head on
    ``pdtext_continuation_cls``; decoder → ``pdtext_last_word_choices``),
-   reading ``finetune_metrics.json``. Skipped, with a message, when
-   ``spactor_jax.finetune`` is not importable.
+   reading ``finetune_metrics.json`` (``--no_finetune``: pre-training only).
 
 Writes to ``--out``: ``results.json`` (raw, rewritten after every phase),
 ``results.md`` (the table: steps, FLOPs, wall time, held-out SC loss per
@@ -244,7 +243,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   gin_utils.setup_logging()  # quiets gin's search-path misses.
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, RESULTS)
-  missing_finetune = None if args.no_finetune else runs.finetune_unavailable()
   settings = {
       'budget': args.budget, 'gin': list(args.gin), 'finetune_steps': args.finetune_steps,
       'jobs': args.jobs, 'command': 'python benchmarks/compare_objectives.py ' + ' '.join(
@@ -280,15 +278,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       cell = results['cells'].setdefault(f'{spec.name}/{seed}',
                                          {'objective': spec.name, 'seed': seed})
       cell['stage_steps'] = plans[spec.name]
-      phases = [None] + ([] if missing_finetune or args.no_finetune else
-                         list(spec.downstream_tasks))
+      phases = [None] + ([] if args.no_finetune else list(spec.downstream_tasks))
       pending = [p for p in phases if not _finished(cell, p)]
       finished += len(phases) - len(pending)
       if pending:
         todo.append((cell, spec, pending))
   count = sum(len(p) for _, _, p in todo)
   print(f'{count} phases to run ({finished} recorded as done in {path}); budget '
-        f'{args.budget:.3g} FLOPs per cell' + (f'; {missing_finetune}' if missing_finetune else ''),
+        f'{args.budget:.3g} FLOPs per cell',
         file=sys.stderr, flush=True)
   bar = progress_lib.Progress(count)
   runner = CellRunner(args, results, path, bar)
@@ -303,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             'same command to resume', file=sys.stderr, flush=True)
       pool.shutdown(wait=True, cancel_futures=True)
       raise SystemExit(130) from None
-  paths = report.write(results, args.specs, args.out, missing_finetune)
+  paths = report.write(results, args.specs, args.out)
   print(json.dumps({'results': path, **paths}), flush=True)
   return results
 

@@ -11,7 +11,6 @@ checked, and a second invocation must skip its finished cells.
 import json
 import os
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -162,9 +161,7 @@ def test_a_second_run_skips_finished_cells(comparison, capsys):
   out, results = comparison
   logs = {name: os.path.getsize(os.path.join(out, 'logs', name))
           for name in os.listdir(os.path.join(out, 'logs'))}
-  start = time.perf_counter()
   again = compare_objectives.main(['--out', out, *ARGS])
-  assert time.perf_counter() - start < 30  # no subprocess, no compilation
   assert '0 phases to run (2 recorded as done' in capsys.readouterr().err
   assert {name: os.path.getsize(os.path.join(out, 'logs', name)) for name in logs} == logs
   assert again['cells'] == results['cells']
@@ -176,19 +173,6 @@ def test_a_different_budget_on_the_same_directory_is_refused(comparison):
     compare_objectives.main(['--out', out, *ARGS[2:], '--budget', str(2 * BUDGET)])
 
 
-@pytest.mark.skipif(runs.finetune_unavailable() is None,
-                    reason='spactor_jax.finetune is importable: the phase runs')
-def test_finetune_phase_is_skipped_with_a_message_without_the_finetune_module(comparison, capsys):
-  out, _ = comparison
-  args = [a for a in ARGS if a != '--no_finetune']
-  compare_objectives.main(['--out', out, *args])
-  assert 'spactor_jax.finetune is not importable' in capsys.readouterr().err
-  with open(os.path.join(out, 'results.md')) as f:
-    assert 'downstream scores skipped' in f.read()
-
-
-@pytest.mark.skipif(runs.finetune_unavailable() is not None,
-                    reason='spactor_jax.finetune is not importable yet')
 def test_finetune_phase_scores_a_checkpoint_from_its_finetune_metrics(comparison):
   out, _ = comparison
   args = [a for a in ARGS if a != '--no_finetune']

@@ -262,8 +262,8 @@ def plot_heldout(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out
   plt.close(figure)
 
 
-def plot_downstream(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out: str,
-                    missing: Optional[str] = None) -> None:
+def plot_downstream(results: dict, selected: Sequence[specs_lib.ObjectiveSpec],
+                    out: str) -> None:
   """Downstream score per objective, a panel per task.
 
   A point is the mean over seeds, its error bar the sample standard deviation,
@@ -275,7 +275,7 @@ def plot_downstream(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], 
   if not any(values.values()):
     figure, axis = plt.subplots(figsize=(7, 2))
     axis.axis('off')
-    axis.text(0.5, 0.5, 'no downstream scores yet' + (f':\n{missing}' if missing else ''),
+    axis.text(0.5, 0.5, 'no downstream scores yet (pre-training only: --no_finetune)',
               ha='center', va='center', fontsize=9, wrap=True)
     figure.savefig(out, dpi=120)
     plt.close(figure)
@@ -306,8 +306,8 @@ def plot_downstream(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], 
   plt.close(figure)
 
 
-def write(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out_dir: str,
-          missing_finetune: Optional[str] = None) -> Dict[str, str]:
+def write(results: dict, selected: Sequence[specs_lib.ObjectiveSpec],
+          out_dir: str) -> Dict[str, str]:
   """Writes ``results.md``, ``heldout_vs_flops.png`` and ``downstream.png``; returns their paths."""
   paths = {'table': os.path.join(out_dir, 'results.md'),
            'heldout_plot': os.path.join(out_dir, 'heldout_vs_flops.png'),
@@ -315,12 +315,10 @@ def write(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out_dir: s
   settings = results.get('settings', {})
   text = ['# Objectives at equal FLOPs', '', f'Command: `{settings.get("command", "")}`', '',
           table(results, selected), '', *notes(results)]
-  if missing_finetune:
-    text.append(f'- {missing_finetune}.')
   text += ['', '![held-out metric against FLOPs](heldout_vs_flops.png)', '',
            '![downstream scores](downstream.png)', '']
   with open(paths['table'], 'w') as f:
     f.write('\n'.join(text))
   plot_heldout(results, selected, paths['heldout_plot'])
-  plot_downstream(results, selected, paths['downstream_plot'], missing_finetune)
+  plot_downstream(results, selected, paths['downstream_plot'])
   return paths

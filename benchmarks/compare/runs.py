@@ -11,7 +11,6 @@ progress bar.
 
 import dataclasses
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -56,14 +55,6 @@ class Outcome:
   wall_s: float
   error: Optional[str]
   log: str
-
-
-def finetune_unavailable() -> Optional[str]:
-  """Why the fine-tuning phase cannot run (``None`` when it can)."""
-  if importlib.util.find_spec('spactor_jax.finetune') is None:
-    return ('spactor_jax.finetune is not importable (fine-tuning has not landed in this '
-            'checkout); downstream scores skipped')
-  return None
 
 
 def gin_flags(bindings: Sequence[str]) -> List[str]:
