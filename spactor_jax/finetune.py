@@ -48,12 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _finetune(flags: gin_utils.GinFlags, rest: List[str]) -> None:
-  if rest:
-    raise errors.ConfigError(
-        f'unknown arguments {rest}; use --gin_file=F and --gin.NAME=VALUE')
-  gin_utils.parse_with_tasks(flags)
-  validation.check_gin_bindings()
-  runtime.initialize()
+  train.prepare(flags, rest)
   result = finetune(train.run_config(), gin_utils.call(downstream_hook.DownstreamEval))
   if result is not None and runtime.is_main_process():
     print(json.dumps(result, indent=1))

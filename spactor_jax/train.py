@@ -38,13 +38,19 @@ def main(argv: Optional[Sequence[str]] = None,
     return 130
 
 
-def _train(flags: gin_utils.GinFlags, rest: List[str]) -> None:
+def prepare(flags: gin_utils.GinFlags, rest: List[str]) -> None:
+  """Refuses stray arguments, parses gin (tasks registered), checks every
+  binding and starts the multi-host runtime: what an entry point does first."""
   if rest:
     raise errors.ConfigError(
         f'unknown arguments {rest}; use --gin_file=F and --gin.NAME=VALUE')
   gin_utils.parse_with_tasks(flags)
   validation.check_gin_bindings()
   runtime.initialize()
+
+
+def _train(flags: gin_utils.GinFlags, rest: List[str]) -> None:
+  prepare(flags, rest)
   training.train(run_config())
 
 
