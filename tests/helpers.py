@@ -33,6 +33,13 @@ from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 from spactor_jax.train_state import TrainState
 
+# A one-layer T5 on the shipped vocabulary (4096 ids): the model of the
+# curriculum and parameter-loading tests.
+ONE_LAYER_T5 = network.TransformerConfig(
+    vocab_size=4096, emb_dim=128, num_heads=4, head_dim=32,
+    num_encoder_layers=1, num_decoder_layers=1, mlp_dim=256,
+    mlp_activations=('gelu', 'linear'))
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -48,10 +48,7 @@ def test_only_the_last_stage_may_be_open_ended(steps):
 
 # ------------------------------------------------- per-stage settings ---
 
-CONFIG = network.TransformerConfig(
-    vocab_size=4096, emb_dim=128, num_heads=4, head_dim=32,
-    num_encoder_layers=1, num_decoder_layers=1, mlp_dim=256,
-    mlp_activations=('gelu', 'linear'))
+CONFIG = helpers.ONE_LAYER_T5
 DATA = pipeline.DataConfig('pdtext_span_corruption', {'inputs': 32, 'targets': 8})
 HEAD = 'model/decoder/logits_dense/kernel'
 EMBEDDING = 'model/token_embedder/embedding'

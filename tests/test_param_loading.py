@@ -8,10 +8,10 @@ import orbax.checkpoint as ocp
 import pytest
 import seqio
 
+import helpers
 import tasks  # pylint: disable=unused-import
 from spactor_jax import checkpoints
 from spactor_jax import errors
-from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import param_loading
 from spactor_jax import partitioning
@@ -20,10 +20,7 @@ from spactor_jax.data import pipeline
 from spactor_jax.objectives import spactor
 from spactor_jax.objectives import span_corruption
 
-CONFIG = network.TransformerConfig(
-    vocab_size=4096, emb_dim=128, num_heads=4, head_dim=32,
-    num_encoder_layers=1, num_decoder_layers=1, mlp_dim=256,
-    mlp_activations=('gelu', 'linear'))
+CONFIG = helpers.ONE_LAYER_T5
 DATA = pipeline.DataConfig('pdtext_spactor', {'inputs': 32, 'targets': 8})
 HEAD = 'model/decoder/logits_dense/kernel'
 FSDP = partitioning.MeshConfig(ici=(1, 2, 4), logical_rules=partitioning.FSDP_RULES)
