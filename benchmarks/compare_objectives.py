@@ -27,7 +27,8 @@ Writes to ``--out``: ``results.json`` (raw, rewritten after every phase),
 ``results.md`` (the table: steps, FLOPs, wall time, held-out SC loss per
 token, downstream scores with their spread over seeds, each paper's claim next
 to what was measured), ``heldout_vs_flops.png``, ``downstream.png``, and
-``runs/`` (model directories) and ``logs/`` (one log per subprocess). A
+``runs/`` (model directories), ``logs/`` (one log per subprocess) and
+``jax_cache/`` (the subprocesses' shared compilation cache). A
 progress bar with an ETA goes to stderr. Run the same command again to resume:
 finished phases recorded in ``results.json`` are skipped, an interrupted
 pre-training resumes from its latest checkpoint. ``--seeds N`` runs seeds
@@ -59,6 +60,7 @@ from spactor_jax import metrics_log
 DEFAULT_BUDGET = 4e12  # FLOPs per cell: 225 steps of the span-corruption quickstart.
 DEFAULT_FINETUNE_STEPS = 100
 RESULTS = 'results.json'
+COMPILATION_CACHE = 'jax_cache'  # JAX's persistent compilation cache, shared by the cells
 # Settings a results file must share with the command that continues it.
 _FIXED_SETTINGS = ('budget', 'gin', 'finetune_steps')
 
@@ -153,6 +155,7 @@ def pretrain(cell: dict, spec: specs_lib.ObjectiveSpec, stage_flops: Sequence[fl
   command = runs.pretrain_command(spec, model_dir, cell['stage_steps'], cell['seed'], extra)
   outcome = runs.run_logged(
       command, os.path.join(out, 'logs', f'{spec.name}_seed{cell["seed"]}_pretrain.log'),
+      os.path.join(out, COMPILATION_CACHE),
       lambda step, total: bar.update(key, step / total, f'{what} step {step}/{total}'))
   record = {'model_dir': model_dir, 'log': outcome.log, 'wall_s': round(outcome.wall_s, 1),
             'resumed': resumed, 'command': command}
@@ -177,6 +180,7 @@ def finetune(cell: dict, spec: specs_lib.ObjectiveSpec, task: str, steps: int, o
                                   cell['seed'], model_bindings)
   outcome = runs.run_logged(
       command, os.path.join(out, 'logs', f'{spec.name}_seed{cell["seed"]}_{task}.log'),
+      os.path.join(out, COMPILATION_CACHE),
       lambda step, total: bar.update(key, step / total, f'{what} step {step}/{total}'))
   metrics = runs.read_finetune(model_dir)
   record = {'model_dir': model_dir, 'log': outcome.log, 'wall_s': round(outcome.wall_s, 1),

@@ -13,6 +13,9 @@ static per-row ``selection_capacity``; rows with more selected positions
 than the capacity (rare) get the rest from a dense pass that runs only when
 some row overflows. Its results equal the dense computation's: the Gumbel
 noise of a position depends on the position, not on the array it sits in.
+XLA's cost analysis counts that ``lax.cond`` as its costlier branch, so FLOPs
+of the path that runs are counted by lowering a step inside
+``without_overflow_pass()``.
 
 Parameter layout under the generator's name::
 
@@ -21,8 +24,10 @@ Parameter layout under the generator's name::
     output_projection/kernel   [gen_emb, emb]   ('mlp', 'embed')   if widths differ
 """
 
+import contextlib
 import math
-from typing import Callable, Optional, Tuple
+import threading
+from typing import Callable, Iterator, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -185,6 +190,32 @@ def _gumbel_argmax(keys: Array, scores: Array) -> Array:
 # ------------------------------------------------- selected positions only ---
 
 
+class _TraceSettings(threading.local):
+  overflow_pass = True
+
+
+_TRACE = _TraceSettings()
+
+
+@contextlib.contextmanager
+def without_overflow_pass() -> Iterator[None]:
+  """Traces ``masked_lm_sample`` without its dense overflow pass.
+
+  XLA's cost analysis counts a ``lax.cond`` as its costliest branch, so a
+  compiled step holding the rarely taken overflow pass is counted as if that
+  pass always ran. A step lowered inside this context holds only the path
+  that runs when no row overflows: count its FLOPs and memory, never train
+  with it (positions past the capacity would be dropped). Lower a function
+  jitted afresh: ``jax.jit`` reuses earlier traces, which this setting does
+  not key.
+  """
+  previous, _TRACE.overflow_pass = _TRACE.overflow_pass, False
+  try:
+    yield
+  finally:
+    _TRACE.overflow_pass = previous
+
+
 def selection_capacity(length: int, rate: float, factor: float = 1.5, slack: int = 8) -> int:
   """Static per-row number of positions the sparse MLM head computes.
 
@@ -310,12 +341,13 @@ def masked_lm_sample(logits_fn: Callable[[Array], Array], hidden: Array, targets
         jnp.take_along_axis(targets, positions, axis=1), valid, rng, temperature, allowed,
         jnp.take_along_axis(noise_ids, positions, axis=1))
     samples = scatter_positions(sparse_samples, positions, valid, length)
-    overflow = mask & (jnp.cumsum(mask, axis=1) > capacity)  # [batch, length]
-    none = lambda weights: (jnp.float32(0), jnp.float32(0), jnp.zeros_like(samples))
-    extra_loss, extra_correct, extra_samples = jax.lax.cond(
-        jnp.any(overflow), jax.checkpoint(dense), none, overflow)
-    loss_sum, correct = loss_sum + extra_loss, correct + extra_correct
-    samples = jnp.where(overflow, extra_samples, samples)
+    if _TRACE.overflow_pass:
+      overflow = mask & (jnp.cumsum(mask, axis=1) > capacity)  # [batch, length]
+      none = lambda weights: (jnp.float32(0), jnp.float32(0), jnp.zeros_like(samples))
+      extra_loss, extra_correct, extra_samples = jax.lax.cond(
+          jnp.any(overflow), jax.checkpoint(dense), none, overflow)
+      loss_sum, correct = loss_sum + extra_loss, correct + extra_correct
+      samples = jnp.where(overflow, extra_samples, samples)
   count = jnp.sum(mask)
   metrics = {f'{prefix}_loss': base.metric(loss_sum, count),
              f'{prefix}_accuracy': base.metric(correct, count)}

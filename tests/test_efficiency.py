@@ -294,6 +294,39 @@ def test_gathered_positions_scatter_back():
                                 [[0, 7, 8, 0, 9, 0], [5, 0, 0, 0, 0, 0]])
 
 
+def _sampled_loss_flops(length: int, capacity, counting: bool = False) -> float:
+  """XLA FLOPs of the gradient of ``masked_lm_sample``'s loss (batch 2, vocab 512)."""
+  batch, emb, vocab = 2, 32, 512
+  tokens = jnp.ones((batch, length), jnp.int32)
+  mask = jnp.ones((batch, length), jnp.int32)
+
+  def loss(hidden, table):
+    logits_fn = lambda h: generator_lib.tied_logits(
+        lambda x: layers.attend(table, x, jnp.float32), h)
+    return generator_lib.masked_lm_sample(logits_fn, hidden, tokens, mask, jnp.float32(1), 'g',
+                                          rng=jax.random.key(0), capacity=capacity)[0]
+  shapes = (jax.ShapeDtypeStruct((batch, length, emb), jnp.float32),
+            jax.ShapeDtypeStruct((vocab, emb), jnp.float32))
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  if counting:
+    with generator_lib.without_overflow_pass():
+      lowered = step.lower(*shapes)
+  else:
+    lowered = step.lower(*shapes)
+  cost = lowered.compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+
+
+def test_counting_leaves_out_only_the_overflow_pass():
+  # XLA counts lax.cond as its costlier branch: the dense pass over all 64 positions.
+  sparse_path = _sampled_loss_flops(64, 16, counting=True)
+  dense_at_capacity = _sampled_loss_flops(16, None)  # what the sparse path computes
+  dense_everywhere = _sampled_loss_flops(64, None)
+  np.testing.assert_allclose(sparse_path, dense_at_capacity, rtol=0.05)
+  assert _sampled_loss_flops(64, 16) > sparse_path + dense_everywhere
+  assert generator_lib._TRACE.overflow_pass  # the context restored it
+
+
 # ------------------------------------------------------------- precision ---
 
 

@@ -103,21 +103,26 @@ def finetune_command(spec: specs_lib.ObjectiveSpec, task: str, init_dir: str, mo
           gin_flags(bindings) + gin_flags(model_bindings))
 
 
-def child_env() -> Dict[str, str]:
-  """The harness's environment with this repository first on ``PYTHONPATH``."""
+def child_env(cache_dir: str) -> Dict[str, str]:
+  """The harness's environment with this repository first on ``PYTHONPATH``
+  and JAX's persistent compilation cache in ``cache_dir`` (unless one is set):
+  the seeds of an objective, and the fine-tuning runs of a family, compile the
+  same programs."""
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join([REPO] + [p for p in [env.get('PYTHONPATH')] if p])
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  env.setdefault('JAX_COMPILATION_CACHE_DIR', cache_dir)
   return env
 
 
-def run_logged(command: Sequence[str], log_path: str,
+def run_logged(command: Sequence[str], log_path: str, cache_dir: str,
                on_step: Callable[[int, int], None] = lambda step, total: None) -> Outcome:
   """Runs ``command`` in the repository, appending its output to ``log_path``.
 
   Args:
     command: the argument list.
     log_path: the log file (appended to: a resumed cell keeps its history).
+    cache_dir: JAX's compilation cache directory (``child_env``).
     on_step: called with ``(step, total)`` for every ``step N/T`` line.
 
   Returns:
@@ -130,7 +135,7 @@ def run_logged(command: Sequence[str], log_path: str,
   with open(log_path, 'a') as log:
     log.write('$ ' + ' '.join(command) + '\n')
     log.flush()
-    process = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=REPO, env=child_env(cache_dir), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, bufsize=1)
     try:
       for line in process.stdout:
