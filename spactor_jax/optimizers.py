@@ -229,19 +229,39 @@ def trainable_only(tx: optax.GradientTransformation,
   optimizer state: ``tx`` only ever sees the trainable subtree, so its
   moments and its global-norm clip cover only those.
   """
-  regex = re.compile(pattern)
-
-  def labels(params: Any) -> Any:
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    names = [train_state.path_str(path) for path, _ in flat]
-    marks = ['train' if regex.fullmatch(name) else 'freeze' for name in names]
-    if 'train' not in marks:
-      raise errors.ConfigError(
-          f'Stage.trainable = {pattern!r} matches no parameter (paths look like '
-          f'{names[0]!r}); fix the pattern')
-    return jax.tree_util.tree_unflatten(treedef, marks)
-
+  labels = lambda params: jax.tree_util.tree_map(
+      lambda train: 'train' if train else 'freeze', trainable_mask(params, pattern))
   return optax.multi_transform({'train': tx, 'freeze': optax.set_to_zero()}, labels)
+
+
+def trainable_mask(params: Any, pattern: str) -> Any:
+  """``params``' tree of bools: True where the ``/``-joined path fully matches ``pattern``.
+
+  Raises:
+    ConfigError: the pattern matches no parameter.
+  """
+  regex = re.compile(pattern)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  names = [train_state.path_str(path) for path, _ in flat]
+  marks = [bool(regex.fullmatch(name)) for name in names]
+  if not any(marks):
+    raise errors.ConfigError(
+        f'Stage.trainable = {pattern!r} matches no parameter (paths look like '
+        f'{names[0]!r}); fix the pattern')
+  return jax.tree_util.tree_unflatten(treedef, marks)
+
+
+def stop_frozen_gradients(params: Any, pattern: Optional[str]) -> Any:
+  """``params`` with ``lax.stop_gradient`` on every leaf ``pattern`` does not match.
+
+  Applied inside the loss function, XLA then computes no weight gradient for
+  frozen parameters (it still propagates activation gradients through them
+  to the trainable ones below). ``None``: every parameter trains.
+  """
+  if pattern is None:
+    return params
+  return jax.tree_util.tree_map(lambda leaf, train: leaf if train else jax.lax.stop_gradient(leaf),
+                                params, trainable_mask(params, pattern))
 
 
 def for_stage(make_optimizer: Callable[..., optax.GradientTransformation],

@@ -22,6 +22,7 @@ import optax
 
 from spactor_jax import errors
 from spactor_jax import guards
+from spactor_jax import optimizers
 from spactor_jax import partitioning
 from spactor_jax.objectives import base
 from spactor_jax.train_state import TrainState
@@ -94,6 +95,8 @@ class Trainer:
     mesh: the device mesh.
     rules: logical-axis rules.
     num_microbatches: gradient-accumulation steps per train step.
+    trainable: the parameter-path pattern of the stage's trainable
+      parameters (``None``: all); the others get no gradient computed.
     batch_coupled: whether the objective's loss couples rows (``base.py``).
     num_groups: blocks of rows a batch-coupled loss takes negatives in: 1
       for ``negatives='global'``, the mesh's batch shards for ``'device'``.
@@ -105,8 +108,10 @@ class Trainer:
                mesh: jax.sharding.Mesh,
                rules: partitioning.LogicalRules,
                batch_spec: BatchSpec,
-               num_microbatches: int = 1):
+               num_microbatches: int = 1,
+               trainable: Optional[str] = None):
     self.objective = objective
+    self.trainable = trainable
     self.optimizer = optimizer
     self.learning_rate = learning_rate
     self.mesh = mesh
@@ -236,6 +241,7 @@ class Trainer:
     the objective-state collections after the pass.
     """
     mutable = list(objective_state) + ([base.COUPLED] if self.batch_coupled else [])
+    params = optimizers.stop_frozen_gradients(params, self.trainable)
     variables = {'params': params, **objective_state}
     if evaluate:
       (loss, metrics), variables = self.objective.apply(

@@ -126,7 +126,7 @@ class RunConfig:
         trainable=settings.trainable)
     return trainer_lib.Trainer(
         objective, optimizer, schedule, device_mesh, self.mesh.logical_rules,
-        batch_spec, self.num_microbatches)
+        batch_spec, self.num_microbatches, trainable=settings.trainable)
 
 
 class StepHook(Protocol):

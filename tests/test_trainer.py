@@ -9,6 +9,7 @@ import helpers
 from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import partitioning
+from spactor_jax import trainer as trainer_lib
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 from spactor_jax.objectives import span_corruption
@@ -133,3 +134,46 @@ def test_mesh_shape_mismatch_is_one_line():
   with pytest.raises(partitioning.errors.ConfigError) as info:
     partitioning.make_mesh(partitioning.MeshConfig(ici=(3, 1, 1)))
   assert '\n' not in str(info.value) and 'MeshConfig.ici' in str(info.value)
+
+
+HEAD = r'model/decoder/logits_dense/.*'
+
+
+def _head_only_trainer(batch, trainable, learning_rate=0.5):
+  schedule = optimizers.constant_schedule(learning_rate)
+  mesh_config = partitioning.MeshConfig(ici=(1, 1, 1))
+  return trainer_lib.Trainer(
+      span_corruption.SpanCorruption(config=CONFIG, vocab=VOCAB),
+      optimizers.for_stage(optax.sgd, schedule, trainable=trainable), schedule,
+      partitioning.make_mesh(mesh_config, jax.devices()[:1]), mesh_config.logical_rules,
+      helpers.batch_spec(batch), trainable=trainable)
+
+
+def test_frozen_parameters_cost_no_weight_gradients():
+  batch = _batch()
+  trainer = _head_only_trainer(batch, HEAD)
+  state = trainer.init_state(jax.random.key(0))
+  params = jax.device_get(state.params)
+  objective = trainer.objective
+  denominators = objective.denominators(batch)
+
+  def loss(p):  # the objective's loss, differentiated here for every parameter
+    return objective.apply({'params': p}, batch, denominators, enable_dropout=False)[0]
+  grads = jax.grad(loss)(params)
+  head = lambda tree: tree['model']['decoder']['logits_dense']['kernel']
+  state, metrics = trainer.train_step(state, pipeline.global_arrays(batch, trainer.data_sharding),
+                                      jax.random.key(1))
+  # SGD on the head alone; the gradient norm is the trainable parameters'.
+  np.testing.assert_allclose(head(jax.device_get(state.params)),
+                             head(params) - 0.5 * head(grads), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(metrics['grad_norm'], np.linalg.norm(head(grads)), rtol=1e-5)
+  assert optax.tree.norm(grads) > 1.01 * np.linalg.norm(head(grads))  # the frozen ones' is not 0
+  # The compiled step leaves out the frozen weights' gradients: with a 256-word
+  # head on a 2+2-layer body, less than half the FLOPs of training everything.
+  flops = {}
+  for name, pattern in (('head', HEAD), ('all', None)):
+    step = _head_only_trainer(batch, pattern)
+    compiled = step.lower(step.abstract_state, step.abstract_batch(), jax.random.key(0)).compile()
+    cost = compiled.cost_analysis()
+    flops[name] = (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
+  assert flops['head'] < 0.5 * flops['all']
