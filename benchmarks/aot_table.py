@@ -3,7 +3,7 @@ r"""The AOT table of docs/scale_out.md: compiled FLOPs and memory per TPU chip.
     python benchmarks/aot_table.py [--topologies v5e:2x2 v4:2x2x1] \
       [--models base large] [--objectives span_corruption spactor] \
       [--policies none full dots_saveable save_named] [--batch_size 32] \
-      [--variants memory depth2 depth2_gen2] [--render]
+      [--variants memory depth1 depth2 depth2_gen2] [--render]
 
 For every cell (topology, model, objective, remat policy) it runs
 ``python -m spactor_jax.aot`` (stage 0 of ``gin_configs/aot/base_<obj>.gin``,
@@ -17,18 +17,23 @@ Each cell takes up to four compiles (``--variants``):
 * ``memory``: the full model with ``scan_layers=True``, whose compile time
   does not grow with depth. Its memory per device is the table's; its FLOP
   count ``S`` is that of one layer per stack (XLA counts a loop body once).
-* ``depth1``: unscanned, 1 encoder and 1 decoder layer (SpacTor's generator
-  1 layer): ``U1``.
+* ``depth1`` (SpacTor only): unscanned, 1 encoder and 1 decoder layer (the
+  generator 1 layer): ``U1``.
 * ``depth2``: unscanned, 2 encoder and 2 decoder layers (generator 1 layer):
   ``U2``.
 * ``depth2_gen2``: SpacTor only, the same with a 2-layer generator: ``G2``.
 
-FLOPs are linear in depth, so for ``L`` encoder and decoder layers and a
-``Lg``-layer generator the step's FLOPs per device are
-``U1 + (L - 1) * (U2 - U1) + (Lg - 1) * (G2 - U2)``. Without a ``depth1``
-compile ``S`` stands in for ``U1``: without remat they agree (tiny model on
-the CPU compiler: 0.02%); a rematerialised scanned body counts somewhat
-more (0.8% there), which the formula multiplies by ``L - 2``.
+The FLOPs compiles pass ``--without_overflow_pass``: SpacTor's count is
+that of the path that runs, without the sparse generator's dense overflow
+pass, which XLA would count as always taken. FLOPs are linear in depth, so
+for ``L`` encoder and decoder layers and a ``Lg``-layer generator the
+step's FLOPs per device are ``U1 + (L - 1) * (U2 - U1) + (Lg - 1) * (G2 -
+U2)``. For span corruption ``S`` stands in for ``U1`` when there is no
+``depth1`` compile: without remat they
+agree (tiny model on the CPU compiler: 0.02%); a rematerialised scanned body
+counts somewhat more (0.8% there), which the formula multiplies by ``L -
+2``. SpacTor needs its ``depth1`` compile, because ``S`` holds the overflow
+pass.
 """
 
 import argparse
@@ -64,7 +69,8 @@ def _command(topology: str, model: str, objective: str, policy: str, variant: st
               f'--json_out={json_out}']
   if variant != 'memory':
     depth = 1 if variant == 'depth1' else 2
-    command += [f'--gin.TransformerConfig.num_encoder_layers={depth}',
+    command += ['--without_overflow_pass',
+                f'--gin.TransformerConfig.num_encoder_layers={depth}',
                 f'--gin.TransformerConfig.num_decoder_layers={depth}']
     if objective == 'spactor':  # max(1, round(fraction * depth)) generator layers
       command.append('--gin.SpacTor.generator_depth_fraction='
@@ -109,7 +115,8 @@ def step_flops(cells: Dict[str, Any], topology: str, model: str, objective: str,
                policy: str) -> Optional[float]:
   """FLOPs of one step per device at full depth (see the module docstring)."""
   get = lambda variant: cells.get(cell_key(topology, model, objective, policy, variant))
-  one_layer, depth2 = get('depth1') or get('memory'), get('depth2')
+  one_layer = get('depth1') or (get('memory') if objective != 'spactor' else None)
+  depth2 = get('depth2')
   if not (one_layer and depth2) or one_layer['stage']['flops'] is None:
     return None
   layers, generator_layers = DEPTHS[model]
@@ -171,8 +178,7 @@ def main() -> None:
                       choices=['span_corruption', 'spactor'])
   parser.add_argument('--policies', nargs='+',
                       default=['none', 'full', 'dots_saveable', 'save_named'])
-  parser.add_argument('--variants', nargs='+', default=['memory', 'depth2', 'depth2_gen2'],
-                      choices=VARIANTS)
+  parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS)
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results',
                                                     'aot_table.json'))
@@ -186,7 +192,8 @@ def main() -> None:
           for policy in args.policies:
             for variant in args.variants:
               key = cell_key(topology, model, objective, policy, variant)
-              if key in cells or (variant == 'depth2_gen2' and objective != 'spactor'):
+              if key in cells or (variant in ('depth1', 'depth2_gen2') and
+                                  objective != 'spactor'):
                 continue
               print(f'{time.strftime("%H:%M:%S")} compiling {key}', flush=True)
               try:

@@ -21,6 +21,13 @@ and a JSON report: per-device argument, output and temporary bytes, their
 total against the chip's HBM, and the compiled FLOPs of one step per device
 and in total.
 
+XLA counts a ``lax.cond`` as its costliest branch, so the FLOPs of a step
+with a sparse vocabulary head (SpacTor's generator, SLM) include the dense
+overflow pass that runs only when a row selects more positions than the
+capacity. ``--without_overflow_pass`` compiles the step without that pass:
+its FLOPs are those of the path that runs (its memory leaves out that pass's
+buffers, so take memory from a compile without the flag).
+
 Vocabulary: the objectives need the task vocabulary's size (sentinel ids,
 the mask id). If its SentencePiece model is a local file it is read;
 otherwise (e.g. ``gs://`` on an offline machine) ``--vocab_size`` is used,
@@ -34,6 +41,7 @@ status 2.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -79,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                       help='task vocabulary size when its SentencePiece model '
                       'cannot be read here (default: read it, else '
                       'model.vocab_size - 1)')
+  parser.add_argument('--without_overflow_pass', action='store_true',
+                      help='compile without the sparse vocabulary head\'s rarely '
+                      'taken overflow pass: FLOPs of the path that runs')
   parser.add_argument('--json_out', default=None,
                       help='also write the JSON report to this file')
   return parser
@@ -116,14 +127,18 @@ def _stages(stage_flag: str, num_stages: int) -> List[int]:
 
 
 def compile_stage(config: Any, stage: int, mesh: jax.sharding.Mesh,
-                  batch_spec: Dict[str, Any], vocab: Any,
-                  hbm_bytes: int) -> Dict[str, Any]:
+                  batch_spec: Dict[str, Any], vocab: Any, hbm_bytes: int,
+                  overflow_pass: bool = True) -> Dict[str, Any]:
   """Compiles one stage's train step; returns its report.
+
+  Without ``overflow_pass`` the step is traced inside
+  ``generator.without_overflow_pass()`` (FLOPs of the path that runs).
 
   A compilation that runs out of HBM (the TPU compiler refuses it) is
   reported with ``fits: False`` and the compiler's message in ``error``.
   """
   from spactor_jax import aot_topology  # pylint: disable=g-import-not-at-top
+  from spactor_jax import generator  # pylint: disable=g-import-not-at-top
   from spactor_jax import partitioning  # pylint: disable=g-import-not-at-top
   stage_config = config.curriculum.stages[stage]
   trainer = config.make_trainer(stage, mesh, batch_spec, vocab)
@@ -133,13 +148,17 @@ def compile_stage(config: Any, stage: int, mesh: jax.sharding.Mesh,
       'name': stage_config.name,
       'objective': type(trainer.objective).__name__,
       'parameters': int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
+      'overflow_pass': overflow_pass,
   }
   state = trainer.sharded_abstract_state()
   rng = jax.eval_shape(lambda: jax.random.key(config.seed))
   rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype,
                              sharding=partitioning.replicated(mesh))
+  tracing = contextlib.nullcontext() if overflow_pass else generator.without_overflow_pass()
   try:
-    compiled = trainer.lower(state, trainer.abstract_batch(), rng).compile()
+    with tracing:
+      lowered = trainer.lower(state, trainer.abstract_batch(), rng)
+    compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as exc:
     if 'RESOURCE_EXHAUSTED' not in str(exc) and 'memory' not in str(exc):
       raise
@@ -244,7 +263,8 @@ def run(flags: gin_utils.GinFlags, args: argparse.Namespace) -> Dict[str, Any]:
   for stage in stages:
     log.info('compiling stage %d (%s) ...', stage,
              config.curriculum.stages[stage].name)
-    reports.append(compile_stage(config, stage, mesh, batch_spec, vocab, hbm))
+    reports.append(compile_stage(config, stage, mesh, batch_spec, vocab, hbm,
+                                 overflow_pass=not args.without_overflow_pass))
   return {
       'topology': args.topology,
       'num_slices': args.num_slices,

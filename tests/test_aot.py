@@ -64,6 +64,26 @@ def test_aot_compiles_the_quickstart_train_step_for_v5e_2x2(tmp_path):
   assert stage['flops_total'] == pytest.approx(4 * stage['flops'])
 
 
+@needs_libtpu
+def test_aot_counts_spactor_flops_without_the_overflow_pass(tmp_path):
+  flops = {}
+  for flag in ('', '--without_overflow_pass'):
+    report_path = tmp_path / f'report{flag}.json'
+    result = subprocess.run(
+        [sys.executable, '-m', 'spactor_jax.aot', '--topology=v5e:2x2', '--stage=0',
+         '--gin_file=gin_configs/quickstart_spactor.gin', f'--json_out={report_path}',
+         *([flag] if flag else [])],
+        cwd=helpers.REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [stage] = json.loads(report_path.read_text())['stages']
+    assert stage['objective'] == 'SpacTor' and stage['overflow_pass'] == (not flag)
+    flops[flag] = stage['flops']
+  # The dense pass (vocabulary logits at all 128 positions instead of the
+  # capacity's 40, forward and rematerialised forward and backward) is a large
+  # share of the tiny model's step.
+  assert flops['--without_overflow_pass'] < 0.9 * flops['']
+
+
 @pytest.mark.skipif(HAS_LIBTPU, reason='checks the message shown without libtpu')
 def test_aot_without_libtpu_says_how_to_install_it(monkeypatch, capsys):
   monkeypatch.chdir(helpers.REPO)
