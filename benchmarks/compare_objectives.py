@@ -1,7 +1,7 @@
 r"""The objectives side by side at equal training FLOPs, then fine-tuned alike.
 
     python benchmarks/compare_objectives.py --out /tmp/compare \
-      [--budget 4e12] [--seeds 1] [--objectives span_corruption,spactor_tau25,...] \
+      [--budget 2e12] [--seeds 1] [--objectives span_corruption,spactor_tau25,...] \
       [--finetune_steps 100] [--no_finetune] [--jobs 1] [--gin NAME=VALUE ...]
 
 For every objective (``compare/specs.py``: span corruption, SpacTor at two τ,
@@ -57,7 +57,7 @@ from compare import specs as specs_lib
 from spactor_jax import gin_utils
 from spactor_jax import metrics_log
 
-DEFAULT_BUDGET = 4e12  # FLOPs per cell: 225 steps of the span-corruption quickstart.
+DEFAULT_BUDGET = 2e12  # FLOPs per cell: 112 steps of the span-corruption quickstart.
 DEFAULT_FINETUNE_STEPS = 100
 RESULTS = 'results.json'
 COMPILATION_CACHE = 'jax_cache'  # JAX's persistent compilation cache, shared by the cells
