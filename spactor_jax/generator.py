@@ -299,7 +299,9 @@ def masked_lm_sample(logits_fn: Callable[[Array], Array], hidden: Array, targets
   selected positions (``[batch, capacity, vocab]`` instead of ``[batch,
   length, vocab]``). Selected positions beyond the capacity are scored and
   sampled by a dense pass under ``lax.cond`` that runs only when some row
-  overflows (rematerialised, so it stores nothing for the backward pass).
+  overflows; it goes one row at a time and is rematerialised, so it needs
+  ``[length, vocab]`` logits at a time and stores nothing for the backward
+  pass.
 
   Args:
     logits_fn: ``[batch, n, emb] -> [batch, n, vocab]`` float32 logits, a
@@ -332,6 +334,18 @@ def masked_lm_sample(logits_fn: Callable[[Array], Array], hidden: Array, targets
         logits_fn(hidden), targets, weights, rng, temperature, allowed, noise_ids)
     return loss_sum, correct, jnp.where(weights, samples, 0)
 
+  def dense_by_rows(weights: Array) -> Tuple[Array, Array, Array]:
+    # One row at a time, rematerialised: the rare overflow pass holds
+    # [length, vocab] logits instead of [batch, length, vocab].
+    @jax.checkpoint
+    def row(inputs):
+      row_hidden, row_targets, row_weights, row_ids = (x[None] for x in inputs)
+      loss_sum, correct, samples = _score_and_sample(
+          logits_fn(row_hidden), row_targets, row_weights, rng, temperature, allowed, row_ids)
+      return loss_sum, correct, jnp.where(row_weights, samples, 0)[0]
+    loss_sums, corrects, samples = jax.lax.map(row, (hidden, targets, weights, noise_ids))
+    return jnp.sum(loss_sums), jnp.sum(corrects), samples
+
   if capacity is None or capacity >= length:
     loss_sum, correct, samples = dense(mask)
   else:
@@ -345,7 +359,7 @@ def masked_lm_sample(logits_fn: Callable[[Array], Array], hidden: Array, targets
       overflow = mask & (jnp.cumsum(mask, axis=1) > capacity)  # [batch, length]
       none = lambda weights: (jnp.float32(0), jnp.float32(0), jnp.zeros_like(samples))
       extra_loss, extra_correct, extra_samples = jax.lax.cond(
-          jnp.any(overflow), jax.checkpoint(dense), none, overflow)
+          jnp.any(overflow), dense_by_rows, none, overflow)
       loss_sum, correct = loss_sum + extra_loss, correct + extra_correct
       samples = jnp.where(overflow, extra_samples, samples)
   count = jnp.sum(mask)

@@ -318,12 +318,13 @@ def _sampled_loss_flops(length: int, capacity, counting: bool = False) -> float:
 
 
 def test_counting_leaves_out_only_the_overflow_pass():
-  # XLA counts lax.cond as its costlier branch: the dense pass over all 64 positions.
   sparse_path = _sampled_loss_flops(64, 16, counting=True)
   dense_at_capacity = _sampled_loss_flops(16, None)  # what the sparse path computes
   dense_everywhere = _sampled_loss_flops(64, None)
   np.testing.assert_allclose(sparse_path, dense_at_capacity, rtol=0.05)
-  assert _sampled_loss_flops(64, 16) > sparse_path + dense_everywhere
+  # XLA counts lax.cond as its costlier branch, the row-by-row dense pass, whose
+  # loop body (one of the 2 rows) it counts once.
+  assert _sampled_loss_flops(64, 16) > sparse_path + 0.4 * dense_everywhere
   assert generator_lib._TRACE.overflow_pass  # the context restored it
 
 
