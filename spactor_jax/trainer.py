@@ -128,6 +128,7 @@ class Trainer:
     self.num_groups = self._negative_groups()
     self.abstract_state, self.state_shardings = self._abstract_state()
     self._jitted = None
+    self._jitted_init = None
     self._jitted_eval = None
     self._jitted_denominators = None
 
@@ -220,12 +221,14 @@ class Trainer:
   def init_state(self, rng: jax.Array) -> TrainState:
     """A freshly initialised state, created directly with its shardings."""
 
-    def init(rng):
-      state = nn.unbox(self._init_boxed(rng))
-      return state.replace(opt_state=self.optimizer.init(state.params))
+    if self._jitted_init is None:  # one trace and compile per trainer
 
+      def init(rng):
+        state = nn.unbox(self._init_boxed(rng))
+        return state.replace(opt_state=self.optimizer.init(state.params))
+      self._jitted_init = jax.jit(init, out_shardings=self.state_shardings)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return jax.jit(init, out_shardings=self.state_shardings)(rng)
+      return self._jitted_init(rng)
 
   # --- step ------------------------------------------------------------------
 
