@@ -78,10 +78,11 @@ def test_aot_counts_spactor_flops_without_the_overflow_pass(tmp_path):
     [stage] = json.loads(report_path.read_text())['stages']
     assert stage['objective'] == 'SpacTor' and stage['overflow_pass'] == (not flag)
     flops[flag] = stage['flops']
-  # The dense pass (vocabulary logits at all 128 positions instead of the
-  # capacity's 40, forward and rematerialised forward and backward) is a large
-  # share of the tiny model's step.
-  assert flops['--without_overflow_pass'] < 0.9 * flops['']
+  # XLA counts the cond as its costlier branch, the row-by-row dense pass, and
+  # that loop's body once: one row's vocabulary logits at all 128 positions
+  # (7% of this tiny step), not the 8 rows per chip (60%).
+  extra = flops[''] - flops['--without_overflow_pass']
+  assert 0 < extra < 0.25 * flops['']
 
 
 @pytest.mark.skipif(HAS_LIBTPU, reason='checks the message shown without libtpu')
