@@ -180,8 +180,9 @@ def notes(results: dict) -> List[str]:
       'Adafactor at the quickstart\'s constant rate, its batch and lengths; the causal LM is the '
       'headless decoder quickstart with cross-entropy through an untied head); only the steps '
       'differ. Seeds vary the initialisation, the train-step RNG and the data order.',
-      '- XLA counts a `lax.cond` as its costliest branch: SpacTor\'s generator step includes '
-      'its dense fallback, so its FLOPs are an upper bound of what runs.',
+      '- The sparse vocabulary heads (SpacTor\'s generator, SLM) are counted without their '
+      'overflow pass (`generator.without_overflow_pass()`), which runs only when a row selects '
+      'more positions than the capacity: the count is the path that runs.',
       '- Held-out SC loss: span corruption\'s loss per target token on the clean input at the '
       'last evaluation (`heldout_sc_loss`); not defined for a model without a vocabulary head.',
   ]
