@@ -1,12 +1,14 @@
 """Held-out evaluation: sums over sums, a fixed eval set, TensorBoard, the eval command."""
 
 import glob
+import itertools
 import json
 import logging
 import os
 import subprocess
 import sys
 
+import gin
 import jax
 import numpy as np
 import pytest
@@ -17,10 +19,12 @@ import helpers
 from spactor_jax import errors
 from spactor_jax import eval as eval_main
 from spactor_jax import evaluation
+from spactor_jax import gin_utils
 from spactor_jax import metrics_log
 from spactor_jax import network
 from spactor_jax import partitioning
 from spactor_jax import train as train_main
+from spactor_jax import training
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import span_corruption
 from spactor_jax.objectives import spactor
@@ -226,3 +230,29 @@ def test_eval_command_mistakes_are_one_line(trained, binding, expected, capsys):
   assert len(err) == 1 and err[0].startswith(expected), err
   if 'CHECKPOINT_STEP' in binding:
     assert err[0].endswith('it has steps [3] (CHECKPOINT_STEP=None takes the latest)')
+
+
+PRETRAIN_QUICKSTARTS = sorted(
+    os.path.basename(path) for path in glob.glob(os.path.join(helpers.REPO, 'gin_configs',
+                                                              'quickstart*.gin'))
+    if 'finetune' not in path)
+
+
+@pytest.mark.parametrize('gin_file', PRETRAIN_QUICKSTARTS)
+def test_every_quickstart_has_the_held_out_batches_it_asks_for(gin_file):
+  # The eval set is read when training starts; a split smaller than
+  # EVAL_BATCHES x BATCH_SIZE would stop the quickstart there.
+  gin.clear_config()
+  try:
+    gin_utils.parse_with_tasks(gin_utils.GinFlags(files=[gin_file],
+                                                  bindings=["MODEL_DIR = 'unused'"]))
+    config = gin_utils.call(training.RunConfig)
+  finally:
+    gin.clear_config()
+  assert config.eval_every_steps > 0 and config.eval_batches
+  data = evaluation.eval_data_config(config.data, config.eval_task, config.eval_split)
+  iterator = pipeline.make_iterator(data, config.model_family, config.batch_size,
+                                    seqio.ShardInfo(0, 1),
+                                    model_vocab_size=config.model.vocab_size)
+  full = sum(1 for _ in itertools.islice(iterator, config.eval_batches))
+  assert full == config.eval_batches, f'{gin_file}: {full} of {config.eval_batches} batches'
