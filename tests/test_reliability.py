@@ -345,7 +345,7 @@ def _start(model_dir, extra=()):
 
 def _signal_at_step(process, step, signals):
   """Sends ``signals`` once the log shows ``step``; returns (status, later lines)."""
-  watchdog = threading.Timer(240, process.kill)  # never hang the suite.
+  watchdog = threading.Timer(600, process.kill)  # never hang the suite.
   watchdog.start()
   try:
     for line in process.stderr:
