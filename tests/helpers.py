@@ -199,3 +199,9 @@ def train_steps(trainer: trainer_lib.Trainer, batches: Sequence[Mapping[str, np.
         state, pipeline.global_arrays(batch, trainer.data_sharding), jax.random.key(step_seed))
     losses.append(float(metrics['loss']))
   return losses, state
+
+
+def xla_flops(compiled: jax.stages.Compiled) -> float:
+  """FLOPs of a compiled computation from XLA's cost analysis."""
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])

@@ -9,6 +9,8 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
+
 from spactor_jax import errors
 from spactor_jax import generator as generator_lib
 from spactor_jax import layers
@@ -313,8 +315,7 @@ def _sampled_loss_flops(length: int, capacity, counting: bool = False) -> float:
       lowered = step.lower(*shapes)
   else:
     lowered = step.lower(*shapes)
-  cost = lowered.compile().cost_analysis()
-  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+  return helpers.xla_flops(lowered.compile())
 
 
 def test_counting_leaves_out_only_the_overflow_pass():
