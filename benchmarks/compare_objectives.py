@@ -31,7 +31,8 @@ to what was measured), ``heldout_vs_flops.png``, ``downstream.png``, and
 ``jax_cache/`` (the subprocesses' shared compilation cache). A
 progress bar with an ETA goes to stderr. Run the same command again to resume:
 finished phases recorded in ``results.json`` are skipped, an interrupted
-pre-training resumes from its latest checkpoint. ``--seeds N`` runs seeds
+pre-training resumes from its latest checkpoint (Ctrl-C or SIGTERM stops the
+harness; each running subprocess then saves a checkpoint). ``--seeds N`` runs seeds
 ``0 .. N-1`` (``--seeds 3,4``: those seeds); more seeds later add cells to the
 same directory.
 
@@ -43,6 +44,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import signal
 import sys
 import threading
 from typing import Dict, List, Optional, Sequence
@@ -293,13 +295,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         file=sys.stderr, flush=True)
   bar = progress_lib.Progress(count)
   runner = CellRunner(args, results, path, bar)
+  signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop: as Ctrl-C.
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
     futures = [pool.submit(runner.run, *item) for item in todo]
     try:
       for future in futures:
         future.result()
-    except KeyboardInterrupt:  # the running children got the signal too and checkpoint.
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the running children checkpoint and stop.
       runner.stopped = True
+      runs.interrupt_running()
       print('\ninterrupted: waiting for the running subprocesses to save a checkpoint; run the '
             'same command to resume', file=sys.stderr, flush=True)
       pool.shutdown(wait=True, cancel_futures=True)

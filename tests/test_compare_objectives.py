@@ -189,3 +189,44 @@ def test_finetune_phase_scores_a_checkpoint_from_its_finetune_metrics(comparison
   assert record['score'] == metrics['test']['metrics']['accuracy']
   with open(os.path.join(out, 'results.md')) as f:
     assert f'{record["score"]:.3f} (1 seed)' in f.read()
+
+
+_CHILD = r'''
+import signal, sys, time
+received = []
+signal.signal(signal.SIGINT, lambda *_: received.append(1))
+print('listening for', signal.SIGINT.name, flush=True)
+deadline = time.time() + 60
+while not received and time.time() < deadline:
+  time.sleep(0.05)
+time.sleep(0.5)  # a second SIGINT would arrive here
+print(f'saved a checkpoint after {len(received)} SIGINT', flush=True)
+sys.exit(0 if len(received) == 1 else 3)
+'''
+
+
+def test_a_stopped_harness_passes_one_sigint_to_each_running_child(tmp_path):
+  """Children run in their own session (a Ctrl-C reaches the harness only) and
+  the harness forwards exactly one SIGINT, on which they checkpoint and exit."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  logs = [str(tmp_path / f'child{i}.log') for i in range(2)]
+  outcomes = {}
+  threads = [threading.Thread(target=lambda i=i: outcomes.__setitem__(i, runs.run_logged(
+      [sys.executable, '-c', _CHILD], logs[i], str(tmp_path / 'cache')))) for i in range(2)]
+  for thread in threads:
+    thread.start()
+  deadline = time.time() + 60
+  while not all(os.path.exists(p) and 'listening for SIGINT' in open(p).read() for p in logs):
+    assert time.time() < deadline, 'the children did not start'
+    time.sleep(0.05)
+  with runs._RUNNING_LOCK:  # pylint: disable=protected-access
+    pids = [p.pid for p in runs._RUNNING]  # pylint: disable=protected-access
+  assert len(pids) == 2 and all(os.getsid(pid) != os.getsid(0) for pid in pids)
+  assert runs.interrupt_running() == 2
+  for thread in threads:
+    thread.join(60)
+  assert [outcomes[i].returncode for i in range(2)] == [0, 0]
+  for path in logs:
+    assert 'saved a checkpoint after 1 SIGINT' in open(path).read()
+  assert runs.interrupt_running() == 0

@@ -6,7 +6,9 @@ latest checkpoint, so an interrupted cell simply runs again.
 ``python -m spactor_jax.finetune`` fine-tunes its checkpoint on one
 downstream task and writes ``finetune_metrics.json`` (the only file read).
 Each subprocess's output goes to a log file; its ``step N/T`` lines drive the
-progress bar.
+progress bar. Subprocesses run in their own session, so a Ctrl-C reaches the
+harness only; ``interrupt_running`` then passes one SIGINT to each (the train
+and fine-tune commands checkpoint on the first and exit at once on a second).
 """
 
 import dataclasses
@@ -15,8 +17,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -46,6 +50,9 @@ FINETUNE_LENGTHS = {'pdtext_continuation': {'inputs': 128, 'targets': 8},
                     'pdtext_continuation_cls': {'inputs': 128},
                     'pdtext_last_word_choices': {'targets': 128}}
 FINETUNE_METRICS = 'finetune_metrics.json'
+
+_RUNNING: set = set()  # the subprocesses ``run_logged`` is waiting for.
+_RUNNING_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass
@@ -132,11 +139,13 @@ def run_logged(command: Sequence[str], log_path: str, cache_dir: str,
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
   start = time.perf_counter()
   last_error, last_line = None, ''
-  with open(log_path, 'a') as log:
+  with open(log_path, 'a', buffering=1) as log:  # line-buffered: `tail -f` follows it.
     log.write('$ ' + ' '.join(command) + '\n')
-    log.flush()
     process = subprocess.Popen(command, cwd=REPO, env=child_env(cache_dir), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, bufsize=1)
+                               stderr=subprocess.STDOUT, text=True, bufsize=1,
+                               start_new_session=True)
+    with _RUNNING_LOCK:
+      _RUNNING.add(process)
     try:
       for line in process.stdout:
         log.write(line)
@@ -148,17 +157,26 @@ def run_logged(command: Sequence[str], log_path: str, cache_dir: str,
         if match and 'eval step' not in line:
           on_step(int(match.group(1)), int(match.group(2)))
       process.wait()
-    except BaseException:  # Ctrl-C reaches the child too: it checkpoints and exits.
-      try:
-        process.wait(timeout=120)
-      except subprocess.TimeoutExpired:
-        process.terminate()
-        process.wait()
-      raise
+    finally:
+      with _RUNNING_LOCK:
+        _RUNNING.discard(process)
   wall = time.perf_counter() - start
   error = None if process.returncode == 0 else (last_error or last_line or
                                                 f'exit status {process.returncode}')
   return Outcome(process.returncode, wall, error, log_path)
+
+
+def interrupt_running() -> int:
+  """Sends SIGINT to every running subprocess (each saves a checkpoint and exits).
+
+  Returns:
+    How many subprocesses were signalled.
+  """
+  with _RUNNING_LOCK:
+    running = [p for p in _RUNNING if p.poll() is None]
+  for process in running:
+    process.send_signal(signal.SIGINT)
+  return len(running)
 
 
 def read_scalars(directory: str) -> Dict[str, Dict[int, float]]:
