@@ -17,6 +17,7 @@ import helpers
 from helpers import fresh_gin  # pylint: disable=unused-import
 import tasks  # pylint: disable=unused-import  (registers the seqio tasks)
 from spactor_jax import aot
+from spactor_jax import downstream_features
 from spactor_jax.data import pipeline
 
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -139,3 +140,20 @@ def test_batch_spec_without_data_matches_the_pipeline(task, family, lengths,
   per_process = {name: ((shape[0] * 2,) + tuple(shape[1:]), dtype)
                  for name, (shape, dtype) in iterator.element_spec.items()}
   assert pipeline.batch_spec(config, family, 8) == per_process
+
+
+@pytest.mark.parametrize('task, family, lengths, converter', [
+    ('pdtext_continuation_cls', 'encoder', {'inputs': 64},
+     downstream_features.ClassificationFeatureConverter),
+    ('pdtext_last_word_choices', 'decoder', {'targets': 64},
+     downstream_features.ChoiceScoringFeatureConverter),
+])
+def test_batch_spec_follows_a_fine_tuning_feature_converter(task, family, lengths, converter):
+  """A fine-tuning head's converter (``DataConfig.feature_converter``) sets the
+  features AOT compiles for, as it sets the pipeline's."""
+  config = pipeline.DataConfig(mixture_or_task_name=task, task_feature_lengths=lengths,
+                               pack=False, feature_converter=converter)
+  iterator = pipeline.make_iterator(config, family, 4, seqio.ShardInfo(0, 1))
+  expected = {name: (tuple(shape), dtype)
+              for name, (shape, dtype) in iterator.element_spec.items()}
+  assert pipeline.batch_spec(config, family, 4) == expected

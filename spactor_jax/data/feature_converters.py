@@ -160,26 +160,20 @@ def get_feature_converter(model_family: str,
   raise ValueError(f'unknown model family {model_family!r}')
 
 
-def model_feature_spec(model_family: str, task_features: Mapping[str, object],
-                       lengths: Mapping[str, int], batch_size: int,
-                       pack: bool = True) -> dict:
+def model_feature_spec(converter: seqio.FeatureConverter,
+                       lengths: Mapping[str, int], batch_size: int) -> dict:
   """Shapes and dtypes of a converted batch, computed without reading data.
 
   Args:
-    model_family: ``'encoder_decoder'``, ``'encoder'`` or ``'decoder'``.
-    task_features: the task's output feature names.
-    lengths: the user's task feature lengths, as for
-      :func:`task_feature_lengths`.
+    converter: the feature converter of the pipeline.
+    lengths: the length of every task feature it reads.
     batch_size: rows of the batch (the global batch for AOT compilation).
-    pack: whether examples are packed (adds segment ids and positions).
 
   Returns:
     ``{model_feature: ((batch_size, length), numpy dtype)}``, the same as the
     ``element_spec`` of the pipeline's batches of ``batch_size`` rows.
   """
-  converter = get_feature_converter(model_family, task_features, pack=pack)
-  model_lengths = converter.get_model_feature_lengths(
-      task_feature_lengths(model_family, task_features, lengths))
+  model_lengths = converter.get_model_feature_lengths(lengths)
   dtypes = {name: spec.dtype for name, spec in converter.MODEL_FEATURES.items()}
   dtypes.update(getattr(converter, 'PACKING_FEATURE_DTYPES', {}))
   return {name: ((batch_size, length),

@@ -255,6 +255,20 @@ def _objective_vocabulary(provider: seqio.DatasetProviderBase,
   return provider.output_features[feature].vocabulary
 
 
+def _converter_and_lengths(
+    config: DataConfig, model_family: str, task_features: Mapping[str, object]
+) -> Tuple[seqio.FeatureConverter, Dict[str, int]]:
+  """The feature converter (the family's, or ``config.feature_converter``) and
+  the lengths of every task feature it reads."""
+  if config.feature_converter is None:
+    return (feature_converters.get_feature_converter(model_family, task_features,
+                                                     pack=config.pack),
+            feature_converters.task_feature_lengths(model_family, task_features,
+                                                    config.task_feature_lengths))
+  converter = config.feature_converter(pack=config.pack)
+  return converter, converter.task_feature_lengths(config.task_feature_lengths)
+
+
 def make_iterator(config: DataConfig, model_family: str,
                   global_batch_size: int, shard_info: seqio.ShardInfo,
                   model_vocab_size: Optional[int] = None) -> DataIterator:
@@ -285,14 +299,7 @@ def make_iterator(config: DataConfig, model_family: str,
   vocabulary = _objective_vocabulary(provider, model_family)
   _check_vocabulary(vocabulary, model_vocab_size)
 
-  if config.feature_converter is None:
-    lengths = feature_converters.task_feature_lengths(
-        model_family, features, config.task_feature_lengths)
-    converter = feature_converters.get_feature_converter(
-        model_family, features, pack=config.pack)
-  else:
-    converter = config.feature_converter(pack=config.pack)
-    lengths = converter.task_feature_lengths(config.task_feature_lengths)
+  converter, lengths = _converter_and_lengths(config, model_family, features)
   dataset = provider.get_dataset(
       sequence_length=lengths, split=config.split, shuffle=config.shuffle,
       seed=config.seed, shard_info=shard_info,
@@ -323,9 +330,10 @@ def batch_spec(config: DataConfig, model_family: str,
   machine that cannot read the data.
   """
   provider = _checked_provider(config, model_family)
-  return feature_converters.model_feature_spec(
-      model_family, provider.output_features, config.task_feature_lengths,
-      global_batch_size, pack=config.pack)
+  converter, lengths = _converter_and_lengths(config, model_family,
+                                              provider.output_features)
+  return feature_converters.model_feature_spec(converter, lengths,
+                                               global_batch_size)
 
 
 def global_arrays(local_batch: Mapping[str, np.ndarray],
