@@ -17,8 +17,9 @@ Each cell takes up to four compiles (``--variants``):
 * ``memory``: the full model with ``scan_layers=True``, whose compile time
   does not grow with depth. Its memory per device is the table's; its FLOP
   count ``S`` is that of one layer per stack (XLA counts a loop body once).
-* ``depth1`` (SpacTor only): unscanned, 1 encoder and 1 decoder layer (the
-  generator 1 layer): ``U1``.
+* ``depth1``: unscanned, 1 encoder and 1 decoder layer (the generator 1
+  layer): ``U1``. SpacTor always; span corruption only where the memory
+  compile has no count (a model that does not fit the chip).
 * ``depth2``: unscanned, 2 encoder and 2 decoder layers (generator 1 layer):
   ``U2``.
 * ``depth2_gen2``: SpacTor only, the same with a 2-layer generator: ``G2``.
@@ -118,6 +119,19 @@ def _save(path: str, cells: Dict[str, Any]) -> None:
   os.replace(path + '.tmp', path)
 
 
+def needs_compile(cells: Dict[str, Any], key: str) -> bool:
+  """Whether the FLOPs formula needs the compile ``key``: ``depth2_gen2`` is
+  SpacTor's only; span corruption needs ``depth1`` only where its scanned
+  compile has no count (the model does not fit the chip)."""
+  topology, model, objective, policy, variant = key.split('/')
+  if objective == 'spactor' or variant in ('memory', 'depth2'):
+    return True
+  if variant == 'depth2_gen2':
+    return False
+  memory = cells.get(cell_key(topology, model, objective, policy, 'memory'))
+  return not memory or memory['stage']['flops'] is None
+
+
 def step_flops(cells: Dict[str, Any], topology: str, model: str, objective: str,
                policy: str) -> Optional[float]:
   """FLOPs of one step per device at full depth (see the module docstring);
@@ -202,8 +216,7 @@ def main() -> None:
           for objective in args.objectives:
             for policy in args.policies:
               key = cell_key(topology, model, objective, policy, variant)
-              if key in cells or (variant in ('depth1', 'depth2_gen2') and
-                                  objective != 'spactor'):
+              if key in cells or not needs_compile(cells, key):
                 continue
               print(f'{time.strftime("%H:%M:%S")} compiling {key}', flush=True)
               try:

@@ -1,4 +1,8 @@
-"""SpacTor: RTD labels, gradient isolation, special tokens, the τ switch, resume, meshes."""
+"""SpacTor: RTD labels, gradient isolation, special tokens, the τ switch, resume, meshes, FLOPs by depth."""
+
+import dataclasses
+import os
+import sys
 
 import flax.linen as nn
 import jax
@@ -349,3 +353,41 @@ def test_hybrid_step_on_fake_meshes_gives_single_device_losses(ici, single_devic
   for kernel in (got_state.params['generator']['encoder']['layers_0']['mlp']['wi_0']['kernel'],
                  got_state.params['rtd_head']['dense']['kernel']):
     assert kernel.sharding.shard_shape(kernel.shape) != kernel.shape
+
+
+# ------------------------------------------- the AOT table's FLOPs formula ---
+
+
+def _counted_flops(layers: int, generator_depth_fraction: float) -> float:
+  """XLA FLOPs of the hybrid step (path that runs) at ``layers`` per stack."""
+  config = dataclasses.replace(CONFIG, num_encoder_layers=layers, num_decoder_layers=layers)
+  objective = spactor.SpacTor(config=config, vocab=VOCAB,
+                              generator_depth_fraction=generator_depth_fraction)
+  trainer = helpers.make_trainer(objective, helpers.batch_spec(_batch()), partitioning.MeshConfig(),
+                                 jax.devices()[:1])
+  with generator_lib.without_overflow_pass():
+    lowered = trainer.lower(trainer.abstract_state, trainer.abstract_batch(), jax.random.key(0))
+  return helpers.xla_flops(lowered.compile())
+
+
+def test_aot_table_extrapolates_shallow_compiles_to_the_full_depth_count(monkeypatch):
+  """``benchmarks/aot_table.py`` counts a deep model from 1- and 2-layer compiles
+  (and a 2-layer generator); on the CPU compiler its figure for 4 layers per
+  stack with a 2-layer generator equals that model's own count."""
+  sys.path.insert(0, os.path.join(helpers.REPO, 'benchmarks'))
+  import aot_table  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(aot_table.DEPTHS, 'test', (4, 2))
+  compiles = {'depth1': (1, 0.5), 'depth2': (2, 0.5), 'depth2_gen2': (2, 1.0)}
+  cells = {aot_table.cell_key('cpu', 'test', 'spactor', 'none', variant):
+           {'stage': {'flops': _counted_flops(*shape)}} for variant, shape in compiles.items()}
+  full = _counted_flops(4, 0.5)  # 4 layers per stack, round(0.5 * 4) = 2 generator layers
+  assert cells['cpu/test/spactor/none/depth2_gen2']['stage']['flops'] > cells[
+      'cpu/test/spactor/none/depth2']['stage']['flops']  # the generator's layer counts
+  np.testing.assert_allclose(aot_table.step_flops(cells, 'cpu', 'test', 'spactor', 'none'),
+                             full, rtol=1e-3)
+  # Span corruption's 1-layer count comes from its scanned compile, unless that has none.
+  memory = 'cpu/test/span_corruption/none/memory'
+  assert not aot_table.needs_compile({memory: {'stage': {'flops': 1.0}}},
+                                     'cpu/test/span_corruption/none/depth1')
+  assert aot_table.needs_compile({memory: {'stage': {'flops': None}}},
+                                 'cpu/test/span_corruption/none/depth1')
