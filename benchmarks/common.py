@@ -12,6 +12,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top
+from spactor_jax import generator
 from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import partitioning
@@ -48,6 +49,15 @@ def xla_flops(compiled: jax.stages.Compiled) -> float:
   """FLOPs of a compiled computation from XLA's cost analysis."""
   cost = compiled.cost_analysis()
   return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+
+
+def executed_flops(objective: base.Objective, batch: Dict[str, np.ndarray]) -> float:
+  """XLA FLOPs of the path a train step runs: a fresh step lowered inside
+  ``generator.without_overflow_pass()``, so a sparse vocabulary head's rarely
+  taken overflow pass (a ``lax.cond`` XLA counts as its costliest branch) is
+  not counted. Equals the plain count for objectives without one."""
+  with generator.without_overflow_pass():  # a fresh trainer: jit caches its traces
+    return CompiledStep(objective, batch, run=False).xla_flops
 
 
 class CompiledStep:

@@ -18,8 +18,10 @@ Prints one JSON object::
 
 Per objective: ``time_s`` (median step seconds), ``tokens_per_s`` (tokens of
 the batch per step second; T5 counts encoder + decoder tokens), ``xla_flops``
-(the compiled step's cost analysis), time and FLOPs relative to the group's
-baseline (MLM; span corruption), ``compile_s`` and ``params``.
+(the compiled step's cost analysis of the path that runs, without a sparse
+vocabulary head's overflow pass; ``xla_counted_flops`` with it, as XLA counts
+the compiled step), time and FLOPs relative to the group's baseline (MLM;
+span corruption), ``compile_s`` and ``params``.
 ``corruption_xla_flops`` gives the FLOPs of drawing the replacements alone
 (RTS: uniform ids; C-RTS: cluster draw from the count rows, then a uniform
 member) for the encoder batch, to compare with a step's.
@@ -88,7 +90,8 @@ def time_group(factories: Dict[str, Callable[[], base.Objective]], batch: Dict[s
         step.run(record=index >= warmup)
   rows = {}
   for name, step in compiled.items():
-    row = {'xla_flops': step.xla_flops, 'params': step.num_params,
+    row = {'xla_flops': common.executed_flops(factories[name](), batch),
+           'xla_counted_flops': step.xla_flops, 'params': step.num_params,
            'compile_s': round(step.compile_s, 1)}
     if step.times:
       median = statistics.median(step.times)
