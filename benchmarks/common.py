@@ -17,6 +17,7 @@ from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import partitioning
 from spactor_jax import trainer as trainer_lib
+from spactor_jax.aot_topology import xla_flops  # pylint: disable=unused-import  (the benchmarks')
 from spactor_jax.objectives import base
 
 
@@ -43,12 +44,6 @@ def make_trainer(objective: base.Objective, batch: Dict[str, np.ndarray],
   return trainer_lib.Trainer(
       objective, optimizers.adafactor(learning_rate=schedule), schedule,
       partitioning.make_mesh(mesh_config, devices), mesh_config.logical_rules, spec)
-
-
-def xla_flops(compiled: jax.stages.Compiled) -> float:
-  """FLOPs of a compiled computation from XLA's cost analysis."""
-  cost = compiled.cost_analysis()
-  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
 
 
 def executed_flops(objective: base.Objective, batch: Dict[str, np.ndarray]) -> float:

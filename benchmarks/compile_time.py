@@ -49,10 +49,8 @@ def measure(config: network.TransformerConfig, inputs: int, targets: int,
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   done = time.perf_counter()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {'lower_s': round(lowered_at - start, 2), 'compile_s': round(done - lowered_at, 2),
-          'flops': float(cost['flops'])}
+          'flops': common.xla_flops(compiled)}
 
 
 def main() -> None:

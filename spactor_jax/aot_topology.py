@@ -21,7 +21,7 @@ are compiled in megacore mode, one JAX device per chip, as on real hosts.
 import importlib.util
 import math
 import re
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 from jax.experimental import mesh_utils
@@ -130,6 +130,21 @@ def topology_mesh(topology: str, mesh_shape: Dict[str, int]) -> jax.sharding.Mes
   return jax.sharding.Mesh(devices, tuple(mesh_shape))
 
 
+def xla_flops(compiled: Any, default: Optional[float] = None) -> float:
+  """FLOPs per device of a compiled computation, from XLA's cost analysis.
+
+  Args:
+    compiled: the result of ``jax.jit(...).lower(...).compile()``.
+    default: returned where the compiler gave no count; ``None``: a
+      ``KeyError`` then.
+  """
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if 'flops' not in cost and default is not None:
+    return default
+  return float(cost['flops'])
+
+
 def compile_report(compiled: Any, hbm_bytes_per_chip: int) -> Dict[str, Any]:
   """Memory and cost of one compiled step, per device.
 
@@ -147,7 +162,6 @@ def compile_report(compiled: Any, hbm_bytes_per_chip: int) -> Dict[str, Any]:
     (per device, one step; the compiler's count, 0 if it gave none).
   """
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis() or {}
   summed = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
             memory.temp_size_in_bytes - memory.alias_size_in_bytes +
             memory.generated_code_size_in_bytes)
@@ -163,5 +177,5 @@ def compile_report(compiled: Any, hbm_bytes_per_chip: int) -> Dict[str, Any]:
       'total_bytes': total,
       'hbm_bytes': hbm_bytes_per_chip,
       'fits': total <= hbm_bytes_per_chip,
-      'flops': float(cost.get('flops', 0.0)),
+      'flops': xla_flops(compiled, default=0.0),
   }

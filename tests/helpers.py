@@ -29,6 +29,7 @@ from spactor_jax import optimizers
 from spactor_jax import partitioning
 from spactor_jax import trainer as trainer_lib
 from spactor_jax import training
+from spactor_jax.aot_topology import xla_flops  # pylint: disable=unused-import  (the tests')
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 from spactor_jax.train_state import TrainState
@@ -199,9 +200,3 @@ def train_steps(trainer: trainer_lib.Trainer, batches: Sequence[Mapping[str, np.
         state, pipeline.global_arrays(batch, trainer.data_sharding), jax.random.key(step_seed))
     losses.append(float(metrics['loss']))
   return losses, state
-
-
-def xla_flops(compiled: jax.stages.Compiled) -> float:
-  """FLOPs of a compiled computation from XLA's cost analysis."""
-  cost = compiled.cost_analysis()
-  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
