@@ -25,6 +25,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 from etils import epath
 import gin
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from spactor_jax import errors
@@ -230,6 +231,31 @@ def load_params(model_dir: str, initialised: Any, *, step: Optional[int] = None,
   log.info('loaded %d parameters from %s; %d new: %s', len(merged.loaded), where,
            len(merged.new), ', '.join(merged.new) or 'none')
   return merged
+
+
+def read_params(model_dir: str, step: Optional[int] = None) -> Tuple[int, Dict[str, np.ndarray]]:
+  """Every parameter of a run's checkpoint, on the host (export, inspection).
+
+  Args:
+    model_dir: the run's directory (its checkpoints in ``<model_dir>/checkpoints``).
+    step: the checkpoint's step; ``None``: the latest.
+
+  Returns:
+    ``(step, {'/'-joined parameter path: array})``, arrays in their stored
+    dtype and shape; nothing but ``params`` is read.
+
+  Raises:
+    ConfigError: no checkpoint (at ``step``) in ``model_dir``.
+  """
+  directory = _step_directory(model_dir, step)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(directory / 'state').item_metadata.tree
+    item = {'params': metadata['params']}
+    restore_args = jax.tree_util.tree_map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = checkpointer.restore(directory / 'state', args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  return int(directory.name), train_state.by_path(restored['params'])
 
 
 @gin.configurable
