@@ -15,6 +15,7 @@ _CORE = [
     'tensorflow-text>=2.21,<2.22',
     'tensorflow-datasets>=4.9.10',
     'sentencepiece>=0.2.0',
+    'safetensors>=0.4',
     'gin-config>=0.5.0',
     'tensorboard>=2.20',
     'numpy>=2.0',
@@ -45,6 +46,7 @@ setuptools.setup(
             'spactor-eval=spactor_jax.eval:main',
             'spactor-generate=spactor_jax.generate:main',
             'spactor-finetune=spactor_jax.finetune:main',
+            'spactor-convert=spactor_jax.convert:main',
         ],
     },
 )
