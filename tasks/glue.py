@@ -36,9 +36,9 @@ import tensorflow as tf
 from tensorflow_datasets.text import glue as tfds_glue
 from tensorflow_datasets.text import super_glue as tfds_super_glue
 
-from spactor_jax.errors import ConfigError
 from tasks import preprocessors
 from tasks import vocab as vocab_lib
+from tasks.tfds_sources import PreparedTfdsSource
 
 SUPER_GLUE = ('boolq', 'cb', 'copa', 'rte', 'wic')
 LABEL_FEATURE = {
@@ -51,43 +51,6 @@ LABEL_FEATURE = {
 def glue_vocabulary_path(path: str = vocab_lib.PDTEXT_MODEL_PATH) -> str:
   """The SentencePiece model of the GLUE / SuperGLUE tasks (read on first use)."""
   return path
-
-
-class PreparedTfdsSource(seqio.TfdsDataSource):
-  """A ``seqio.TfdsDataSource`` that says how to build missing data.
-
-  Its splits, shards, sizes and examples are read only after checking that
-  the TFDS dataset is prepared in the data directory; if it is not, a
-  one-line ``ConfigError`` names the ``tfds build`` command.
-  """
-
-  def _require_prepared(self) -> None:
-    builder = self.tfds_dataset.builder
-    if not builder.is_prepared():
-      name = self.tfds_dataset.name.split(':')[0]
-      root = builder.data_dir_root
-      raise ConfigError(
-          f'TFDS dataset {self.tfds_dataset.name} is not prepared in {root}; '
-          f'build it with `tfds build {name} --data_dir={root}` (downloads '
-          'once) or set TFDS_DATA_DIR to a directory that holds it')
-
-  @property
-  def splits(self):
-    if not self._splits:
-      self._require_prepared()
-    return super().splits
-
-  def get_dataset(self, *args, **kwargs) -> tf.data.Dataset:
-    self._require_prepared()
-    return super().get_dataset(*args, **kwargs)
-
-  def num_input_examples(self, split: str):
-    self._require_prepared()
-    return super().num_input_examples(split)
-
-  def list_shards(self, split: str) -> Sequence[str]:
-    self._require_prepared()
-    return super().list_shards(split)
 
 
 def texts_to_cls(dataset: tf.data.Dataset,
