@@ -364,3 +364,14 @@ def test_t5x_mistakes_are_one_error_line(t5_run, tmp_path, capsys, damage, words
   assert _convert('import_t5x', f'--checkpoint={tmp_path / "t5x"}', f'--gin_file={T5_GIN}',
                   f'--gin.MODEL_DIR={tmp_path / "new"}') == 2
   _assert_one_error(capsys, *words)
+
+
+@pytest.mark.parametrize('args, words', [
+    (['export'], ('first argument must be one of import_t5x, import_hf, export_hf, export_t5x',)),
+    (['import_t5x'], ('import_t5x needs --checkpoint=DIR',)),
+    (['export_hf', '--output=/tmp/x', '--checkpoint=/tmp/y'], ('does not take', '--step=...')),
+    (['export_t5x', '--output=/tmp/x', '--step=last'], ('--step=last must be a checkpoint step',)),
+])
+def test_wrong_arguments_are_one_error_line(tmp_path, capsys, args, words):
+  assert _convert(*args, f'--gin_file={T5_GIN}', f'--gin.MODEL_DIR={tmp_path}') == 2
+  _assert_one_error(capsys, *words)
