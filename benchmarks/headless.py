@@ -46,6 +46,7 @@ import numpy as np
 import common  # pylint: disable=g-bad-import-order  # puts the repository on sys.path
 # pylint: disable=g-import-not-at-top
 from spactor_jax import cwt
+from spactor_jax import generator as generator_lib
 from spactor_jax import losses
 from spactor_jax import network
 from spactor_jax.objectives import base
@@ -54,6 +55,11 @@ from spactor_jax.objectives import span_corruption
 
 PAPER_SPEEDUP = 2.13
 BIG_VOCAB = 50_000
+
+
+def _capacity(length: int) -> int:
+  """HeadlessMLM's default target slots per row (``capacity_fraction`` 0.2)."""
+  return generator_lib.selection_capacity(length, 0.2, factor=1.0, slack=0, multiple=1)
 
 
 class MaskedLMCrossEntropy(base.Objective):
@@ -75,8 +81,9 @@ class MaskedLMCrossEntropy(base.Objective):
     hidden = self.model(batch['encoder_input_tokens'], enable_dropout=enable_dropout)
     targets, weights = batch['encoder_target_tokens'], batch['encoder_mlm_mask']
     if self.selected_only:
-      capacity = headless.mlm_capacity(weights.shape[1], 0.2)
-      positions, weights = headless.gather_selected(weights, capacity)
+      capacity = _capacity(weights.shape[1])
+      positions, valid = generator_lib.selected_positions(weights, capacity)
+      weights = valid.astype(jnp.int32)
       hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
       targets = jnp.take_along_axis(targets, positions, axis=1)
     logits = self.model.attend(hidden).astype(jnp.float32)
@@ -185,7 +192,7 @@ def main(argv=None) -> Dict[str, object]:
     if setting == 'encoder':
       cfg = common.load_model_config('encoder_small').replace(vocab_size=BIG_VOCAB)
       batch = _batches(b, n, args.targets, big)['encoder']
-      k = headless.mlm_capacity(n, 0.2)
+      k = _capacity(n)
       steps = {'ce_all': common.CompiledStep(MaskedLMCrossEntropy(cfg, big), batch),
                'ce_selected': common.CompiledStep(MaskedLMCrossEntropy(cfg, big, selected_only=True), batch),
                'cwt': common.CompiledStep(headless.HeadlessMLM(cfg, big), batch)}

@@ -43,6 +43,7 @@ import common  # pylint: disable=g-bad-import-order  # puts the repository on sy
 import objective_step  # pylint: disable=g-bad-import-order
 # pylint: disable=g-import-not-at-top
 from spactor_jax.objectives import base
+from spactor_jax.objectives import blocks
 from spactor_jax.objectives import electra
 from spactor_jax.objectives import light_generators
 from spactor_jax.objectives import light_spactor
@@ -119,7 +120,7 @@ def corruption_flops(clusters_path: str, batch: Dict[str, np.ndarray]) -> Dict[s
                          method='sample')
 
   def rts(rng):
-    return light_generators.uniform_replacements(rng, originals.shape, VOCAB)
+    return blocks.uniform_replacements(rng, originals, VOCAB).samples
 
   def flops(fn):
     return common.xla_flops(jax.jit(fn).lower(jax.random.key(0)).compile())

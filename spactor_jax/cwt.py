@@ -25,14 +25,14 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
-from spactor_jax.objectives import base
+from spactor_jax import basics
 
 Array = jax.Array
 
 
 def _grouped(x: Array, num_groups: int) -> Array:
   """``[batch, n, ...]`` → ``[G, batch / G * n, ...]``: contiguous row blocks, flattened."""
-  blocks = base.in_groups(x, num_groups)  # [G, batch / G, n, ...]
+  blocks = basics.in_groups(x, num_groups)  # [G, batch / G, n, ...]
   return blocks.reshape((num_groups, -1) + x.shape[2:])
 
 

@@ -51,8 +51,7 @@ def _eval(flags: gin_utils.GinFlags, rest: List[str]) -> None:
   gin_utils.parse_with_tasks(flags)
   runtime.initialize()
   config = gin_utils.call(evaluation.EvalConfig)
-  head = getattr(config.run.curriculum.stages[-1].objective, 'prediction', None)
-  if head is not None:
+  if config.run.curriculum.stages[-1].objective.prediction is not None:
     result = downstream_eval.score_checkpoint(config)
   else:
     result = evaluation.evaluate_checkpoint(config)

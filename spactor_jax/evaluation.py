@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import os
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gin
 import jax
@@ -34,9 +34,6 @@ from spactor_jax import trainer as trainer_lib
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 from spactor_jax.train_state import TrainState
-
-if TYPE_CHECKING:  # training imports this module.
-  from spactor_jax import training
 
 
 @dataclasses.dataclass
@@ -160,7 +157,8 @@ class EvalConfig:
   """What to evaluate; bound in ``runs/eval.gin``.
 
   Attributes:
-    run: the run's configuration (model, curriculum, data, batch size, mesh).
+    run: the run's ``training.RunConfig`` (model, curriculum, data, batch
+      size, mesh); not imported here, since ``training`` imports this module.
     checkpoint_step: the checkpoint's step; ``None``: the latest.
     task: the held-out task; ``None``: the run's task.
     split: the held-out split, read unshuffled.
@@ -169,7 +167,7 @@ class EvalConfig:
     best: a fine-tuning run only: score its kept best parameters
       (``<model_dir>/best``) instead of a checkpoint of ``checkpoints/``.
   """
-  run: 'training.RunConfig' = gin.REQUIRED
+  run: Any = gin.REQUIRED
   checkpoint_step: Optional[int] = None
   task: Optional[str] = None
   split: str = 'validation'

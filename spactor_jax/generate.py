@@ -123,12 +123,13 @@ def check_has_head(params: Dict[str, Any], run: training.RunConfig, objective_na
 
 
 def perplexity(objective: base.Objective, params: Any, batches: Any) -> float:
-  """``exp(lm_loss)`` over the target tokens of ``batches`` (sums, not batch means)."""
+  """``exp`` of the objective's ``perplexity_metric`` over the target tokens of
+  ``batches`` (sums, not batch means)."""
   apply = jax.jit(lambda params, batch: objective.apply(
       {'params': params}, batch, objective.denominators(batch), enable_dropout=False)[1])
   total, count = 0.0, 0.0
   for batch in batches:
-    loss_sum, tokens = apply(params, dict(batch))['lm_loss']
+    loss_sum, tokens = apply(params, dict(batch))[objective.perplexity_metric]
     total += float(loss_sum)
     count += float(tokens)
   return math.exp(total / max(count, 1.0))
@@ -170,7 +171,7 @@ def generate(run: training.RunConfig, config: GenerateConfig) -> List[str]:
   restored = _restore_params(run, config.step, vocab)
   params, objective = restored['params'], restored['objective']
   if config.perplexity_batches:
-    if run.model_family != 'decoder' or not hasattr(objective, 'logit_scale'):
+    if run.model_family != 'decoder' or objective.perplexity_metric is None:
       raise errors.ConfigError('perplexity_batches needs a decoder-only checkpoint of an '
                                'LMTuning stage')
     data = dataclasses.replace(run.data, split='validation', shuffle=False)

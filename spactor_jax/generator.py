@@ -1,10 +1,11 @@
 """A small masked-language-model generator sharing its host's token embedding.
 
-Used by SpacTor (and reusable by ELECTRA-style objectives): the host model
-embeds the masked tokens, the ``Generator`` runs a shallow (and optionally
-narrower) bidirectional encoder over them, and ``tied_logits`` turns its
-output into vocabulary logits through the host's embedding table. Replaced
-tokens are drawn with ``gumbel_max_sample`` outside the gradient.
+Used by SpacTor, ELECTRA and COCO-LM (``blocks.learned_replacements``): the
+host model embeds the masked tokens, the ``Generator`` runs a shallow (and
+optionally narrower) bidirectional encoder over them, and the host's tied head
+(``network.TokenEmbeddingModel.tied_head``) turns its output into vocabulary
+logits. Replaced tokens are drawn with ``gumbel_max_sample`` outside the
+gradient.
 
 Only the selected positions need vocabulary logits. ``masked_lm_sample``
 computes the MLM loss, its accuracy and the samples from logits at the
@@ -33,11 +34,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spactor_jax import basics
 from spactor_jax import errors
 from spactor_jax import layers
 from spactor_jax import losses
 from spactor_jax import network
-from spactor_jax.objectives import base
 
 Array = jax.Array
 
@@ -118,21 +119,6 @@ class Generator(nn.Module):
   def _dense(self, features: int, axes: layers.Axes, name: str) -> layers.DenseGeneral:
     return layers.DenseGeneral(features, kernel_axes=axes, dtype=self.config.dtype,
                                param_dtype=self.config.param_dtype, name=name)
-
-
-def tied_logits(attend: Callable[[Array], Array], hidden: Array) -> Array:
-  """MLM logits through the shared embedding, T5X's tied-head scaling.
-
-  Args:
-    attend: the host's ``attend`` (``[..., emb] -> [..., vocab]``), or
-      ``functools.partial(layers.attend, table, dtype=...)``.
-    hidden: ``[batch, length, emb]``.
-
-  Returns:
-    ``[batch, length, vocab]`` float32 logits ``hidden @ E^T / sqrt(emb)``.
-  """
-  logits = attend(hidden).astype(jnp.float32) / jnp.sqrt(jnp.float32(hidden.shape[-1]))
-  return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
 
 
 def gumbel_max_sample(rng: Array, logits: Array, temperature: float,
@@ -216,15 +202,20 @@ def without_overflow_pass() -> Iterator[None]:
     _TRACE.overflow_pass = previous
 
 
-def selection_capacity(length: int, rate: float, factor: float = 1.5, slack: int = 8) -> int:
-  """Static per-row number of positions the sparse MLM head computes.
+def selection_capacity(length: int, rate: float, factor: float = 1.5, slack: int = 8,
+                       multiple: int = 8) -> int:
+  """Static per-row number of selected positions a sparse head computes.
 
-  ``min(length, round_up(ceil(rate * length * factor) + slack, 8))``: the
+  The one capacity rule of the package: the learned generators' and SLM's
+  vocabulary heads (the defaults) and headless MLM's CWT targets
+  (``factor=1, slack=0, multiple=1``: ``ceil(rate * length)``).
+
+  ``min(length, round_up(ceil(rate * length * factor) + slack, multiple))``: the
   expected selections per row (``rate * length``) with head-room ``factor``
   for rows whose packed examples select more (each example rounds its count
   up, so a row of ``k`` examples selects up to ``rate * length + k``), plus
-  ``slack`` for short rows, rounded to a multiple of 8 for the matmul
-  tiles. Rows that select more are still exact (``masked_lm_sample``); they
+  ``slack`` for short rows, rounded to a multiple of ``multiple`` (8 for the
+  matmul tiles). Rows that select more are still exact (``masked_lm_sample``); they
   only cost a dense pass. E.g. length 512 at rate 0.15: 128.
 
   Args:
@@ -232,6 +223,7 @@ def selection_capacity(length: int, rate: float, factor: float = 1.5, slack: int
     rate: expected fraction of positions selected, in ``(0, 1]``.
     factor: head-room over the expected count (>= 1).
     slack: positions added after the scaling.
+    multiple: the capacity is rounded up to a multiple of it.
 
   Raises:
     ConfigError: for a rate outside ``(0, 1]`` or a factor below 1.
@@ -240,7 +232,7 @@ def selection_capacity(length: int, rate: float, factor: float = 1.5, slack: int
     raise errors.ConfigError(f'selection rate {rate} must be in (0, 1] and capacity factor '
                              f'{factor} at least 1')
   capacity = math.ceil(rate * length * factor) + slack
-  return min(length, -(-capacity // 8) * 8)
+  return min(length, -(-capacity // multiple) * multiple)
 
 
 def selected_positions(mask: Array, capacity: int) -> Tuple[Array, Array]:
@@ -290,11 +282,11 @@ def masked_lm_sample(logits_fn: Callable[[Array], Array], hidden: Array, targets
                      mask: Array, denominator: Array, prefix: str, *, rng: Optional[Array],
                      temperature: float = 1.0, allowed: Optional[Array] = None,
                      capacity: Optional[int] = None
-                     ) -> Tuple[Array, base.Metrics, Array]:
+                     ) -> Tuple[Array, basics.Metrics, Array]:
   """MLM loss, accuracy and samples of a generator at the selected positions.
 
-  Equals ``blocks.masked_lm_loss(logits_fn(hidden), ...)`` plus
-  ``gumbel_max_sample`` at every position, but with ``capacity`` the
+  Equals the cross-entropy of ``logits_fn(hidden)`` at the selected positions
+  plus ``gumbel_max_sample`` at every position, but with ``capacity`` the
   vocabulary logits are computed only at each row's first ``capacity``
   selected positions (``[batch, capacity, vocab]`` instead of ``[batch,
   length, vocab]``). Selected positions beyond the capacity are scored and
@@ -306,8 +298,7 @@ def masked_lm_sample(logits_fn: Callable[[Array], Array], hidden: Array, targets
   Args:
     logits_fn: ``[batch, n, emb] -> [batch, n, vocab]`` float32 logits, a
       pure function (no Flax module calls: it may run inside ``lax.cond``),
-      e.g. ``lambda h: tied_logits(functools.partial(layers.attend, table,
-      dtype=dtype), h)``.
+      e.g. the host's ``tied_head()``.
     hidden: ``[batch, length, emb]`` generator output.
     targets: ``[batch, length]`` original ids.
     mask: ``[batch, length]`` 1 at the selected positions.
@@ -363,6 +354,6 @@ def masked_lm_sample(logits_fn: Callable[[Array], Array], hidden: Array, targets
       loss_sum, correct = loss_sum + extra_loss, correct + extra_correct
       samples = jnp.where(overflow, extra_samples, samples)
   count = jnp.sum(mask)
-  metrics = {f'{prefix}_loss': base.metric(loss_sum, count),
-             f'{prefix}_accuracy': base.metric(correct, count)}
+  metrics = {f'{prefix}_loss': basics.metric(loss_sum, count),
+             f'{prefix}_accuracy': basics.metric(correct, count)}
   return loss_sum / denominator, metrics, samples

@@ -270,6 +270,21 @@ def attend(table: Array, query: Array, dtype: DType) -> Array:
                  preferred_element_type=jnp.float32)
 
 
+def tied_logits(attend: Callable[[Array], Array], hidden: Array) -> Array:
+  """Vocabulary logits through a tied embedding, with T5X's scaling.
+
+  Args:
+    attend: ``[..., emb] -> [..., vocab]`` product with the embedding table
+      (``Embed.attend``, or ``functools.partial(attend, table, dtype=...)``).
+    hidden: ``[batch, length, emb]``.
+
+  Returns:
+    ``[batch, length, vocab]`` float32 logits ``hidden @ E^T / sqrt(emb)``.
+  """
+  logits = attend(hidden).astype(jnp.float32) / jnp.sqrt(jnp.float32(hidden.shape[-1]))
+  return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+
+
 def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool = True,
                              num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:
   """T5's bucketing of ``memory_position - query_position``.

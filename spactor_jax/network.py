@@ -20,6 +20,7 @@ packing is expressed with segment ids only.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
@@ -452,28 +453,19 @@ class Decoder(nn.Module):
     """``[batch, length, emb] -> [batch, length, vocab]`` float32 logits (the
     product in ``config.dtype``, accumulated in float32)."""
     if self.config.logits_via_embedding:
-      # T5X rescales tied logits by 1/sqrt(emb_dim).
-      logits = self.shared_embedding.attend(hidden) / jnp.sqrt(hidden.shape[-1])
+      logits = layers.tied_logits(self.shared_embedding.attend, hidden)
     else:
       logits = self.logits_dense(hidden)
     return nn.with_logical_constraint(logits.astype(jnp.float32),
                                       ('batch', 'length', 'vocab'))
 
 
-class EncoderDecoder(nn.Module):
-  """T5.1.1 encoder-decoder with a shared token embedding.
+class TokenEmbeddingModel(nn.Module):
+  """A network with a token embedding ``token_embedder`` that objectives read.
 
-  ``decode_length`` (None in training) switches on the decoder's caches
-  (``Decoder``; ``decoding.greedy_decode``).
+  Subclasses create ``token_embedder`` (``_make_embedder``) in ``setup``.
   """
   config: TransformerConfig
-  decode_length: Optional[int] = None
-
-  def setup(self) -> None:
-    self.token_embedder = _make_embedder(self.config)
-    self.encoder = Encoder(self.config, shared_embedding=self.token_embedder)
-    self.decoder = Decoder(self.config, shared_embedding=self.token_embedder,
-                           decode_length=self.decode_length)
 
   def embed(self, tokens: Array) -> Array:
     """``[batch, length]`` ids -> ``[batch, length, emb]`` (no dropout)."""
@@ -482,6 +474,32 @@ class EncoderDecoder(nn.Module):
   def attend(self, hidden: Array) -> Array:
     """``[batch, length, emb] -> [batch, length, vocab]``: hidden times the embedding."""
     return self.token_embedder.attend(hidden)
+
+  def tied_head(self) -> Callable[[Array], Array]:
+    """The tied vocabulary head as a pure function of the current table.
+
+    ``[batch, n, emb] -> [batch, n, vocab]`` float32 ``layers.tied_logits``
+    (T5X's ``1/sqrt(emb)``); it calls no module, so it may run inside
+    ``lax.cond`` or ``jax.checkpoint`` (``generator.masked_lm_sample``).
+    """
+    attend = functools.partial(layers.attend, self.token_embedder.embedding,
+                               dtype=self.config.dtype)
+    return functools.partial(layers.tied_logits, attend)
+
+
+class EncoderDecoder(TokenEmbeddingModel):
+  """T5.1.1 encoder-decoder with a shared token embedding.
+
+  ``decode_length`` (None in training) switches on the decoder's caches
+  (``Decoder``; ``decoding.greedy_decode``).
+  """
+  decode_length: Optional[int] = None
+
+  def setup(self) -> None:
+    self.token_embedder = _make_embedder(self.config)
+    self.encoder = Encoder(self.config, shared_embedding=self.token_embedder)
+    self.decoder = Decoder(self.config, shared_embedding=self.token_embedder,
+                           decode_length=self.decode_length)
 
   def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None, *,
              enable_dropout: bool = False,
@@ -521,21 +539,12 @@ class EncoderDecoder(nn.Module):
                        enable_dropout=enable_dropout)
 
 
-class EncoderOnly(nn.Module):
+class EncoderOnly(TokenEmbeddingModel):
   """Bidirectional encoder with its own token embedding (ELECTRA, COCO-LM, RTS)."""
-  config: TransformerConfig
 
   def setup(self) -> None:
     self.token_embedder = _make_embedder(self.config)
     self.encoder = Encoder(self.config, shared_embedding=self.token_embedder)
-
-  def embed(self, tokens: Array) -> Array:
-    """``[batch, length]`` ids -> ``[batch, length, emb]`` (no dropout)."""
-    return self.token_embedder(tokens.astype(jnp.int32))
-
-  def attend(self, hidden: Array) -> Array:
-    """``[batch, length, emb] -> [batch, length, vocab]``: hidden times the embedding."""
-    return self.token_embedder.attend(hidden)
 
   def __call__(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
                *, enable_dropout: bool = False,
@@ -545,26 +554,17 @@ class EncoderOnly(nn.Module):
                         enable_dropout=enable_dropout, input_embeddings=input_embeddings)
 
 
-class DecoderOnly(nn.Module):
+class DecoderOnly(TokenEmbeddingModel):
   """Causal LM with T5 relative position biases and no cross-attention.
 
   ``decode_length`` (None in training) switches on the decoder's KV cache.
   """
-  config: TransformerConfig
   decode_length: Optional[int] = None
 
   def setup(self) -> None:
     self.token_embedder = _make_embedder(self.config)
     self.decoder = Decoder(self.config, shared_embedding=self.token_embedder,
                            cross_attention=False, decode_length=self.decode_length)
-
-  def embed(self, tokens: Array) -> Array:
-    """``[batch, length]`` ids -> ``[batch, length, emb]`` (no dropout)."""
-    return self.token_embedder(tokens.astype(jnp.int32))
-
-  def attend(self, hidden: Array) -> Array:
-    """``[batch, length, emb] -> [batch, length, vocab]``: hidden times the embedding."""
-    return self.token_embedder.attend(hidden)
 
   def logits(self, hidden: Array) -> Array:
     """``[batch, length, emb] -> [batch, length, vocab]`` float32 logits

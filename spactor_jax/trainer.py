@@ -153,14 +153,9 @@ class Trainer:
     if not self.batch_coupled:
       return 1
     name = type(self.objective).__name__
-    negatives = getattr(self.objective, 'negatives', None)
-    if negatives not in base.NEGATIVES:
-      raise errors.ConfigError(
-          f'{name}.negatives is {negatives!r}; set it to one of {base.NEGATIVES} '
-          '(negatives from the whole batch or from each device\'s rows)')
-    groups = 1 if negatives == 'global' else partitioning.batch_divisor(self.mesh, self.rules)
-    log.info('%s: %s negatives, rows in %d group(s) of %d', name, negatives, groups,
-             next(iter(self.batch_spec.values()))[0][0] // groups)
+    groups = self.objective.negative_groups(partitioning.batch_divisor(self.mesh, self.rules))
+    log.info('%s: %s negatives, rows in %d group(s) of %d', name, self.objective.negatives,
+             groups, next(iter(self.batch_spec.values()))[0][0] // groups)
     return groups
 
   # --- state -----------------------------------------------------------------

@@ -23,7 +23,7 @@ import t5.data.preprocessors as t5_preprocessors
 import tensorflow as tf
 
 from tasks import vocab as vocab_lib
-from spactor_jax.objectives.base import VocabInfo
+from spactor_jax.basics import VocabInfo
 
 POLICIES = ('bert', 'mask', 'random')
 

@@ -5,7 +5,7 @@ import os
 import gin
 import seqio
 
-from spactor_jax.objectives.base import VocabInfo
+from spactor_jax.basics import VocabInfo
 
 NUM_SENTINELS = 100
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')

@@ -9,3 +9,9 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Both xdist workers (and the AOT subprocesses) load libtpu for compile-only
 # TPU topologies; without this the second one finds /tmp/libtpu_lockfile held.
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', 'slow: end-to-end runs and compiles of a minute or more; '
+      'pytest -m "not slow" runs the fast set')

@@ -303,7 +303,7 @@ def _sampled_loss_flops(length: int, capacity, counting: bool = False) -> float:
   mask = jnp.ones((batch, length), jnp.int32)
 
   def loss(hidden, table):
-    logits_fn = lambda h: generator_lib.tied_logits(
+    logits_fn = lambda h: layers.tied_logits(
         lambda x: layers.attend(table, x, jnp.float32), h)
     return generator_lib.masked_lm_sample(logits_fn, hidden, tokens, mask, jnp.float32(1), 'g',
                                           rng=jax.random.key(0), capacity=capacity)[0]

@@ -13,7 +13,6 @@ import helpers
 from spactor_jax import curriculum
 from spactor_jax import errors
 from spactor_jax import network
-from spactor_jax import partitioning
 from spactor_jax import training
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
@@ -421,24 +420,6 @@ def test_coco_lm_refuses_packed_batches_and_bad_settings():
     with pytest.raises(errors.ConfigError) as info:
       cls(**{'config': CONFIG, 'vocab': VOCAB, **kwargs})
     assert message in str(info.value).splitlines()[0]
-
-
-# -------------------------------------------------------------- meshes ---
-
-
-@pytest.mark.parametrize('name', ['mlm', 'electra', 'coco_lm'])
-def test_train_steps_on_a_fake_mesh_give_single_device_losses(name):
-  batches = [_batch(seed=s, packed=name != 'coco_lm') for s in range(2)]
-  # One layer: sharding is per layer alike, and compiling twice as many costs twice the time.
-  config = CONFIG.replace(num_encoder_layers=1)
-  objective = OBJECTIVES[name](config=config, vocab=VOCAB)  # COCO-LM: global negatives
-  spec = helpers.batch_spec(batches[0])
-  single = helpers.make_trainer(objective, spec, partitioning.MeshConfig(ici=(1, 1, 1)),
-                                jax.devices()[:1])
-  sharded = helpers.make_trainer(objective, spec, partitioning.MeshConfig(
-      ici=(2, 2, 2), logical_rules=partitioning.FSDP_RULES), jax.devices())
-  np.testing.assert_allclose(helpers.train_steps(sharded, batches)[0],
-                             helpers.train_steps(single, batches)[0], rtol=2e-5)
 
 
 # -------------------------------------------------------------- resume ---

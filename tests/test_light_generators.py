@@ -23,6 +23,7 @@ from spactor_jax import training
 from spactor_jax import validation
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
+from spactor_jax.objectives import blocks
 from spactor_jax.objectives import light_generators as lg
 from spactor_jax.objectives import light_spactor
 from spactor_jax.objectives import span_corruption
@@ -94,9 +95,10 @@ def _chi_square_p(draws, ids):
 
 def test_uniform_replacements_are_regular_ids_uniformly():
   vocab = base.VocabInfo(vocab_size=4068)  # the shipped corpus' vocabulary
-  ids = lg.regular_ids(vocab)
+  ids = blocks.regular_ids(vocab)
   assert ids[0] == 3 and ids[-1] == vocab.first_sentinel_id - 1 and len(ids) == 3965
-  draws = np.asarray(lg.uniform_replacements(jax.random.key(0), (400_000,), vocab))
+  draws = np.asarray(blocks.uniform_replacements(
+      jax.random.key(0), jnp.zeros((400_000,), jnp.int32), vocab).samples)
   assert not np.asarray(vocab.is_special(draws)).any()
   assert _chi_square_p(draws, ids) > 1e-3
   # The host-side corruption of the *_rts / *_slm tasks draws the same way.
@@ -389,7 +391,8 @@ def test_bad_clusters_are_one_line_errors(tmp_path):
     assert message in str(info.value).splitlines()[0]
   with pytest.raises(errors.ConfigError, match='min_count must be positive'):
     lg.CRTS(config=CONFIG, vocab=VOCAB, min_count=0.0)
-  with pytest.raises(errors.ConfigError, match='capacity factor 0.5 at least 1'):
+  with pytest.raises(errors.ConfigError,
+                     match='SLM.capacity_factor must be 0 or at least 1, got 0.5'):
     lg.SLM(config=CONFIG, vocab=VOCAB, capacity_factor=0.5)
 
 

@@ -323,38 +323,6 @@ def test_resume_before_and_after_tau_matches_uninterrupted(uninterrupted, tmp_pa
                          final, reference)
 
 
-# ------------------------------------------------------------- sharding ---
-
-
-def _trainer(mesh_config, devices, batch):
-  objective = spactor.SpacTor(config=CONFIG, vocab=VOCAB)
-  return helpers.make_trainer(objective, helpers.batch_spec(batch), mesh_config, devices)
-
-
-@pytest.fixture(scope='module')
-def single_device_run():
-  """Two batches and their hybrid steps on one device: every mesh's reference."""
-  batches = [_batch(seed=s) for s in range(2)]
-  single = _trainer(partitioning.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1], batches[0])
-  losses, state = helpers.train_steps(single, batches)
-  return batches, losses, jax.device_get(state.params)
-
-
-@pytest.mark.parametrize('ici', [(2, 2, 2), (1, 2, 4)])
-def test_hybrid_step_on_fake_meshes_gives_single_device_losses(ici, single_device_run):
-  batches, expected, expected_params = single_device_run
-  sharded = _trainer(partitioning.MeshConfig(ici=ici, logical_rules=partitioning.FSDP_RULES),
-                     jax.devices(), batches[0])
-  got, got_state = helpers.train_steps(sharded, batches)
-  np.testing.assert_allclose(got, expected, rtol=2e-5)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                         jax.device_get(got_state.params), expected_params)
-  # The generator and the RTD head are sharded like the rest of the model.
-  for kernel in (got_state.params['generator']['encoder']['layers_0']['mlp']['wi_0']['kernel'],
-                 got_state.params['rtd_head']['dense']['kernel']):
-    assert kernel.sharding.shard_shape(kernel.shape) != kernel.shape
-
-
 # ------------------------------------------- the AOT table's FLOPs formula ---
 
 

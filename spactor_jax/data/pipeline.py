@@ -30,7 +30,7 @@ from tasks.vocab import vocab_info
 from spactor_jax import errors
 from spactor_jax.data import feature_converters
 from spactor_jax.errors import ConfigError
-from spactor_jax.objectives.base import MODEL_FAMILIES
+from spactor_jax.basics import MODEL_FAMILIES
 
 __all__ = ['DataConfig', 'DataIterator', 'TextCorpus', 'make_iterator',
            'global_arrays', 'vocab_info', 'batch_spec', 'task_vocabulary']

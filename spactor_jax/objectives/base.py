@@ -74,89 +74,63 @@ extra forward pass (roughly a third of a step's compute), paid only with
 Held-out evaluation
 -------------------
 
-Held-out evaluation calls ``evaluate`` (default: ``__call__`` without
-dropout; the trainer adds ``coupled_loss`` for batch-coupled objectives) on a
-fixed set of batches with the denominators of the whole set, sums the losses
-and each metric's numerator and denominator over the set and divides once.
-Objectives over the encoder-decoder add ``heldout_sc_loss`` there, the
-span-corruption loss per target token of the unchanged input, so that runs
-with different objectives share one curve.
+Held-out evaluation calls ``evaluate`` (``__call__`` without dropout plus the
+``heldout_metrics`` hook; the trainer adds ``coupled_loss`` for batch-coupled
+objectives) on a fixed set of batches with the denominators of the whole set,
+sums the losses and each metric's numerator and denominator over the set and
+divides once. Objectives over the encoder-decoder with a vocabulary head add
+``heldout_sc_loss`` there, the span-corruption loss per target token of the
+unchanged input, so that runs with different objectives share one curve; the
+headless ones have no head to compute it with and report ``cwt_loss``.
 """
 
 import dataclasses
-from typing import Any, ClassVar, Dict, Mapping, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spactor_jax import basics
+from spactor_jax import errors
+
 Array = jax.Array
 Batch = Mapping[str, Array]
-Metric = Tuple[Array, Array]  # (numerator, denominator), both scalars.
-Metrics = Dict[str, Metric]
+Metric = basics.Metric
+Metrics = basics.Metrics
+VocabInfo = basics.VocabInfo
+MODEL_FAMILIES = basics.MODEL_FAMILIES
+metric = basics.metric
+in_groups = basics.in_groups
+safe_denominator = basics.safe_denominator
 
-MODEL_FAMILIES = ('encoder_decoder', 'encoder', 'decoder')
 COUPLED = 'coupled'  # the collection batch-coupled objectives sow into.
 NEGATIVES = ('global', 'device')  # where a batch-coupled loss takes negatives.
 
 
+def target_denominators(batch: Batch) -> Dict[str, Array]:
+  """``{'targets': ...}``: the decoder's target tokens (``decoder_loss_weights``) in ``batch``."""
+  return {'targets': safe_denominator(jnp.sum(batch['decoder_loss_weights']))}
+
+
 @dataclasses.dataclass(frozen=True)
-class VocabInfo:
-  """Special ids of a seqio vocabulary with sentinels.
-
-  Attributes:
-    vocab_size: ``vocabulary.vocab_size``, sentinels included. Ids
-      ``[vocab_size - num_sentinels, vocab_size)`` are the sentinels.
-    num_sentinels: number of ``<extra_id_k>`` sentinels (100 in T5).
-    pad_id: padding id (0 in T5).
-    eos_id: end-of-sequence id (1 in T5).
-    unk_id: unknown-piece id (2 in T5).
-  """
-  vocab_size: int
-  num_sentinels: int = 100
-  pad_id: int = 0
-  eos_id: int = 1
-  unk_id: int = 2
-
-  @property
-  def mask_id(self) -> int:
-    """The mask id: the first id after the vocabulary, inside the padded embedding."""
-    return self.vocab_size
-
-  @property
-  def cls_id(self) -> int:
-    """The sequence-level (CLS) id of encoder-only models: the mask id + 1.
-
-    Like the mask id it lies above the SentencePiece vocabulary and its
-    sentinels, inside the model's padded embedding (T5's 32100 ids embed in
-    32128 rows; the shipped corpus' 4068 in 4096), so no text piece is lost.
-    """
-    return self.vocab_size + 1
-
-  @property
-  def first_sentinel_id(self) -> int:
-    return self.vocab_size - self.num_sentinels
-
-  def is_special(self, tokens: Array) -> Array:
-    """True for pad, EOS, UNK, sentinels and ids at or above the mask id (CLS too)."""
-    return ((tokens == self.pad_id) | (tokens == self.eos_id) |
-            (tokens == self.unk_id) | (tokens >= self.first_sentinel_id))
+class Rule:
+  """A constraint on one field's value; a broken one is a ``ConfigError``
+  saying ``<Objective>.<field> must be <text>, got <value>``."""
+  text: str
+  holds: Callable[[Any], bool]
 
 
-def metric(numerator: Array, denominator: Array) -> Metric:
-  """A metric as a float32 (numerator, denominator) pair."""
-  return (jnp.asarray(numerator, jnp.float32),
-          jnp.asarray(denominator, jnp.float32))
+POSITIVE = Rule('positive', lambda value: value > 0)
+UNIT = Rule('in [0, 1]', lambda value: 0 <= value <= 1)
+OPEN_UNIT = Rule('in (0, 1]', lambda value: 0 < value <= 1)
+# A capacity factor: 0 (compute densely) or a head-room of at least 1.
+CAPACITY_FACTOR = Rule('0 or at least 1', lambda value: value == 0 or value >= 1)
 
 
-def in_groups(values: Array, num_groups: int) -> Array:
-  """``[batch, ...]`` → ``[num_groups, batch / num_groups, ...]`` contiguous blocks of rows."""
-  return values.reshape((num_groups, values.shape[0] // num_groups) + values.shape[1:])
-
-
-def safe_denominator(count: Array) -> Array:
-  """``max(count, 1)`` as float32, so empty batches give a zero loss, not NaN."""
-  return jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)
+def one_of(*values: Any) -> Rule:
+  """The value is one of ``values``."""
+  return Rule(' or '.join(repr(v) for v in values), lambda value: value in values)
 
 
 class Objective(nn.Module):
@@ -164,12 +138,49 @@ class Objective(nn.Module):
 
   Subclasses set ``model_family`` and ``input_features`` and implement
   ``denominators`` and ``__call__``; batch-coupled ones also set
-  ``batch_coupled`` and implement ``coupled_loss`` (see the module
-  docstring); ones with an ``objective_state`` may override ``settle_state``.
+  ``batch_coupled``, have a field ``negatives`` and implement
+  ``coupled_loss`` (see the module docstring); ones with an
+  ``objective_state`` may override ``settle_state``; ``heldout_metrics``
+  adds metrics to held-out evaluation.
+
+  Construction checks ``field_rules`` (``{field: Rule}``, merged over the
+  class hierarchy) and that the ``special_ids`` (names of ``VocabInfo``
+  properties, e.g. ``'mask_id'``) the objective feeds the model lie inside
+  ``config.vocab_size``; ``validate`` is the hook for any other check.
   """
   model_family: ClassVar[str] = ''
   input_features: ClassVar[Tuple[str, ...]] = ()
   batch_coupled: ClassVar[bool] = False
+  # Fine-tuning heads: how the head predicts ('text', 'class', 'choice').
+  prediction: ClassVar[Optional[str]] = None
+  # The metric whose exponential is the perplexity (LM-tuning), if any.
+  perplexity_metric: ClassVar[Optional[str]] = None
+  field_rules: ClassVar[Mapping[str, Rule]] = {}
+  special_ids: ClassVar[Tuple[str, ...]] = ()
+
+  def __post_init__(self):
+    name = type(self).__name__
+    rules = {}
+    for cls in reversed(type(self).__mro__):
+      rules.update(vars(cls).get('field_rules', {}))
+    for field, rule in rules.items():
+      value = getattr(self, field)
+      if not rule.holds(value):
+        raise errors.ConfigError(f'{name}.{field} must be {rule.text}, got {value!r}')
+    if self.special_ids:
+      ids = {special: getattr(self.vocab, special) for special in self.special_ids}
+      if max(ids.values()) >= self.config.vocab_size:
+        listed = ' and '.join(f"the {special.replace('_id', '')} id {value}"
+                              for special, value in ids.items())
+        raise errors.ConfigError(
+            f'{name} needs {listed} inside the model vocabulary; '
+            f'set TransformerConfig.vocab_size above {max(ids.values())}')
+    self.validate()
+    super().__post_init__()
+
+  @nn.nowrap
+  def validate(self) -> None:
+    """Checks that ``field_rules`` cannot say; raises a one-line ``ConfigError``."""
 
   def denominators(self, batch: Batch) -> Dict[str, Array]:
     """Per-term normalisers computed from the batch only (never from params).
@@ -235,8 +246,8 @@ class Objective(nn.Module):
     """The loss and metrics of one held-out batch, without dropout.
 
     The trainer applies this with the ``sample`` RNG stream fixed per eval
-    batch and discards any update of ``objective_state``. Override it to add
-    metrics that only make sense on held-out data, keeping ``__call__``'s.
+    batch and discards any update of ``objective_state``. It is ``__call__``
+    without dropout plus ``heldout_metrics``; override that hook, not this.
 
     Args:
       batch: features, each ``[batch, length]``.
@@ -244,6 +255,36 @@ class Objective(nn.Module):
         losses of its batches add up to the eval set's loss.
 
     Returns:
-      ``(loss, metrics)`` as ``__call__`` returns them.
+      ``(loss, metrics)`` as ``__call__`` returns them, plus the held-out ones.
     """
-    return self(batch, denominators, enable_dropout=False)
+    loss, metrics = self(batch, denominators, enable_dropout=False)
+    return loss, {**metrics, **self.heldout_metrics(batch, metrics)}
+
+  def heldout_metrics(self, batch: Batch, metrics: Metrics) -> Metrics:
+    """Metrics only held-out evaluation reports (default: none).
+
+    Args:
+      batch: the held-out batch, each feature ``[batch, length]``.
+      metrics: what ``__call__`` reported for it (without dropout).
+
+    Returns:
+      ``{name: (numerator, denominator)}``, names distinct from ``metrics``'.
+    """
+    del batch, metrics
+    return {}
+
+  @nn.nowrap
+  def negative_groups(self, batch_shards: int) -> int:
+    """Contiguous row blocks whose rows are each other's negatives in ``coupled_loss``.
+
+    1 for an objective that is not batch-coupled; a batch-coupled one has a
+    field ``negatives`` (``NEGATIVES``): 1 for ``'global'``, ``batch_shards``
+    (the mesh's batch shards) for ``'device'``.
+    """
+    if not self.batch_coupled:
+      return 1
+    if self.negatives not in NEGATIVES:
+      raise errors.ConfigError(
+          f'{type(self).__name__}.negatives is {self.negatives!r}; set it to one of '
+          f"{NEGATIVES} (negatives from the whole batch or from each device's rows)")
+    return 1 if self.negatives == 'global' else batch_shards

@@ -7,7 +7,8 @@ eligible tokens; the task's corrupted input is not read):
 1. Auxiliary MLM: every selected position becomes the mask id; the generator
    (``generator.Generator``: the main model's width, 1/3 of its depth,
    reading ``model/token_embedder``, its head tied to it) predicts them
-   (``L_aux_MLM``, per selected position). Replacements are Gumbel-max
+   (``L_aux_MLM``, per selected position; logits at the selected positions only,
+   ``blocks.learned_replacements``). Replacements are Gumbel-max
    samples of its softmax, without gradient and from a pass with dropout off.
 2. Corrective LM on the main model's output ``h`` for the replaced input
    ``x_in`` (``x_orig`` the originals):
@@ -45,7 +46,6 @@ import jax
 import jax.numpy as jnp
 
 from spactor_jax import errors
-from spactor_jax import generator as generator_lib
 from spactor_jax import layers
 from spactor_jax import losses
 from spactor_jax import network
@@ -156,14 +156,11 @@ class SCLHead(nn.Module):
   @nn.compact
   def __call__(self, cls_hidden: Array) -> Array:
     """``[rows, emb] -> [rows, emb]`` float32 sequence representations."""
-    cfg = self.config
-    x = layers.DenseGeneral(cfg.emb_dim, kernel_axes=('embed', 'mlp'), dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype, name='dense')(cls_hidden)
     return nn.LayerNorm(
-        dtype=jnp.float32, param_dtype=cfg.param_dtype,
+        dtype=jnp.float32, param_dtype=self.config.param_dtype,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('mlp',)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('mlp',)),
-        name='layer_norm')(nn.gelu(x))
+        name='layer_norm')(blocks.dense_gelu(self.config, cls_hidden))
 
 
 def corrective_lm_loss(gate_logits: Array, lm_logits: Array, inputs: Array, originals: Array,
@@ -202,15 +199,11 @@ def corrective_lm_loss(gate_logits: Array, lm_logits: Array, inputs: Array, orig
 
 
 @gin.configurable
-class COCOLM(base.Objective):
+class COCOLM(blocks.LearnedGeneratorObjective):
   """Auxiliary MLM + corrective LM + sequence contrastive learning.
 
-  Attributes:
-    config: the main network configuration (``EncoderOnly``).
-    vocab: special ids of the task's vocabulary.
-    generator_depth_fraction: auxiliary layers / main layers.
-    generator_width_fraction: auxiliary width / main width.
-    temperature: sampling temperature of the auxiliary softmax.
+  Attributes (besides ``blocks.LearnedGeneratorObjective``'s; ``config`` is
+  the main ``EncoderOnly``, the auxiliary MLM 1/3 of its depth at its width):
     crop_fraction: share of a sequence's tokens (after CLS) its crop keeps.
     scl_temperature: the cosine similarities are divided by it.
     negatives: ``'global'`` (the whole batch's views) or ``'device'`` (the
@@ -227,11 +220,6 @@ class COCOLM(base.Objective):
   ``coupled_loss``: ``scl_loss`` and ``scl_accuracy`` per view,
   ``scl_positive_cosine`` per row, ``scl_negative_cosine`` per negative pair.
   """
-  config: network.TransformerConfig
-  vocab: base.VocabInfo
-  generator_depth_fraction: float = 1 / 3
-  generator_width_fraction: float = 1.0
-  temperature: float = 1.0
   crop_fraction: float = 0.9
   scl_temperature: float = 1.0
   negatives: str = 'global'
@@ -243,26 +231,13 @@ class COCOLM(base.Objective):
   model_family = 'encoder'
   input_features = ('encoder_target_tokens', 'encoder_mlm_mask')
   batch_coupled: ClassVar[bool] = True
-
-  def __post_init__(self):
-    mlm.check_special_ids('COCOLM', self.config, self.vocab)
-    for name in ('temperature', 'scl_temperature'):
-      if getattr(self, name) <= 0:
-        raise errors.ConfigError(f'COCOLM.{name} must be positive, got {getattr(self, name)}')
-    if not 0.0 < self.crop_fraction <= 1.0:
-      raise errors.ConfigError(f'COCOLM.crop_fraction must be in (0, 1], got {self.crop_fraction}')
-    if self.negatives not in base.NEGATIVES:
-      raise errors.ConfigError(f"COCOLM.negatives must be 'global' or 'device', "
-                               f'got {self.negatives!r}')
-    generator_lib.generator_config(self.config, self.generator_depth_fraction,
-                                   self.generator_width_fraction)  # validates the fractions
-    super().__post_init__()
+  special_ids = ('mask_id', 'cls_id')
+  field_rules = {'scl_temperature': base.POSITIVE, 'crop_fraction': base.OPEN_UNIT,
+                 'negatives': base.one_of(*base.NEGATIVES)}
 
   def setup(self):
     self.model = network.EncoderOnly(self.config, name='model')
-    self.generator = generator_lib.Generator(
-        self.config, self.generator_depth_fraction, self.generator_width_fraction,
-        name='generator')
+    self.generator = self.make_generator()
     self.copy_gate = layers.DenseGeneral(1, kernel_axes=('embed', None), dtype=jnp.float32,
                                          param_dtype=self.config.param_dtype, name='copy_gate')
     self.lm_bias = self.param('lm_bias', nn.with_logical_partitioning(
@@ -281,28 +256,17 @@ class COCOLM(base.Objective):
     rows = jnp.sum(jnp.any(batch['encoder_target_tokens'] > 0, axis=1))
     return {**mlm.encoder_denominators(batch), 'views': base.safe_denominator(2 * rows)}
 
-  def _generator_logits(self, generator_input: Array, input_mask: Array,
-                        enable_dropout: bool) -> Array:
-    hidden = self.generator(self.model.embed(generator_input), input_mask,
-                            enable_dropout=enable_dropout)
-    return generator_lib.tied_logits(self.model.attend, hidden)  # [batch, length, vocab]
-
   def __call__(self, batch: base.Batch, denominators: Mapping[str, Array], *,
                enable_dropout: bool) -> Tuple[Array, base.Metrics]:
     self._check_unpacked(batch)
     tokens = batch['encoder_target_tokens']  # [batch, length]
     mlm_mask = batch['encoder_mlm_mask'].astype(jnp.bool_)
     non_pad = tokens > 0
-    generator_input = jnp.where(mlm_mask, self.vocab.mask_id, tokens)
-    logits = self._generator_logits(generator_input, non_pad, enable_dropout)
-    generator_loss, metrics = blocks.masked_lm_loss(
-        logits, tokens, mlm_mask, denominators['masked'], 'generator')
-    if enable_dropout and self.config.dropout_rate > 0:
-      logits = self._generator_logits(generator_input, non_pad, False)  # sampled without dropout
-    samples = generator_lib.gumbel_max_sample(
-        self.make_rng('sample'), logits, self.temperature,
-        blocks.sampleable_ids(self.vocab, self.config.vocab_size))
-    replaced, labels = blocks.corrupt(tokens, mlm_mask, samples)
+    replacements = self.learned(jnp.where(mlm_mask, self.vocab.mask_id, tokens), tokens,
+                                mlm_mask, denominators['masked'], enable_dropout=enable_dropout,
+                                sample_without_dropout=True)
+    replaced, labels = blocks.corrupt(tokens, mlm_mask, replacements.samples)
+    metrics = dict(replacements.metrics)
     cropped = crop_views(tokens, self.make_rng('sample'), self.crop_fraction, self.vocab.cls_id)
     self.sow('intermediates', 'replaced', replaced)
     self.sow('intermediates', 'cropped', cropped)
@@ -316,7 +280,7 @@ class COCOLM(base.Objective):
     original = 1 - labels
     copy_sum = losses.sigmoid_cross_entropy(gate_logits, original, non_pad)
     gate_hits = ((gate_logits > 0) == (original == 1)) & non_pad
-    lm_logits = generator_lib.tied_logits(self.model.attend, main) + self.lm_bias
+    lm_logits = self.model.tied_head()(main) + self.lm_bias
     lm_sum, lm_correct = corrective_lm_loss(gate_logits, lm_logits, replaced, tokens, mlm_mask)
     count, selected = jnp.sum(non_pad), jnp.sum(mlm_mask)
     metrics.update({
@@ -331,7 +295,7 @@ class COCOLM(base.Objective):
     self.sow('coupled', 'scl_replaced', representations[:batch_size])
     self.sow('coupled', 'scl_cropped', representations[batch_size:])
     self.sow('coupled', 'scl_weights', jnp.any(non_pad, axis=1).astype(jnp.float32))
-    loss = (self.generator_weight * generator_loss +
+    loss = (self.generator_weight * replacements.loss +
             self.copy_weight * copy_sum / denominators['tokens'] +
             self.lm_weight * lm_sum / denominators['masked'])
     return loss, metrics

@@ -28,7 +28,6 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from spactor_jax import errors
 from spactor_jax import layers
 from spactor_jax import losses
 from spactor_jax import network
@@ -62,7 +61,7 @@ class TextToText(base.Objective):
     self.model = network.EncoderDecoder(self.config, name='model')
 
   def denominators(self, batch: base.Batch) -> Dict[str, Array]:
-    return {'targets': base.safe_denominator(jnp.sum(batch['decoder_loss_weights']))}
+    return base.target_denominators(batch)
 
   def __call__(self, batch: base.Batch, denominators: Mapping[str, Array], *,
                enable_dropout: bool) -> Tuple[Array, base.Metrics]:
@@ -116,13 +115,9 @@ class Classification(base.Objective):
   input_features = ('encoder_input_tokens', 'label')
   prediction: ClassVar[str] = 'class'
 
-  def __post_init__(self):
-    if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or \
-        self.num_classes < 1:
-      raise errors.ConfigError(
-          f'Classification.num_classes must be a positive integer (1: regression), '
-          f'got {self.num_classes!r}')
-    super().__post_init__()
+  field_rules = {'num_classes': base.Rule(
+      'a positive integer (1: regression)',
+      lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 1)}
 
   def setup(self):
     self.model = network.EncoderOnly(self.config, name='model')

@@ -34,7 +34,6 @@ next-token cross-entropy through a new head initialised from the embedding)
 or ``SpanCorruption`` (T5), which add the head.
 """
 
-import math
 from typing import ClassVar, Dict, Mapping, Tuple
 
 import flax.linen as nn
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 
 from spactor_jax import cwt
 from spactor_jax import errors
+from spactor_jax import generator as generator_lib
 from spactor_jax import losses
 from spactor_jax import network
 from spactor_jax.objectives import base
@@ -53,22 +53,15 @@ from spactor_jax.objectives import span_corruption
 Array = jax.Array
 
 
-def check_cwt_settings(name: str, temperature: float, negatives: str) -> None:
-  """One-line ``ConfigError`` for a bad temperature or negatives choice."""
-  if temperature <= 0:
-    raise errors.ConfigError(f'{name}.cwt_temperature must be positive, got {temperature}')
-  if negatives not in base.NEGATIVES:
-    raise errors.ConfigError(
-        f"{name}.negatives must be 'global' or 'device', got {negatives!r}")
-
-
 class _CWTTerm:
   """The batch-coupled CWT term shared by the headless objectives.
 
-  The host class has fields ``cwt_temperature`` and ``negatives`` and a
-  ``targets`` denominator; ``cwt_weight`` scales the term (1 by default).
+  The host class has fields ``cwt_temperature`` and ``negatives`` (checked
+  by ``field_rules``) and a ``targets`` denominator; ``cwt_weight`` scales the
+  term (1 by default).
   """
   batch_coupled: ClassVar[bool] = True
+  field_rules = {'cwt_temperature': base.POSITIVE, 'negatives': base.one_of(*base.NEGATIVES)}
 
   @property
   def cwt_weight(self) -> float:
@@ -102,28 +95,6 @@ class _CWTTerm:
     return self.cwt_weight * loss_sum / denominators['targets'], metrics
 
 
-def mlm_capacity(length: int, capacity_fraction: float) -> int:
-  """Target slots per row: ``ceil(capacity_fraction * length)``."""
-  return max(1, math.ceil(capacity_fraction * length))
-
-
-def gather_selected(mask: Array, capacity: int) -> Tuple[Array, Array]:
-  """The first ``capacity`` selected positions of each row.
-
-  Args:
-    mask: ``[batch, length]`` 1 at selected positions.
-    capacity: slots per row (static).
-
-  Returns:
-    ``(positions, weights)``, both ``[batch, capacity]``: the selected
-    positions in order (then unselected ones), and 1 where a slot holds a
-    selected position.
-  """
-  selected = mask > 0
-  order = jnp.argsort(~selected, axis=-1, stable=True)[:, :capacity]
-  return order, jnp.take_along_axis(selected, order, axis=-1).astype(jnp.int32)
-
-
 @gin.configurable
 class HeadlessMLM(_CWTTerm, base.Objective):
   """Headless masked-LM on an encoder-only model.
@@ -147,18 +118,15 @@ class HeadlessMLM(_CWTTerm, base.Objective):
   model_family = 'encoder'
   input_features = ('encoder_input_tokens', 'encoder_target_tokens', 'encoder_mlm_mask')
 
-  def __post_init__(self):
-    check_cwt_settings('HeadlessMLM', self.cwt_temperature, self.negatives)
-    if not 0 < self.capacity_fraction <= 1:
-      raise errors.ConfigError(
-          f'HeadlessMLM.capacity_fraction must be in (0, 1], got {self.capacity_fraction}')
-    super().__post_init__()
+  field_rules = {'capacity_fraction': base.OPEN_UNIT}
 
   def setup(self):
     self.model = network.EncoderOnly(self.config, name='model')
 
   def _capacity(self, batch: base.Batch) -> int:
-    return mlm_capacity(batch['encoder_mlm_mask'].shape[1], self.capacity_fraction)
+    return generator_lib.selection_capacity(batch['encoder_mlm_mask'].shape[1],
+                                            self.capacity_fraction, factor=1.0, slack=0,
+                                            multiple=1)
 
   def denominators(self, batch: base.Batch) -> Dict[str, Array]:
     counts = jnp.sum(batch['encoder_mlm_mask'] > 0, axis=1)
@@ -170,8 +138,9 @@ class HeadlessMLM(_CWTTerm, base.Objective):
     mask = batch['encoder_mlm_mask']
     hidden = self.model(batch['encoder_input_tokens'], batch.get('encoder_segment_ids'),
                         enable_dropout=enable_dropout)  # [batch, length, emb]
-    positions, weights = gather_selected(mask, self._capacity(batch))  # [batch, capacity]
-    outputs = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    positions, valid = generator_lib.selected_positions(mask, self._capacity(batch))
+    weights = valid.astype(jnp.int32)  # [batch, capacity]
+    outputs = generator_lib.gather_positions(hidden, positions)
     targets = jnp.take_along_axis(batch['encoder_target_tokens'], positions, axis=1)
     self.sow_targets(outputs, self.model.embed(targets), weights)
     selected = jnp.sum(mask > 0)
@@ -197,15 +166,11 @@ class HeadlessCausalLM(_CWTTerm, base.Objective):
   model_family = 'decoder'
   input_features = ('decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights')
 
-  def __post_init__(self):
-    check_cwt_settings('HeadlessCausalLM', self.cwt_temperature, self.negatives)
-    super().__post_init__()
-
   def setup(self):
     self.model = network.DecoderOnly(self.config, name='model')
 
   def denominators(self, batch: base.Batch) -> Dict[str, Array]:
-    return {'targets': base.safe_denominator(jnp.sum(batch['decoder_loss_weights']))}
+    return base.target_denominators(batch)
 
   def __call__(self, batch: base.Batch, denominators: Mapping[str, Array], *,
                enable_dropout: bool) -> Tuple[Array, base.Metrics]:
@@ -242,15 +207,11 @@ class HeadlessSpanCorruption(_CWTTerm, base.Objective):
   model_family = 'encoder_decoder'
   input_features = span_corruption.SpanCorruption.input_features
 
-  def __post_init__(self):
-    check_cwt_settings('HeadlessSpanCorruption', self.cwt_temperature, self.negatives)
-    super().__post_init__()
-
   def setup(self):
     self.model = network.EncoderDecoder(self.config, name='model')
 
   def denominators(self, batch: base.Batch) -> Dict[str, Array]:
-    return {'targets': base.safe_denominator(jnp.sum(batch['decoder_loss_weights']))}
+    return base.target_denominators(batch)
 
   def __call__(self, batch: base.Batch, denominators: Mapping[str, Array], *,
                enable_dropout: bool) -> Tuple[Array, base.Metrics]:
@@ -277,13 +238,16 @@ class HeadlessSpacTor(_CWTTerm, spactor.SpacTor):
   cwt_temperature: float = 1.0
   negatives: str = 'device'
 
-  def __post_init__(self):
-    check_cwt_settings('HeadlessSpacTor', self.cwt_temperature, self.negatives)
-    super().__post_init__()
-
   @property
   def cwt_weight(self) -> float:
     return self.sc_weight
+
+  def heldout_metrics(self, batch: base.Batch, metrics: base.Metrics) -> base.Metrics:
+    """None: a headless model has no vocabulary head to compute SpacTor's
+    ``heldout_sc_loss`` with; its SC term is ``cwt_loss``, as
+    ``HeadlessSpanCorruption``'s, comparable across the switch."""
+    del batch, metrics
+    return {}
 
   def decoder_loss(self, encoded: Array, replaced: Array, batch: base.Batch,
                    denominators: Mapping[str, Array], *,
@@ -324,19 +288,20 @@ class LMTuning(base.Objective):
   model_family = 'decoder'
   input_features = HeadlessCausalLM.input_features
 
-  def __post_init__(self):
+  perplexity_metric = 'lm_loss'
+  field_rules = {'logit_scale': base.POSITIVE}
+
+  @nn.nowrap
+  def validate(self) -> None:
     if self.config.logits_via_embedding:
       raise errors.ConfigError(
           'LMTuning trains a new untied head; set TransformerConfig.logits_via_embedding = False')
-    if self.logit_scale <= 0:
-      raise errors.ConfigError(f'LMTuning.logit_scale must be positive, got {self.logit_scale}')
-    super().__post_init__()
 
   def setup(self):
     self.model = network.DecoderOnly(self.config, name='model')
 
   def denominators(self, batch: base.Batch) -> Dict[str, Array]:
-    return {'targets': base.safe_denominator(jnp.sum(batch['decoder_loss_weights']))}
+    return base.target_denominators(batch)
 
   def __call__(self, batch: base.Batch, denominators: Mapping[str, Array], *,
                enable_dropout: bool) -> Tuple[Array, base.Metrics]:

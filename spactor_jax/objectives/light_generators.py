@@ -20,7 +20,9 @@ so the task's corrupted ``inputs`` are not read:
   computed at those positions only (a static per-row capacity).
 
 A replacement equal to its original (possible for RTS and C-RTS) is labelled
-original.
+original by default (``label_rule='differs'``, ELECTRA's rule); the official
+RTS / C-RTS code labels every substituted position replaced
+(``label_rule='selected'``). docs/objectives.md compares the two.
 """
 
 import functools
@@ -35,7 +37,6 @@ import numpy as np
 
 from spactor_jax import errors
 from spactor_jax import generator as generator_lib
-from spactor_jax import layers
 from spactor_jax import network
 from spactor_jax.objectives import base
 from spactor_jax.objectives import blocks
@@ -45,18 +46,6 @@ Array = jax.Array
 PDTEXT_CLUSTERS_PATH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     'tasks', 'data', 'pdtext.clusters.txt')
-
-
-def regular_ids(vocab: base.VocabInfo) -> np.ndarray:
-  """The ids a replacement may be, ascending: not pad, EOS, UNK, a sentinel, mask or CLS."""
-  ids = np.arange(vocab.vocab_size)
-  return ids[~np.asarray(vocab.is_special(ids))]
-
-
-def uniform_replacements(rng: Array, shape: Tuple[int, ...], vocab: base.VocabInfo) -> Array:
-  """``shape`` int32 ids drawn uniformly from ``regular_ids(vocab)``."""
-  table = jnp.asarray(regular_ids(vocab), jnp.int32)
-  return table[jax.random.randint(rng, shape, 0, table.shape[0])]
 
 
 # ----------------------------------------------------------- clusters ---
@@ -167,6 +156,11 @@ class ClusterSampler(nn.Module):
     index = jax.random.randint(member_rng, clusters.shape, 0, sizes)
     return jnp.asarray(self.members)[clusters, index]
 
+  def replacements(self, rng: Array, originals: Array) -> blocks.Replacements:
+    """C-RTS's strategy: ``sample`` with ``metrics`` of the step-start counts."""
+    return blocks.Replacements(self.sample(rng, originals), jnp.zeros((), jnp.float32),
+                               self.metrics())
+
   def observe(self, originals: Array, replaced: Array, labels: Array, rtd_logits: Array) -> None:
     """Adds this batch's discriminator decisions to the counts.
 
@@ -214,6 +208,10 @@ class RTS(base.Objective):
     config: the encoder's network configuration.
     vocab: special ids of the task's vocabulary.
     rtd_weight: weight of the per-token RTD loss (ELECTRA's 50).
+    label_rule: ``'differs'`` (a draw equal to the original is labelled
+      original, ELECTRA's rule) or ``'selected'`` (every substituted
+      position is labelled replaced, as the official RTS / C-RTS code does);
+      ``blocks.LABEL_RULES``.
 
   Metrics: ``rtd_loss``, ``rtd_accuracy`` per regular (non-special) token,
   ``rtd_precision``, ``rtd_recall``, ``replaced_fraction`` (replaced /
@@ -224,9 +222,11 @@ class RTS(base.Objective):
   config: network.TransformerConfig
   vocab: base.VocabInfo
   rtd_weight: float = 50.0
+  label_rule: str = 'differs'
 
   model_family: ClassVar[str] = 'encoder'
   input_features: ClassVar[Tuple[str, ...]] = ('encoder_target_tokens', 'encoder_mlm_mask')
+  field_rules = {'label_rule': base.one_of(*blocks.LABEL_RULES)}
 
   def setup(self):
     self.model = network.EncoderOnly(self.config, name='model')
@@ -236,33 +236,25 @@ class RTS(base.Objective):
     regular = ~self.vocab.is_special(batch['encoder_target_tokens'])
     return {'rtd_tokens': base.safe_denominator(jnp.sum(regular))}
 
-  def replacements(self, originals: Array) -> Array:
-    """``[batch, length]`` a candidate replacement for every position."""
-    return uniform_replacements(self.make_rng('sample'), originals.shape, self.vocab)
+  def replacements(self, originals: Array) -> blocks.Replacements:
+    """The strategy's draws for ``[batch, length]`` originals."""
+    return blocks.uniform_replacements(self.make_rng('sample'), originals, self.vocab)
 
   def __call__(self, batch: base.Batch, denominators: Mapping[str, Array], *,
                enable_dropout: bool) -> Tuple[Array, base.Metrics]:
     originals = batch['encoder_target_tokens']
-    mlm_mask = batch['encoder_mlm_mask']
-    replaced, labels = blocks.corrupt(originals, mlm_mask, self.replacements(originals))
-    encoded = self.model(replaced, batch.get('encoder_segment_ids'),
-                         enable_dropout=enable_dropout)
-    rtd_logits = self.rtd_head(encoded)  # [batch, length]
-    self.sow('intermediates', 'replaced', replaced)
-    self.sow('intermediates', 'rtd_labels', labels)
-    self.sow('intermediates', 'rtd_logits', rtd_logits)
-    regular = ~self.vocab.is_special(originals)
-    metrics = blocks.rtd_metrics(rtd_logits, labels, regular)
-    metrics['replaced_fraction'] = base.metric(jnp.sum(labels), jnp.sum(regular))
-    metrics.update(self.observe(originals, replaced, labels, rtd_logits))
-    loss = self.rtd_weight * metrics['rtd_loss'][0] / denominators['rtd_tokens']
-    return loss, metrics
+    detection = blocks.replace_and_detect(
+        self, self.rtd_head,
+        lambda replaced: self.model(replaced, batch.get('encoder_segment_ids'),
+                                    enable_dropout=enable_dropout),
+        originals, batch['encoder_mlm_mask'], self.replacements(originals),
+        ~self.vocab.is_special(originals), denominators['rtd_tokens'], self.label_rule)
+    self.observe(originals, detection)
+    return self.rtd_weight * detection.loss, detection.metrics
 
-  def observe(self, originals: Array, replaced: Array, labels: Array,
-              rtd_logits: Array) -> base.Metrics:
-    """Updates the generator's statistics from the detector's decisions; returns its metrics."""
-    del originals, replaced, labels, rtd_logits
-    return {}
+  def observe(self, originals: Array, detection: blocks.Detection) -> None:
+    """Updates the generator's statistics from the detector's decisions (RTS: none)."""
+    del originals, detection
 
 
 @gin.configurable
@@ -273,6 +265,7 @@ class CRTS(RTS):
     config: the encoder's network configuration.
     vocab: special ids of the task's vocabulary.
     rtd_weight: weight of the per-token RTD loss.
+    label_rule: as ``RTS``'s.
     clusters_path: the vocabulary clustering (None: the shipped pdtext file).
     beta: softmax inverse temperature over a min-max normalised count row.
     min_count: floor of the counts, applied once per step by ``settle_state``.
@@ -285,23 +278,17 @@ class CRTS(RTS):
   beta: float = 2.0
   min_count: float = 1e-3
 
-  def __post_init__(self):
-    if self.min_count <= 0:
-      raise errors.ConfigError(f'CRTS.min_count must be positive, got {self.min_count}')
-    super().__post_init__()
+  field_rules = {'min_count': base.POSITIVE}
 
   def setup(self):
     super().setup()
     self.crts = ClusterSampler(self.vocab, self.clusters_path, self.beta, name='crts')
 
-  def replacements(self, originals: Array) -> Array:
-    return self.crts.sample(self.make_rng('sample'), originals)
+  def replacements(self, originals: Array) -> blocks.Replacements:
+    return self.crts.replacements(self.make_rng('sample'), originals)
 
-  def observe(self, originals: Array, replaced: Array, labels: Array,
-              rtd_logits: Array) -> base.Metrics:
-    metrics = self.crts.metrics()  # of the step-start counts
-    self.crts.observe(originals, replaced, labels, rtd_logits)
-    return metrics
+  def observe(self, originals: Array, detection: blocks.Detection) -> None:
+    self.crts.observe(originals, detection.replaced, detection.labels, detection.logits)
 
   @nn.nowrap
   def settle_state(self, state: Mapping[str, object]) -> Dict[str, object]:
@@ -338,10 +325,7 @@ class SLM(base.Objective):
   model_family: ClassVar[str] = 'encoder'
   input_features: ClassVar[Tuple[str, ...]] = ('encoder_target_tokens', 'encoder_mlm_mask')
 
-  def __post_init__(self):
-    if self.capacity_factor:
-      generator_lib.selection_capacity(1, self.selection_rate, self.capacity_factor)  # validates
-    super().__post_init__()
+  field_rules = {'selection_rate': base.OPEN_UNIT, 'capacity_factor': base.CAPACITY_FACTOR}
 
   def setup(self):
     self.model = network.EncoderOnly(self.config, name='model')
@@ -353,18 +337,13 @@ class SLM(base.Objective):
                enable_dropout: bool) -> Tuple[Array, base.Metrics]:
     originals = batch['encoder_target_tokens']
     mlm_mask = batch['encoder_mlm_mask']
-    samples = uniform_replacements(self.make_rng('sample'), originals.shape, self.vocab)
+    samples = blocks.uniform_replacements(self.make_rng('sample'), originals, self.vocab).samples
     replaced, _ = blocks.corrupt(originals, mlm_mask, samples)
     self.sow('intermediates', 'replaced', replaced)
     encoded = self.model(replaced, batch.get('encoder_segment_ids'),
                          enable_dropout=enable_dropout)  # [batch, length, emb]
-    capacity = None
-    if self.capacity_factor:
-      capacity = generator_lib.selection_capacity(originals.shape[1], self.selection_rate,
-                                                  self.capacity_factor)
-    attend = functools.partial(layers.attend, self.model.token_embedder.embedding,
-                               dtype=self.config.dtype)
     loss, metrics, _ = generator_lib.masked_lm_sample(
-        functools.partial(generator_lib.tied_logits, attend), encoded, originals, mlm_mask,
-        denominators['selected'], 'slm', rng=None, capacity=capacity)
+        self.model.tied_head(), encoded, originals, mlm_mask, denominators['selected'], 'slm',
+        rng=None, capacity=blocks.capacity(originals.shape[1], self.selection_rate,
+                                           self.capacity_factor))
     return loss, metrics

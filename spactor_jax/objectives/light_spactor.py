@@ -10,7 +10,8 @@ system has. On a span-corrupted batch of a ``*_spactor`` task:
    whose counts then follow the RTD head's decisions).
 2. The T5 encoder reads the replaced input; an RTD head predicts per token
    whether it was replaced (``L_RTD`` per non-padding encoder token, as in
-   SpacTor). A draw equal to the original is labelled original.
+   SpacTor). A draw equal to the original is labelled original unless
+   ``label_rule='selected'``.
 3. The decoder predicts the span-corruption targets (``L_SC``).
 
 ``loss = rtd_weight * L_RTD + sc_weight * L_SC``: there is no generator loss
@@ -27,7 +28,6 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from spactor_jax import errors
 from spactor_jax import network
 from spactor_jax.objectives import base
 from spactor_jax.objectives import blocks
@@ -53,6 +53,9 @@ class LightSpacTor(base.Objective):
     rtd_weight: ``λ_RTD``.
     sc_weight: ``λ_SC``.
     z_loss: T5X's z-loss coefficient of the decoder.
+    label_rule: ``'differs'`` (a draw equal to the original is original) or
+      ``'selected'`` (every substituted position is replaced, as the official
+      RTS / C-RTS code); ``blocks.LABEL_RULES``.
 
   Metrics: ``sc_loss``, ``sc_z_loss``, ``sc_accuracy`` per target token;
   ``rtd_loss``, ``rtd_accuracy`` per non-padding encoder token,
@@ -68,18 +71,14 @@ class LightSpacTor(base.Objective):
   rtd_weight: float = 50.0
   sc_weight: float = 1.0
   z_loss: float = 1e-4
+  label_rule: str = 'differs'
 
   model_family: ClassVar[str] = 'encoder_decoder'
   input_features: ClassVar[Tuple[str, ...]] = (
       span_corruption.SpanCorruption.input_features + ('encoder_mlm_mask',))
 
-  def __post_init__(self):
-    if self.generator not in GENERATORS:
-      raise errors.ConfigError(f'LightSpacTor.generator must be one of {GENERATORS}, '
-                               f'got {self.generator!r}')
-    if self.min_count <= 0:
-      raise errors.ConfigError(f'LightSpacTor.min_count must be positive, got {self.min_count}')
-    super().__post_init__()
+  field_rules = {'generator': base.one_of(*GENERATORS), 'min_count': base.POSITIVE,
+                 'label_rule': base.one_of(*blocks.LABEL_RULES)}
 
   def setup(self):
     self.model = network.EncoderDecoder(self.config, name='model')
@@ -90,7 +89,7 @@ class LightSpacTor(base.Objective):
 
   def denominators(self, batch: base.Batch) -> Dict[str, Array]:
     return {
-        'targets': base.safe_denominator(jnp.sum(batch['decoder_loss_weights'])),
+        **base.target_denominators(batch),
         'encoder_tokens': base.safe_denominator(jnp.sum(batch['encoder_input_tokens'] > 0)),
     }
 
@@ -100,31 +99,21 @@ class LightSpacTor(base.Objective):
     segment_ids = batch.get('encoder_segment_ids')
     rng = self.make_rng('sample')
     if self.generator == 'crts':
-      samples = self.crts.sample(rng, tokens)
+      replacements = self.crts.replacements(rng, tokens)
     else:
-      samples = light_generators.uniform_replacements(rng, tokens.shape, self.vocab)
-    replaced, labels = blocks.corrupt(tokens, batch['encoder_mlm_mask'], samples)
-    self.sow('intermediates', 'replaced', replaced)
-    self.sow('intermediates', 'rtd_labels', labels)
-
-    encoded = self.model.encode(replaced, segment_ids, enable_dropout=enable_dropout)
-    rtd_logits = self.rtd_head(encoded)  # [batch, length]
-    self.sow('intermediates', 'rtd_logits', rtd_logits)
-    non_pad = tokens > 0
-    metrics = blocks.rtd_metrics(rtd_logits, labels, non_pad)
-    metrics['replaced_fraction'] = base.metric(jnp.sum(labels), jnp.sum(non_pad))
+      replacements = blocks.uniform_replacements(rng, tokens, self.vocab)
+    detection = blocks.replace_and_detect(
+        self, self.rtd_head,
+        lambda replaced: self.model.encode(replaced, segment_ids, enable_dropout=enable_dropout),
+        tokens, batch['encoder_mlm_mask'], replacements, tokens > 0,
+        denominators['encoder_tokens'], self.label_rule)
     if self.generator == 'crts':
-      metrics.update(self.crts.metrics())  # of the step-start counts
-      self.crts.observe(tokens, replaced, labels, rtd_logits)
-    rtd_loss = metrics['rtd_loss'][0] / denominators['encoder_tokens']
-
-    decoder_logits = self.model.decode(
-        encoded, replaced, batch['decoder_input_tokens'], segment_ids,
-        batch.get('decoder_segment_ids'), enable_dropout=enable_dropout)
-    sc_loss, sc_metrics = span_corruption.span_corruption_loss(
-        decoder_logits, batch, denominators['targets'], self.z_loss)
-    metrics.update(sc_metrics)
-    return self.rtd_weight * rtd_loss + self.sc_weight * sc_loss, metrics
+      self.crts.observe(tokens, detection.replaced, detection.labels, detection.logits)
+    sc_loss, sc_metrics = span_corruption.decoder_loss(
+        self.model, detection.encoded, detection.replaced, batch, denominators['targets'],
+        self.z_loss, enable_dropout=enable_dropout)
+    loss = self.rtd_weight * detection.loss + self.sc_weight * sc_loss
+    return loss, {**detection.metrics, **sc_metrics}
 
   @nn.nowrap
   def settle_state(self, state: Mapping[str, object]) -> Dict[str, object]:

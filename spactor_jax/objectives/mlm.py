@@ -8,7 +8,7 @@ CLS id, which is never selected.
 
 ``loss = L_MLM``: vocabulary cross-entropy at the selected positions, per
 selected position, through a head tied to the token embedding with T5X's
-scaling (``h · Eᵀ / sqrt(d)``, ``generator.tied_logits``) and no bias — the
+scaling (``h · Eᵀ / sqrt(d)``, ``layers.tied_logits``) and no bias — the
 same head as the learned generators of ELECTRA, COCO-LM and SpacTor, in this
 codebase's bias-free T5.1.1 layers rather than BERT's dense + LayerNorm
 transform.
@@ -20,22 +20,11 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from spactor_jax import errors
 from spactor_jax import generator as generator_lib
 from spactor_jax import network
 from spactor_jax.objectives import base
-from spactor_jax.objectives import blocks
 
 Array = jax.Array
-
-
-def check_special_ids(objective: str, config: network.TransformerConfig,
-                      vocab: base.VocabInfo) -> None:
-  """Raises a one-line ``ConfigError`` unless the mask and CLS ids fit the embedding."""
-  if vocab.cls_id >= config.vocab_size:
-    raise errors.ConfigError(
-        f'{objective} needs the mask id {vocab.mask_id} and the CLS id {vocab.cls_id} inside '
-        f'the model vocabulary; set TransformerConfig.vocab_size above {vocab.cls_id}')
 
 
 def encoder_denominators(batch: base.Batch) -> Dict[str, Array]:
@@ -62,9 +51,7 @@ class MLM(base.Objective):
   model_family = 'encoder'
   input_features = ('encoder_input_tokens', 'encoder_target_tokens', 'encoder_mlm_mask')
 
-  def __post_init__(self):
-    check_special_ids('MLM', self.config, self.vocab)
-    super().__post_init__()
+  special_ids = ('mask_id', 'cls_id')
 
   def setup(self):
     self.model = network.EncoderOnly(self.config, name='model')
@@ -76,6 +63,7 @@ class MLM(base.Objective):
                enable_dropout: bool) -> Tuple[Array, base.Metrics]:
     hidden = self.model(batch['encoder_input_tokens'], batch.get('encoder_segment_ids'),
                         enable_dropout=enable_dropout)  # [batch, length, emb]
-    logits = generator_lib.tied_logits(self.model.attend, hidden)  # [batch, length, vocab]
-    return blocks.masked_lm_loss(logits, batch['encoder_target_tokens'],
-                                 batch['encoder_mlm_mask'], denominators['masked'], 'mlm')
+    loss, metrics, _ = generator_lib.masked_lm_sample(
+        self.model.tied_head(), hidden, batch['encoder_target_tokens'],
+        batch['encoder_mlm_mask'], denominators['masked'], 'mlm', rng=None)
+    return loss, metrics

@@ -32,7 +32,7 @@ class SpanCorruption(base.Objective):
     self.model = network.EncoderDecoder(self.config, name='model')
 
   def denominators(self, batch: base.Batch) -> Dict[str, jax.Array]:
-    return {'targets': base.safe_denominator(jnp.sum(batch['decoder_loss_weights']))}
+    return base.target_denominators(batch)
 
   def __call__(self, batch: base.Batch, denominators: Mapping[str, jax.Array], *,
                enable_dropout: bool) -> Tuple[jax.Array, base.Metrics]:
@@ -42,12 +42,10 @@ class SpanCorruption(base.Objective):
         enable_dropout=enable_dropout)
     return span_corruption_loss(logits, batch, denominators['targets'], self.z_loss)
 
-  def evaluate(self, batch: base.Batch, denominators: Mapping[str, jax.Array]
-               ) -> Tuple[jax.Array, base.Metrics]:
-    """``__call__`` without dropout plus ``heldout_sc_loss`` (= ``sc_loss``)."""
-    loss, metrics = self(batch, denominators, enable_dropout=False)
-    metrics['heldout_sc_loss'] = metrics['sc_loss']
-    return loss, metrics
+  def heldout_metrics(self, batch: base.Batch, metrics: base.Metrics) -> base.Metrics:
+    """``heldout_sc_loss``: ``sc_loss`` itself (the encoder reads the input as it is)."""
+    del batch
+    return {'heldout_sc_loss': metrics['sc_loss']}
 
 
 def heldout_sc_loss(model: network.EncoderDecoder, batch: base.Batch,
@@ -72,6 +70,29 @@ def heldout_sc_loss(model: network.EncoderDecoder, batch: base.Batch,
       batch.get('encoder_segment_ids'), batch.get('decoder_segment_ids'),
       enable_dropout=False)
   return span_corruption_loss(logits, batch, jnp.ones(()), z_loss)[1]['sc_loss']
+
+
+def decoder_loss(model: network.EncoderDecoder, encoded: jax.Array, encoder_tokens: jax.Array,
+                 batch: base.Batch, denominator: jax.Array, z_loss: float, *,
+                 enable_dropout: bool) -> Tuple[jax.Array, base.Metrics]:
+  """``L_SC`` of the hybrid objectives: the decoder on an encoder output.
+
+  Args:
+    model: the encoder-decoder.
+    encoded: ``[batch, in_len, emb]`` the encoder's output.
+    encoder_tokens: ``[batch, in_len]`` the ids the encoder read (replaced).
+    batch: span-corruption features (decoder inputs, targets, weights).
+    denominator: the full batch's target tokens.
+    z_loss: z-loss coefficient.
+    enable_dropout: training mode.
+
+  Returns:
+    ``span_corruption_loss``'s ``(loss, metrics)``.
+  """
+  logits = model.decode(encoded, encoder_tokens, batch['decoder_input_tokens'],
+                        batch.get('encoder_segment_ids'), batch.get('decoder_segment_ids'),
+                        enable_dropout=enable_dropout)
+  return span_corruption_loss(logits, batch, denominator, z_loss)
 
 
 def span_corruption_loss(logits: jax.Array, batch: base.Batch,
