@@ -223,6 +223,32 @@ def _is_zero(tree):
   return not any(np.any(np.asarray(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
 
 
+# (generator_selection_rate, generator_capacity_factor) at 64 positions: a capacity of 24
+# (no row overflows) and of 16 (rows with more selected positions take the dense fallback).
+SPARSE_HEADS = {'sparse': (0.15, 1.5), 'overflow': (0.05, 1.0)}
+
+
+@pytest.mark.parametrize('case', list(SPARSE_HEADS))
+@pytest.mark.parametrize('name', ['electra', 'coco_lm'])
+def test_sparse_generator_head_equals_the_dense_one(name, case):
+  """Logits at the selected positions only give the dense head's loss, metrics and draws."""
+  batch = _batch(length=64)
+  rate, factor = SPARSE_HEADS[case]
+  capacity = {'sparse': 24, 'overflow': 16}[case]
+  assert (batch['encoder_mlm_mask'].sum(1) > capacity).any() == (case == 'overflow')
+  dense = OBJECTIVES[name](config=CONFIG, vocab=VOCAB, generator_capacity_factor=0.0)
+  sparse = OBJECTIVES[name](config=CONFIG, vocab=VOCAB, generator_selection_rate=rate,
+                            generator_capacity_factor=factor)
+  params = helpers.init_variables(dense, batch)['params']
+  dense_loss, dense_metrics, dense_inter, _ = _apply(dense, params, batch)
+  sparse_loss, sparse_metrics, sparse_inter, _ = _apply(sparse, params, batch)
+  np.testing.assert_array_equal(sparse_inter['replaced'], dense_inter['replaced'])
+  np.testing.assert_allclose(sparse_loss, dense_loss, rtol=1e-6)
+  for metric in dense_metrics:
+    np.testing.assert_allclose(sparse_metrics[metric], dense_metrics[metric], rtol=1e-6,
+                               err_msg=metric)
+
+
 def test_electra_generator_gets_no_gradient_from_the_discriminator():
   batch = _batch()
   objective = electra.ELECTRA(config=CONFIG, vocab=VOCAB)

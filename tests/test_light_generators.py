@@ -107,19 +107,26 @@ def test_uniform_replacements_are_regular_ids_uniformly():
   assert _chi_square_p(host, ids) > 1e-3
 
 
-def test_rts_replaces_only_selected_positions_and_detects_over_regular_tokens():
+@pytest.mark.parametrize('label_rule', blocks.LABEL_RULES)
+def test_rts_replaces_only_selected_positions_and_detects_over_regular_tokens(label_rule):
   batch = _batch()
-  objective = lg.RTS(config=CONFIG, vocab=VOCAB)
+  objective = lg.RTS(config=CONFIG, vocab=VOCAB, label_rule=label_rule)
   loss, metrics, inter, _ = _apply(objective, _init(objective, batch), batch)
   originals, selected = batch['encoder_target_tokens'], batch['encoder_mlm_mask'] == 1
   replaced, labels = inter['replaced'], inter['rtd_labels']
   np.testing.assert_array_equal(replaced[~selected], originals[~selected])
   assert set(np.unique(replaced[selected])) <= set(REGULAR)
-  np.testing.assert_array_equal(labels, replaced != originals)
-  assert 0 < labels.sum() < selected.sum()  # 1 in 9 draws equals the original
+  assert 0 < (selected & (replaced == originals)).sum()  # 1 in 9 draws equals the original
+  # 'differs' (ELECTRA's rule): such a draw is original; 'selected' (the official RTS code):
+  # every substituted position is replaced.
+  expected = selected if label_rule == 'selected' else replaced != originals
+  np.testing.assert_array_equal(labels, expected)
+  labels = expected.astype(np.float64)
+  regular = (originals >= 3) & (originals < 12)  # not pad, EOS, CLS
+  np.testing.assert_allclose(_value(metrics['replaced_fraction']),
+                             labels.sum() / regular.sum(), rtol=1e-6)
 
   logits = inter['rtd_logits'].astype(np.float64)
-  regular = (originals >= 3) & (originals < 12)  # not pad, EOS, CLS
   bce = np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))
   expected = 50.0 * (bce * regular).sum() / regular.sum()
   np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
