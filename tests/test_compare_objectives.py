@@ -103,6 +103,7 @@ def _events(directory):
   return runs.read_scalars(directory)
 
 
+@pytest.mark.slow
 def test_runs_stop_at_the_budget_and_half_budget_at_half(comparison):
   out, results = comparison
   for name in OBJECTIVES:
@@ -129,6 +130,7 @@ def test_runs_stop_at_the_budget_and_half_budget_at_half(comparison):
     assert abs(spent - doubled / 2) < max(flops)
 
 
+@pytest.mark.slow
 def test_table_plots_and_json_are_written(comparison):
   out, results = comparison
   with open(os.path.join(out, 'results.json')) as f:
@@ -157,6 +159,7 @@ def test_table_plots_and_json_are_written(comparison):
   assert curve[-1][1] == pytest.approx(results['cells']['span_corruption/0']['pretrain']['flops'])
 
 
+@pytest.mark.slow
 def test_a_second_run_skips_finished_cells(comparison, capsys):
   out, results = comparison
   logs = {name: os.path.getsize(os.path.join(out, 'logs', name))
@@ -167,12 +170,14 @@ def test_a_second_run_skips_finished_cells(comparison, capsys):
   assert again['cells'] == results['cells']
 
 
+@pytest.mark.slow
 def test_a_different_budget_on_the_same_directory_is_refused(comparison):
   out, _ = comparison
   with pytest.raises(SystemExit, match='was made with budget'):
     compare_objectives.main(['--out', out, *ARGS[2:], '--budget', str(2 * BUDGET)])
 
 
+@pytest.mark.slow
 def test_finetune_phase_scores_a_checkpoint_from_its_finetune_metrics(comparison):
   out, _ = comparison
   args = [a for a in ARGS if a != '--no_finetune']

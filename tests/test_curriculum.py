@@ -183,6 +183,7 @@ def test_a_stage_with_its_own_optimizer_in_gin():
   np.testing.assert_allclose(updates['w'], -5e-5 * 2 / (2 + 1e-6), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_shape_change_at_a_switch_is_an_error_naming_the_path(tmp_path):
   stages = (curriculum.Stage(span_corruption.SpanCorruption, steps=1),
             curriculum.Stage(WideSpanCorruption))
@@ -214,6 +215,7 @@ def test_a_shape_change_at_a_switch_is_an_error_naming_the_path(tmp_path):
     train_state.init_from(state, [(HEAD, 'model/embedding', 'copy')], first.state_shardings.params)
 
 
+@pytest.mark.slow
 def test_a_trainable_pattern_freezes_the_rest_bit_for_bit(lm_tuning):
   before, after = _flat(helpers.raw_state(lm_tuning, 2)['params']), helpers.raw_state(lm_tuning, 4)
   params = _flat(after['params'])
@@ -228,6 +230,7 @@ def test_a_trainable_pattern_freezes_the_rest_bit_for_bit(lm_tuning):
   assert len(moments) == 2  # Adam's mu and nu
 
 
+@pytest.mark.slow
 def test_init_from_copies_the_embedding_transposed_then_they_part(lm_tuning):
   stored = _flat(helpers.raw_state(lm_tuning, 2)['params'])
   config = _run_config(lm_tuning, 5)
@@ -248,6 +251,7 @@ def test_init_from_copies_the_embedding_transposed_then_they_part(lm_tuning):
   assert np.abs(after[HEAD] - stored[EMBEDDING].T).max() > 0
 
 
+@pytest.mark.slow
 def test_a_stage_schedule_counts_from_the_stage_start(lm_tuning):
   rsqrt = lambda step: BASE_LR / np.sqrt(max(step, 1))
   expected = {1: rsqrt(0), 2: rsqrt(1),                       # the run's, steps 0 and 1
@@ -272,6 +276,7 @@ def test_a_stage_schedule_counts_from_the_stage_start(lm_tuning):
       {2}, {1}, {2}, {1}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('reset', [False, True])
 def test_reset_optimizer_zeroes_the_moments(lm_tuning, reset):
   # A fourth stage that keeps the third's optimizer, with or without a reset.
@@ -301,6 +306,7 @@ def test_reset_optimizer_zeroes_the_moments(lm_tuning, reset):
   assert _counts(moved.opt_state) == ({0} if reset else {2})
 
 
+@pytest.mark.slow
 def test_resume_in_any_stage_matches_the_uninterrupted_run(lm_tuning, tmp_path):
   # Stop inside the head-only stage (its masked optimizer state), resume
   # across the next switch. (Resuming at a switch: see the init_from test.)

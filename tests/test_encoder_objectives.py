@@ -457,6 +457,7 @@ def _run_config(name, model_dir, total_steps):
       (curriculum.Stage(OBJECTIVES[name]),), PD_CONFIG, total_steps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['mlm', 'electra', 'coco_lm'])
 def test_a_checkpoint_resumes_exactly(name, tmp_path):
   uninterrupted, resumed = tmp_path / 'uninterrupted', tmp_path / 'resumed'

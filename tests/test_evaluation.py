@@ -180,6 +180,7 @@ def trained(tmp_path_factory):
   return model_dir, lines.lines
 
 
+@pytest.mark.slow
 def test_in_loop_eval_writes_console_and_tensorboard(trained):
   model_dir, lines = trained
   evals = [line for line in lines if line.startswith('eval ')]
@@ -197,6 +198,7 @@ def test_in_loop_eval_writes_console_and_tensorboard(trained):
   assert sorted(train['loss']) == [1, 2, 3] and 'heldout_sc_loss' not in train
 
 
+@pytest.mark.slow
 def test_eval_command_prints_the_in_loop_metrics(trained):
   """A real subprocess restores step 3 and prints what the loop measured at step 3."""
   model_dir, _ = trained
@@ -219,6 +221,7 @@ def test_eval_command_prints_the_in_loop_metrics(trained):
     np.testing.assert_allclose(printed['metrics'][name], value, rtol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('binding,expected', [
     ('--gin.MODEL_DIR=/nonexistent/run', 'error: /nonexistent/run has no checkpoints/ folder'),
     ('--gin.CHECKPOINT_STEP=7', 'error: no checkpoint at step 7 in '),

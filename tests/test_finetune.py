@@ -187,6 +187,7 @@ def _read_json(path):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_loads_exactly_the_discriminator_and_initialises_the_head(electra_run, tmp_path):
   # Learning rate 0: the final parameters are the initial ones.
   config = _cls_config(tmp_path, electra_run, 1, learning_rate=0.0)
@@ -227,6 +228,7 @@ def cls_run(electra_run, tmp_path_factory):
   return model_dir, finetune.finetune(config, downstream_hook.DownstreamEval(every_steps=10))
 
 
+@pytest.mark.slow
 def test_classification_learns_a_separable_task_and_keeps_the_best_step(cls_run):
   model_dir, result = cls_run
   history = {}
@@ -250,6 +252,7 @@ def test_classification_learns_a_separable_task_and_keeps_the_best_step(cls_run)
     np.testing.assert_array_equal(value, at_best[path], err_msg=path)
 
 
+@pytest.mark.slow
 def test_eval_scores_the_kept_best_parameters_as_the_run_did(cls_run, electra_run):
   model_dir, result = cls_run
   config = evaluation.EvalConfig(
@@ -259,6 +262,7 @@ def test_eval_scores_the_kept_best_parameters_as_the_run_did(cls_run, electra_ru
   assert scored['metrics'] == result['test']['metrics']
 
 
+@pytest.mark.slow
 def test_resume_continues_its_own_state_without_reloading_the_init_checkpoint(
     cls_run, electra_run, tmp_path):
   straight, straight_result = cls_run
@@ -275,6 +279,7 @@ def test_resume_continues_its_own_state_without_reloading_the_init_checkpoint(
     np.testing.assert_array_equal(got[path], want[path], err_msg=path)
 
 
+@pytest.mark.slow
 def test_text_to_text_predictions_go_through_the_task_metric(t5_run, tmp_path):
   config = _config(tmp_path, t5_run, finetuning.TextToText, 'ft_test_t2t',
                    {'inputs': 16, 'targets': 4}, 2)
@@ -298,6 +303,7 @@ def test_text_to_text_predictions_go_through_the_task_metric(t5_run, tmp_path):
   assert right == {'accuracy': 100.0} and wrong == {'accuracy': 0.0}
 
 
+@pytest.mark.slow
 def test_choice_scoring_picks_the_most_likely_choice(tmp_path):
   data = pipeline.DataConfig('ft_test_choices', {'targets': 12}, pack=False,
                              feature_converter=downstream_features.ChoiceScoringFeatureConverter)
@@ -341,6 +347,7 @@ def test_choice_scores_go_through_the_task_score_metric():
   assert downstream_eval.score(prediction_set, 'choice', -right) == {'accuracy': 0.0}
 
 
+@pytest.mark.slow
 def test_choice_scoring_from_a_headless_decoder_gets_the_embedding_as_its_head(tmp_path):
   init_dir = _pretrain(tmp_path / 'headless', headless.HeadlessCausalLM, 'pdtext_causal_lm',
                        {'targets': 16}, 'decoder')

@@ -346,6 +346,7 @@ def _params_at(model_dir, step):
   return state['params']['model']
 
 
+@pytest.mark.slow
 def test_quickstart_headless_then_lm_tuning_then_generate(tmp_path, monkeypatch, capsys):
   """The LM-tuning head starts as the embedding transposed, then trains apart; the
   headless checkpoint is refused by generate, the LM-tuned one writes text."""

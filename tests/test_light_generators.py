@@ -363,6 +363,7 @@ def test_counts_are_the_same_on_meshes_and_micro_batches(deterministic_crts):
                                   err_msg=f'caught: {devices} devices, {micro} micro-batches')
 
 
+@pytest.mark.slow
 def test_counts_survive_a_checkpoint_exactly(tmp_path, pd_rts):
   iterator, vocab, batch = pd_rts
   objective = lg.CRTS(config=PD_CONFIG.replace(num_encoder_layers=1), vocab=vocab)
@@ -468,6 +469,7 @@ QUICKSTARTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(QUICKSTARTS))
 def test_quickstarts_bind_the_light_objectives_with_evaluation(name, monkeypatch):
   """Each quickstart parses, passes the binding checks and builds its run (nothing trains)."""

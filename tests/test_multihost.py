@@ -143,6 +143,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(runs):
   np.testing.assert_allclose(multi, single, rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_only_process_0_logs_and_writes_summaries(runs):
   events = sorted(os.listdir(os.path.join(runs['multi_dir'], 'train')))
   pid0, pid1 = runs['pids']
@@ -157,6 +158,7 @@ def test_only_process_0_logs_and_writes_summaries(runs):
   assert 'process 1/2' in p1 and ' step 1/' not in p1, _tail(runs['logs'][1])
 
 
+@pytest.mark.slow
 def test_every_process_writes_its_checkpoint_shards(runs):
   step_dir = os.path.join(runs['multi_dir'], 'checkpoints', str(STEPS))
   for index in range(2):
@@ -188,6 +190,7 @@ def test_seqio_shards_the_single_file_corpus_by_example():
   assert not set(shards[0]) & set(shards[1])
 
 
+@pytest.mark.slow
 def test_processes_read_different_batches():
   """What each process's iterator yields: no row in common."""
   config = pipeline.DataConfig(mixture_or_task_name=TASK,

@@ -171,6 +171,7 @@ DAMAGE = [
 ]
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_set_aside_and_the_newest_good_one_resumes(
     trained, tmp_path, capsys):
   """Every kind of damage at once, one per checkpoint: the run falls back past all."""
@@ -212,6 +213,7 @@ def test_damaged_checkpoints_are_set_aside_and_the_newest_good_one_resumes(
   assert _all_finite(resumed)
 
 
+@pytest.mark.slow
 def test_every_checkpoint_damaged_is_one_line_and_nonzero(trained, tmp_path, capsys):
   model_dir = str(tmp_path / 'run')
   os.makedirs(os.path.join(model_dir, 'checkpoints'))
@@ -229,6 +231,7 @@ def test_every_checkpoint_damaged_is_one_line_and_nonzero(trained, tmp_path, cap
 # --- failed saves ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_failed_saves_keep_committed_checkpoints_and_exit_nonzero(trained, tmp_path):
   model_dir = _copy(trained, tmp_path)
   before = _state(trained, BASE_STEPS)
@@ -301,6 +304,7 @@ HUGE_LR = ['--gin.RunConfig.learning_rate=@constant_schedule()',
            '--gin.CHECKPOINT_EVERY_STEPS=1', '--gin.TRAIN_STEPS=20']
 
 
+@pytest.mark.slow
 def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, capsys):
   model_dir = str(tmp_path / 'skip')
   status = _main(HUGE_LR + [f'--gin.MODEL_DIR={model_dir}',
@@ -320,6 +324,7 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, capsys):
     assert _all_finite(_state(model_dir, step)), step
 
 
+@pytest.mark.slow
 def test_nonfinite_stop_saves_nothing_and_names_the_step(tmp_path, capsys):
   model_dir = str(tmp_path / 'stop')
   status = _main(HUGE_LR + [f'--gin.MODEL_DIR={model_dir}',
@@ -360,6 +365,7 @@ def _signal_at_step(process, step, signals):
     process.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_a_checkpoint_and_exits_zero(signum, tmp_path):
   """Ctrl-C or a preempted job (SIGTERM): the step reached is checkpointed, exit 0."""
@@ -376,6 +382,7 @@ def test_a_signal_saves_a_checkpoint_and_exits_zero(signum, tmp_path):
   assert not any('Traceback' in l or 'KeyboardInterrupt' in l for l in lines), lines
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once_and_keeps_committed_checkpoints(tmp_path):
   model_dir = str(tmp_path / 'twice')
   # At step 6, step 4's save has waited for step 2's: step 2 is committed.

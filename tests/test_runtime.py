@@ -136,6 +136,7 @@ def test_inconsistent_settings_raise_config_error(kwargs, env, message,
 # ---- Real multi-process runs -----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('convention', ['spactor', 'slurm'])
 def test_two_processes_share_a_global_array(convention):
   port = helpers.free_port()
@@ -159,6 +160,7 @@ def test_two_processes_share_a_global_array(convention):
             'global cpu devices') in out, out
 
 
+@pytest.mark.slow
 def test_local_launcher_runs_processes_with_prefixed_logs(tmp_path):
   (tmp_path / 'distributed_check.py').write_text(_DISTRIBUTED_CHECK)
   env = _child_env(PYTHON=sys.executable,
@@ -173,6 +175,7 @@ def test_local_launcher_runs_processes_with_prefixed_logs(tmp_path):
   assert '[p1] ok sum=36.0 main=False process 1/2' in result.stdout
 
 
+@pytest.mark.slow
 def test_local_launcher_propagates_failure_and_stops_the_rest(tmp_path):
   (tmp_path / 'fake_train.py').write_text(textwrap.dedent("""
       import os, sys, time

@@ -248,6 +248,7 @@ def uninterrupted(tmp_path_factory):
   return model_dir
 
 
+@pytest.mark.slow
 def test_after_tau_state_has_no_generator_and_trains_span_corruption(uninterrupted):
   config = _run_config(uninterrupted, TAU + 2)
   before, after = helpers.raw_state(uninterrupted, TAU), helpers.raw_state(uninterrupted, TAU + 2)
@@ -308,6 +309,7 @@ def test_after_tau_state_has_no_generator_and_trains_span_corruption(uninterrupt
                          jax.device_get(moved.params), after['params'])
 
 
+@pytest.mark.slow
 def test_resume_before_and_after_tau_matches_uninterrupted(uninterrupted, tmp_path):
   # Stop before τ, resume past it (checkpoint after τ), resume to the end.
   for total in (TAU - 1, TAU + 1, TAU + 2):
