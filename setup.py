@@ -11,7 +11,9 @@ _CORE = [
     'orbax-checkpoint>=0.12.8,<0.13',
     'seqio>=0.0.20',
     't5>=0.9.4',
-    'tensorflow-cpu>=2.21,<2.22',
+    # tensorflow-text (which seqio needs) requires the `tensorflow` wheel; a second,
+    # `tensorflow-cpu`, would overwrite its files. GPUs are hidden from it (console.py).
+    'tensorflow>=2.21,<2.22',
     'tensorflow-text>=2.21,<2.22',
     'tensorflow-datasets>=4.9.10',
     'sentencepiece>=0.2.0',

@@ -31,6 +31,10 @@ import json
 import sys
 from typing import List, Optional, Sequence
 
+from spactor_jax import console
+
+console.quiet()  # before TensorFlow is imported or a jax backend starts
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from etils import epath
 
 from spactor_jax import downstream_hook
@@ -41,10 +45,32 @@ from spactor_jax import train
 from spactor_jax import training
 from spactor_jax import validation
 
+USAGE = """
+usage: python -m spactor_jax.finetune --gin_file=runs/finetune.gin --gin_file=ROUTE
+         --gin_file=MODEL --gin.INIT_CHECKPOINT=RUN --gin.MIXTURE_OR_TASK_NAME=TASK
+         --gin.MODEL_DIR=DIR [--gin.NAME=VALUE ...]
+
+Fine-tunes a pre-training run's checkpoint on a task and scores it with the task's
+metrics; run the same command again to resume. Flags as in spactor_jax.train
+(--gin_file, --gin.NAME=VALUE, --gin_bindings, --gin_search_paths, --tfds_data_dir).
+
+Macros a run needs (runs/finetune.gin): MODEL_DIR, INIT_CHECKPOINT (the pre-training
+run's MODEL_DIR), MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, TRAIN_STEPS; optional:
+BATCH_SIZE, LEARNING_RATE, EVAL_EVERY_STEPS. ROUTE is one of gin_configs/finetune/
+(text_to_text.gin for T5, classification.gin for encoders, choice_scoring.gin for decoders).
+
+examples:
+  python -m spactor_jax.finetune --gin_file=gin_configs/quickstart_finetune.gin \\
+    --gin.INIT_CHECKPOINT=/tmp/spactor_quickstart --gin.MODEL_DIR=/tmp/ft_quickstart
+  python -m spactor_jax.finetune --gin_file=runs/finetune.gin --gin_file=finetune/glue/rte_t2t.gin \\
+    --gin_file=models/base.gin --gin.INIT_CHECKPOINT=gs://bucket/spactor-base \\
+    --gin.TRAIN_STEPS=20000 --gin.MODEL_DIR=gs://bucket/rte --tfds_data_dir=gs://bucket/tfds
+"""
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Console entry point; returns the process exit status."""
-  return train.main(argv, run=_finetune)
+  return train.main(argv, run=_finetune, usage=USAGE)
 
 
 def _finetune(flags: gin_utils.GinFlags, rest: List[str]) -> None:

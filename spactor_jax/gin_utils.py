@@ -2,8 +2,12 @@
 
 Flags: ``--gin_file=F`` (repeatable), ``--gin.NAME=VALUE`` (repeatable; a
 bare word or path such as ``--gin.MODEL_DIR=/tmp/run`` needs no extra
-quotes), ``--gin_search_paths=a,b``. A mistake in a file or a binding ends
-in ``ConfigError`` naming the file (or flag) and the binding.
+quotes), T5X's ``--gin_bindings='NAME = VALUE'`` (repeatable, gin syntax),
+``--gin_search_paths=a,b`` and T5X's ``--tfds_data_dir=DIR`` (where TFDS
+data sets are read). A mistake in a file or a binding ends in
+``ConfigError`` naming the file (or flag) and the binding, with the nearest
+valid names for an unknown one (``gin_names``); a bound macro that no gin
+file reads is refused the same way.
 """
 
 import dataclasses
@@ -12,11 +16,12 @@ import os
 import re
 import sys
 import tokenize
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import gin
 
 from spactor_jax import errors
+from spactor_jax import gin_names
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SEARCH_PATHS = (os.getcwd(), os.path.join(_PACKAGE_ROOT, 'gin_configs'),
@@ -28,6 +33,12 @@ class GinFlags:
   files: List[str] = dataclasses.field(default_factory=list)
   bindings: List[str] = dataclasses.field(default_factory=list)
   search_paths: List[str] = dataclasses.field(default_factory=list)
+  tfds_data_dir: Optional[str] = None
+  # The flag each binding came from, as typed (for error messages).
+  origins: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+  def flag_of(self, binding: str) -> str:
+    return self.origins.get(binding) or f'--gin.{binding.replace(" = ", "=", 1)}'
 
 
 def split_flags(argv: Sequence[str]) -> Tuple[GinFlags, List[str]]:
@@ -40,7 +51,7 @@ def split_flags(argv: Sequence[str]) -> Tuple[GinFlags, List[str]]:
   while args:
     arg = args.pop(0)
     name, has_value, value = arg.partition('=')
-    is_gin = name in ('--gin_file', '--gin_search_paths') or name.startswith('--gin.')
+    is_gin = name in _VALUE_FLAGS or name.startswith('--gin.')
     if is_gin and not has_value:
       if not args:
         raise errors.ConfigError(f'flag {name} needs a value, e.g. {name}=...')
@@ -49,6 +60,11 @@ def split_flags(argv: Sequence[str]) -> Tuple[GinFlags, List[str]]:
       flags.files.append(value)
     elif name == '--gin_search_paths':
       flags.search_paths.extend(p for p in value.split(',') if p)
+    elif name == '--gin_bindings':
+      flags.bindings.append(value)
+      flags.origins[value] = f'--gin_bindings={value}'
+    elif name == '--tfds_data_dir':
+      flags.tfds_data_dir = value
     elif name.startswith('--gin.'):
       flags.bindings.append(f'{name[len("--gin."):]} = {_literal(value)}')
     else:
@@ -56,6 +72,7 @@ def split_flags(argv: Sequence[str]) -> Tuple[GinFlags, List[str]]:
   return flags, rest
 
 
+_VALUE_FLAGS = ('--gin_file', '--gin_search_paths', '--gin_bindings', '--tfds_data_dir')
 _GIN_VALUE_START = re.compile(r"""^\s*([-+\d.'"\[\(\{@%]|True$|False$|None$|inf$|nan$)""")
 
 
@@ -103,17 +120,19 @@ def parse(flags: GinFlags) -> None:
       gin.parse_config_file(resolved)
     except Exception as exc:  # gin raises many exception types.
       where = _location(exc) or resolved
-      raise errors.ConfigError(f'{where}: {errors.first_line(exc)}') from None
+      raise errors.ConfigError(
+          f'{where}: {gin_names.hint(errors.first_line(exc))}') from None
   for binding in flags.bindings:
     try:
       gin.parse_config(binding)
     except Exception as exc:  # gin raises many exception types.
-      flag = f'--gin.{binding.replace(" = ", "=", 1)}'
+      flag = flags.flag_of(binding)
       if isinstance(exc, (SyntaxError, tokenize.TokenError)):
         raise errors.ConfigError(
             f'{flag}: the value is not valid gin (a Python literal, '
             '@configurable or %MACRO)') from None
-      raise errors.ConfigError(f'{flag}: {errors.first_line(exc)}') from None
+      raise errors.ConfigError(f'{flag}: {gin_names.hint(errors.first_line(exc))}') from None
+  gin_names.check_macros({b: flags.flag_of(b) for b in flags.bindings})
   try:
     gin.finalize()
   except ValueError as exc:
@@ -163,11 +182,14 @@ def parse_with_tasks(flags: GinFlags) -> None:
     raise errors.ConfigError(
         'no --gin_file given; try --gin_file=gin_configs/quickstart.gin')
   import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  if flags.tfds_data_dir:
+    import seqio  # pylint: disable=g-import-not-at-top
+    seqio.set_tfds_data_dir_override(flags.tfds_data_dir)
   parse(flags)
 
 
 def run_main(body: Callable[[GinFlags, List[str]], None],
-             argv: Optional[Sequence[str]] = None) -> int:
+             argv: Optional[Sequence[str]] = None, usage: Optional[str] = None) -> int:
   """The shared shape of the entry points' ``main``.
 
   Sets up logging, splits the gin flags from the other arguments and calls
@@ -177,11 +199,15 @@ def run_main(body: Callable[[GinFlags, List[str]], None],
   Args:
     body: the entry point's work; it parses ``other_args`` itself.
     argv: arguments without the program name (default ``sys.argv[1:]``).
+    usage: printed for ``--help`` / ``-h`` (then nothing else runs).
 
   Returns:
     The process exit status: 0, or 2 after a configuration error.
   """
   argv = sys.argv[1:] if argv is None else list(argv)
+  if usage is not None and ('--help' in argv or '-h' in argv):
+    print(usage.strip())
+    return 0
   setup_logging()
   try:
     flags, rest = split_flags(argv)
