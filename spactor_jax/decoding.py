@@ -3,16 +3,21 @@
 Decoder-only (``network.DecoderOnly``): the model reads ``[0] + prompt`` one
 position per step through its KV cache (``decode_length`` slots; prompts of
 different lengths share the steps, a row's prompt tokens are forced until it
-is exhausted) and then its own choices: greedy (``temperature = 0``) or
-sampled from ``softmax(logits / temperature)`` restricted to the ``top_k``
-most likely ids. Rows stop at EOS; later positions are padding (0).
+is exhausted) and then its own choices (``choose``). Rows stop at EOS; later
+positions are padding (0).
 
-Encoder-decoder (``network.EncoderDecoder``): ``greedy_decode`` runs the
+Encoder-decoder (``network.EncoderDecoder``): ``decode_targets`` runs the
 encoder once, projects its output to the cross-attention keys and values of
 every decoder layer once, and then decodes one position per step through the
 decoder's self-attention KV cache (T5's relative position bias of the step's
-query row); ``fill_spans`` puts predicted spans back in place of the input's
-sentinels.
+query row), choosing the same way; ``fill_spans`` puts predicted spans back
+in place of the input's sentinels.
+
+Choosing: the network's logits times ``logit_scale`` (the factor the objective
+applied in training, e.g. ``LMTuning.logit_scale``; 1 for the others) are the
+model's logits. ``temperature = 0`` takes their argmax; otherwise a sample of
+``softmax(logits / temperature)`` restricted to the ``top_k`` most likely ids
+and to the fewest most likely ids whose probability reaches ``top_p``.
 """
 
 import functools
@@ -80,12 +85,14 @@ def _encdec_step_logits(model: network.EncoderDecoder, params: Params, cache: An
   return logits[:, 0], variables['cache']
 
 
-def choose(logits: Array, rng: Array, temperature: float, top_k: int) -> Array:
-  """Next ids ``[batch]`` from ``[batch, vocab]`` logits.
+def choose(logits: Array, rng: Array, temperature: float, top_k: int = 0,
+           top_p: float = 1.0) -> Array:
+  """Next ids ``[batch]`` from ``[batch, vocab]`` logits (already scaled).
 
   ``temperature == 0`` is greedy (argmax); otherwise a sample of
   ``softmax(logits / temperature)`` over the ``top_k`` largest logits
-  (``top_k == 0``: all ids).
+  (``top_k == 0``: all ids) and, of those, the fewest most likely whose
+  probabilities sum to at least ``top_p`` (nucleus sampling; 1: all).
   """
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -93,13 +100,20 @@ def choose(logits: Array, rng: Array, temperature: float, top_k: int) -> Array:
   if top_k:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    probabilities = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probabilities, axis=-1) - probabilities  # mass of the likelier ids
+    smallest_kept = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < smallest_kept, -jnp.inf, logits)
   return jax.random.categorical(rng, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'temperature', 'top_k', 'eos_id'))
+@functools.partial(jax.jit, static_argnames=('model', 'temperature', 'top_k', 'top_p',
+                                             'logit_scale', 'eos_id'))
 def generate(model: network.DecoderOnly, params: Params, prompts: Array, prompt_lengths: Array,
-             rng: Array, *, temperature: float = 0.0, top_k: int = 0,
-             eos_id: int = 1) -> Array:
+             rng: Array, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             logit_scale: float = 1.0, eos_id: int = 1) -> Array:
   """Continues each prompt up to ``model.decode_length`` tokens.
 
   Args:
@@ -110,6 +124,8 @@ def generate(model: network.DecoderOnly, params: Params, prompts: Array, prompt_
     rng: sampling key (unused when greedy).
     temperature: 0 for greedy decoding, else the sampling temperature.
     top_k: sample among this many most likely ids (0: all).
+    top_p: sample among the fewest most likely ids holding this probability (1: all).
+    logit_scale: the factor training applied to the head's logits.
     eos_id: a row stops after emitting it.
 
   Returns:
@@ -123,7 +139,7 @@ def generate(model: network.DecoderOnly, params: Params, prompts: Array, prompt_
     cache, previous, done, rng = carry
     rng, key = jax.random.split(rng)
     logits, cache = _step_logits(model, params, cache, previous)
-    chosen = choose(logits, key, temperature, top_k)
+    chosen = choose(logits * logit_scale, key, temperature, top_k, top_p)
     forced = position < prompt_lengths
     token = jnp.where(forced, prompts[:, position], jnp.where(done, 0, chosen))
     done = done | (~forced & (token == eos_id))
@@ -135,10 +151,12 @@ def generate(model: network.DecoderOnly, params: Params, prompts: Array, prompt_
   return tokens.T  # [batch, length]
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_length', 'eos_id'))
-def greedy_decode(model: network.EncoderDecoder, params: Params, inputs: Array,
-                  max_length: int, eos_id: int = 1) -> Array:
-  """Greedy encoder-decoder targets, KV-cached.
+@functools.partial(jax.jit, static_argnames=('model', 'max_length', 'temperature', 'top_k',
+                                             'top_p', 'logit_scale', 'eos_id'))
+def decode_targets(model: network.EncoderDecoder, params: Params, inputs: Array,
+                   max_length: int, rng: Array, *, temperature: float = 0.0, top_k: int = 0,
+                   top_p: float = 1.0, logit_scale: float = 1.0, eos_id: int = 1) -> Array:
+  """Encoder-decoder targets, KV-cached: greedy or sampled (``choose``).
 
   The encoder runs once and each decoder layer projects its output to
   cross-attention keys and values once; then one position per step through
@@ -151,6 +169,8 @@ def greedy_decode(model: network.EncoderDecoder, params: Params, inputs: Array,
     params: its parameters.
     inputs: ``[batch, in_len]`` int32 encoder input ids (0 = padding).
     max_length: decoded positions.
+    rng: sampling key (unused when greedy).
+    temperature, top_k, top_p, logit_scale: as in ``generate``.
     eos_id: a row stops after emitting it.
 
   Returns:
@@ -158,33 +178,35 @@ def greedy_decode(model: network.EncoderDecoder, params: Params, inputs: Array,
   """
   model = model.clone(decode_length=max_length)
   batch, input_length = inputs.shape
+  pick = lambda logits, key: choose(logits * logit_scale, key, temperature, top_k, top_p)
   encoded = model.apply({'params': params}, inputs, method=lambda m, x: m.encode(x))
   cache = init_cache(model, batch, input_length)
   logits, cache = _encdec_step_logits(model, params, cache, inputs, encoded,
                                       jnp.zeros((batch,), jnp.int32))
-  first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  rng, key = jax.random.split(rng)
+  first = pick(logits, key)
   targets = jnp.zeros((batch, max_length), jnp.int32).at[:, 0].set(first)
 
   def not_finished(carry):
-    _, _, position, _, done = carry
+    _, _, position, _, done, _ = carry
     return (position < max_length) & ~jnp.all(done)
 
   def step(carry):
-    cache, targets, position, previous, done = carry
+    cache, targets, position, previous, done, rng = carry
+    rng, key = jax.random.split(rng)
     logits, cache = _encdec_step_logits(model, params, cache, inputs, None, previous)
-    token = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    token = jnp.where(done, 0, pick(logits, key))
     targets = jax.lax.dynamic_update_slice_in_dim(targets, token[:, None], position, axis=1)
-    return cache, targets, position + 1, token, done | (token == eos_id)
+    return cache, targets, position + 1, token, done | (token == eos_id), rng
 
-  init = (cache, targets, jnp.ones((), jnp.int32), first, first == eos_id)
+  init = (cache, targets, jnp.ones((), jnp.int32), first, first == eos_id, rng)
   return jax.lax.while_loop(not_finished, step, init)[1]
 
 
-def greedy_spans(model: network.EncoderDecoder, params: Params, inputs: Array,
-                 target_length: int, eos_id: int = 1) -> Array:
-  """Span-filling targets ``[batch, target_length]`` (``<extra_id_0> a b .. EOS``)
-  for ``inputs [batch, in_len]``: ``greedy_decode``."""
-  return greedy_decode(model, params, inputs, target_length, eos_id)
+def greedy_decode(model: network.EncoderDecoder, params: Params, inputs: Array,
+                  max_length: int, eos_id: int = 1) -> Array:
+  """Greedy ``decode_targets`` (argmax at every position)."""
+  return decode_targets(model, params, inputs, max_length, jax.random.key(0), eos_id=eos_id)
 
 
 _SENTINEL = re.compile(r'<extra_id_(\d+)>')

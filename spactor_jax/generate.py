@@ -10,10 +10,14 @@ Takes the run's own gin files (the model, the curriculum, the task and its
 vocabulary) plus ``GenerateConfig``; loads the latest checkpoint (or
 ``GenerateConfig.step``) and prints one line per prompt. A decoder-only model
 continues its prompts (KV-cached; greedy at ``temperature = 0``, else sampled
-with optional top-k); an encoder-decoder model fills the ``<extra_id_k>``
+with optional top-k and top-p); an encoder-decoder model fills the ``<extra_id_k>``
 sentinels of its inputs. With ``perplexity_batches`` it first prints the
 perplexity of the task's validation split. A headless checkpoint has no
-vocabulary head and is refused: LM-tune it first.
+vocabulary head and is refused: LM-tune it first. The run's stages are read
+from its own record (``run_identity.json``), so a shortened run is judged by
+where its stages really switched. Temperature, top-k and top-p apply to the
+model's logits as its objective computed them in training (an LM-tuned head's
+``LMTuning.logit_scale`` included), on both kinds of model.
 """
 
 import dataclasses
@@ -22,6 +26,10 @@ import math
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+from spactor_jax import console
+
+console.quiet()  # before TensorFlow is imported or a jax backend starts
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from etils import epath
 import gin
 import jax
@@ -33,6 +41,7 @@ import seqio
 from spactor_jax import decoding
 from spactor_jax import errors
 from spactor_jax import gin_utils
+from spactor_jax import model_dir as model_dir_lib
 from spactor_jax import network
 from spactor_jax import partitioning
 from spactor_jax import runtime
@@ -41,6 +50,26 @@ from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 
 log = logging.getLogger('spactor_jax')
+
+USAGE = """
+usage: python -m spactor_jax.generate --gin_file=FILE [--gin_file=FILE ...] --gin.MODEL_DIR=DIR
+         --gin.GenerateConfig.prompts="['text', ...]" [--gin.GenerateConfig.NAME=VALUE ...]
+
+Text from a run's checkpoint: a decoder-only model continues each prompt, an
+encoder-decoder fills the <extra_id_k> sentinels of each prompt. Give the run's own gin
+files. Flags as in spactor_jax.train.
+
+Macros: MODEL_DIR (required). GenerateConfig: prompts or prompt_file (required), step
+(default: the latest), temperature (0: greedy), top_k (0: all), top_p (1: all), seed,
+decode_length, input_length, perplexity_batches.
+
+examples:
+  python -m spactor_jax.generate --gin_file=gin_configs/quickstart_headless_causal_lm_then_lm_tuning.gin \\
+    --gin.MODEL_DIR=/tmp/headless_lm --gin.GenerateConfig.prompts="['And God said']" \\
+    --gin.GenerateConfig.temperature=0.8 --gin.GenerateConfig.top_k=40
+  python -m spactor_jax.generate --gin_file=gin_configs/quickstart.gin --gin.MODEL_DIR=/tmp/spactor_quickstart \\
+    --gin.GenerateConfig.prompts="['In the beginning God created the <extra_id_0> and the earth.']"
+"""
 
 
 @gin.configurable
@@ -56,9 +85,10 @@ class GenerateConfig:
     decode_length: decoder-only: prompt plus continuation, in tokens;
       encoder-decoder: the filled spans, in tokens.
     input_length: encoder-decoder: encoder input tokens.
-    temperature: 0 for greedy decoding, else the sampling temperature
-      (decoder-only).
+    temperature: 0 for greedy decoding, else the sampling temperature.
     top_k: sample among this many most likely ids (0: all).
+    top_p: sample among the fewest most likely ids whose probabilities sum
+      to at least this (nucleus sampling; 1: all).
     seed: sampling seed.
     perplexity_batches: decoder-only: first evaluate the perplexity of this
       many batches of the task's validation split (0: skip).
@@ -70,6 +100,7 @@ class GenerateConfig:
   input_length: int = 128
   temperature: float = 0.0
   top_k: int = 0
+  top_p: float = 1.0
   seed: int = 0
   perplexity_batches: int = 0
 
@@ -135,29 +166,47 @@ def perplexity(objective: base.Objective, params: Any, batches: Any) -> float:
   return math.exp(total / max(count, 1.0))
 
 
+def sampling(config: GenerateConfig, objective: base.Objective) -> Dict[str, Any]:
+  """The choice settings of ``decoding``: ``config``'s, on the objective's logits.
+
+  Raises:
+    ConfigError: a setting out of range.
+  """
+  if config.temperature < 0 or config.top_k < 0 or not 0 < config.top_p <= 1:
+    raise errors.ConfigError(
+        f'GenerateConfig temperature = {config.temperature}, top_k = {config.top_k}, '
+        f'top_p = {config.top_p}: use temperature >= 0 (0: greedy), top_k >= 0 (0: all) '
+        'and 0 < top_p <= 1 (1: all)')
+  return dict(temperature=float(config.temperature), top_k=int(config.top_k),
+              top_p=float(config.top_p),
+              logit_scale=float(getattr(objective, 'logit_scale', 1.0)))
+
+
 def continue_prompts(run: training.RunConfig, config: GenerateConfig, params: Any,
-                     vocabulary: seqio.Vocabulary, prompts: List[str]) -> List[str]:
+                     objective: base.Objective, vocabulary: seqio.Vocabulary,
+                     prompts: List[str]) -> List[str]:
   """Decoder-only continuations of ``prompts`` (KV cache, scanned or not)."""
   model_params = params['model']
   model = network.DecoderOnly(run.model, decode_length=config.decode_length)
   ids = [list(vocabulary.encode(p)) for p in prompts]
   tokens, lengths = decoding.pad_prompts(ids, config.decode_length)
   out = np.asarray(decoding.generate(
-      model, model_params, tokens, lengths,
-      jax.random.key(config.seed), temperature=config.temperature, top_k=config.top_k,
-      eos_id=vocabulary.eos_id))
+      model, model_params, tokens, lengths, jax.random.key(config.seed),
+      eos_id=vocabulary.eos_id, **sampling(config, objective)))
   return [vocabulary.decode(decoding.generated_part(row, len(prompt), vocabulary.eos_id))
           for row, prompt in zip(out, ids)]
 
 
 def fill_prompts(run: training.RunConfig, config: GenerateConfig, params: Any,
-                 vocabulary: seqio.Vocabulary, vocab: base.VocabInfo,
-                 prompts: List[str]) -> List[str]:
+                 objective: base.Objective, vocabulary: seqio.Vocabulary,
+                 vocab: base.VocabInfo, prompts: List[str]) -> List[str]:
   """Encoder-decoder span filling: each prompt with its sentinels replaced."""
   inputs = decoding.encode_inputs(prompts, vocabulary.encode, config.input_length,
                                   vocabulary.eos_id)
-  targets = np.asarray(decoding.greedy_spans(network.EncoderDecoder(run.model), params['model'],
-                                             jnp.asarray(inputs), config.decode_length))
+  targets = np.asarray(decoding.decode_targets(
+      network.EncoderDecoder(run.model), params['model'], jnp.asarray(inputs),
+      config.decode_length, jax.random.key(config.seed), eos_id=vocabulary.eos_id,
+      **sampling(config, objective)))
   return [decoding.fill_spans(prompt, {k: vocabulary.decode(ids) for k, ids in
                                        decoding.spans_from_ids(row, vocab).items()})
           for prompt, row in zip(prompts, targets)]
@@ -166,6 +215,7 @@ def fill_prompts(run: training.RunConfig, config: GenerateConfig, params: Any,
 def generate(run: training.RunConfig, config: GenerateConfig) -> List[str]:
   """Loads the checkpoint, prints and returns one output per prompt."""
   prompts = config.all_prompts()
+  run = model_dir_lib.as_recorded(run)
   vocabulary = pipeline.task_vocabulary(run.data, run.model_family)
   vocab = pipeline.vocab_info(vocabulary)
   restored = _restore_params(run, config.step, vocab)
@@ -181,9 +231,9 @@ def generate(run: training.RunConfig, config: GenerateConfig) -> List[str]:
                                                              batches)))
     print(f'perplexity {value:.2f} on {config.perplexity_batches} validation batches')
   if run.model_family == 'decoder':
-    outputs = continue_prompts(run, config, params, vocabulary, prompts)
+    outputs = continue_prompts(run, config, params, objective, vocabulary, prompts)
   else:
-    outputs = fill_prompts(run, config, params, vocabulary, vocab, prompts)
+    outputs = fill_prompts(run, config, params, objective, vocabulary, vocab, prompts)
   for prompt, output in zip(prompts, outputs):
     print(f'{prompt} => {output}')
   return outputs
@@ -191,12 +241,13 @@ def generate(run: training.RunConfig, config: GenerateConfig) -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Console entry point; returns the process exit status."""
-  return gin_utils.run_main(_generate, argv)
+  return gin_utils.run_main(_generate, argv, USAGE)
 
 
 def _generate(flags: gin_utils.GinFlags, rest: List[str]) -> None:
   if rest:
-    raise errors.ConfigError(f'unknown arguments {rest}; use --gin_file=F and --gin.NAME=VALUE')
+    raise errors.ConfigError(f'unknown arguments {rest}; use --gin_file=F and --gin.NAME=VALUE '
+                             '(--help lists them)')
   gin_utils.parse_with_tasks(flags)
   runtime.initialize()
   generate(gin_utils.call(training.RunConfig), gin_utils.call(GenerateConfig))

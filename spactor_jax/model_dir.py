@@ -9,11 +9,16 @@ holds and what was asked, before any checkpoint is restored. The file is
 never rewritten. Settings that do not change what a checkpoint holds
 (``dtype``, ``dropout_rate``, ``remat_policy``, ``TRAIN_STEPS``,
 ``BATCH_SIZE``, the mesh) may change between starts.
+
+The entry points that read a run (``generate``, ``eval``) take its stages'
+lengths from this record (``as_recorded``), not from the gin defaults: a run
+shortened with ``--gin.PRETRAIN_STEPS=20`` switched stages at step 20.
 """
 
+import dataclasses
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from etils import epath
 
@@ -61,6 +66,19 @@ def _difference(held: Dict[str, Any], asked: Dict[str, Any]):
   return None
 
 
+def _held(config: Any) -> Optional[Dict[str, Any]]:
+  """The recorded identity of ``config.model_dir``, None if it has none."""
+  path = epath.Path(config.model_dir) / IDENTITY_FILE
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (ValueError, OSError) as exc:
+    raise errors.ConfigError(
+        f'{path} is unreadable ({errors.first_line(exc)}); restore it or '
+        'use a new MODEL_DIR') from None
+
+
 def check(config: Any) -> None:
   """Refuses a configuration the model directory was not made with.
 
@@ -68,15 +86,9 @@ def check(config: Any) -> None:
     ConfigError: the directory was made with a different model, curriculum,
       task or lengths, or its identity file is unreadable.
   """
-  path = epath.Path(config.model_dir) / IDENTITY_FILE
-  if not path.exists():
+  held = _held(config)
+  if held is None:
     return
-  try:
-    held = json.loads(path.read_text())
-  except (ValueError, OSError) as exc:
-    raise errors.ConfigError(
-        f'{path} is unreadable ({errors.first_line(exc)}); restore it or '
-        'use a new MODEL_DIR') from None
   difference = _difference(held, identity(config))
   if difference:
     setting, was, now = difference
@@ -94,3 +106,24 @@ def record(config: Any) -> None:
   partial = path.parent / f'.{IDENTITY_FILE}.partial'
   partial.write_text(json.dumps(identity(config), indent=1, sort_keys=True) + '\n')
   os.replace(os.fspath(partial), os.fspath(path))
+
+
+def as_recorded(config: Any) -> Any:
+  """``config`` (a ``training.RunConfig``) with its stages' steps as the run recorded them.
+
+  Raises:
+    ConfigError: the directory was made with another model, curriculum of
+      objectives, task or lengths (``check``).
+  """
+  held = _held(config)
+  if held is None:
+    return config
+  recorded = held.get('curriculum') or []
+  stages = config.curriculum.stages
+  if [entry['objective'] for entry in recorded] == [stage.name for stage in stages]:
+    stages = tuple(dataclasses.replace(stage, steps=entry['steps'])
+                   for stage, entry in zip(stages, recorded))
+    config = dataclasses.replace(
+        config, curriculum=dataclasses.replace(config.curriculum, stages=stages))
+  check(config)
+  return config
