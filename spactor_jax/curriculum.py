@@ -29,14 +29,17 @@ embedding, trained alone at a constant rate after a warm-up)::
 """
 
 import dataclasses
+import logging
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import gin
 import optax
 
 from spactor_jax import errors
 from spactor_jax.objectives import base
+
+log = logging.getLogger('spactor_jax')
 
 ObjectiveFactory = Callable[..., base.Objective]
 OptimizerFactory = Callable[..., optax.GradientTransformation]
@@ -177,3 +180,32 @@ class Curriculum:
       return run_schedule
     start = self.boundaries()[index]
     return lambda step: own(step - start)
+
+  def plan(self, total_steps: int) -> List[str]:
+    """The stages as a run of ``total_steps`` will train them: one line, then one warning
+    line per stage that will never run.
+
+    E.g. ``stage plan: SpacTor for steps 1-100, then SpanCorruption for steps 101-200``.
+    """
+    starts, last = self.boundaries(), len(self.stages) - 1
+    parts, warnings = [], []
+    for index, (stage, start) in enumerate(zip(self.stages, starts)):
+      if start >= total_steps:
+        warnings.append(
+            f'warning: stage {stage.name} (from step {start + 1}) will never run: the run '
+            f'ends at step {total_steps}; raise TRAIN_STEPS above {start} or shorten the '
+            'stages before it')
+        continue
+      end = total_steps if index == last else min(start + stage.steps, total_steps)
+      cut = (f' (cut short: the stage has {stage.steps} steps)'
+             if index < last and start + stage.steps > total_steps else '')
+      parts.append(f'{stage.name} for steps {start + 1}-{end}{cut}')
+    return ['stage plan: ' + ', then '.join(parts)] + warnings
+
+
+def log_plan(curriculum: Curriculum, total_steps: int) -> None:
+  """Logs ``curriculum.plan(total_steps)``, its warnings as warnings."""
+  first, *warnings = curriculum.plan(total_steps)
+  log.info('%s', first)
+  for line in warnings:
+    log.warning('%s', line)

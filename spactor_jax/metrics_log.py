@@ -15,13 +15,18 @@ per step, and ``tokens`` are summed into the rates.
 
 Held-out evaluations print one ``eval step N/T [stage] ...`` line and go to
 ``<model_dir>/eval`` under the same tags, so TensorBoard draws the train and
-eval curves of a metric in one chart. Only the main process writes.
+eval curves of a metric in one chart. Only the main process writes, and an
+event file is only made when there is something to write. ``summary`` ends a
+run with one line; ``write_gin_config`` keeps the run's operative gin
+configuration in ``<model_dir>/config.gin`` (rewritten at each start, as T5X
+does).
 """
 
 import logging
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+import gin
 import jax
 import numpy as np
 
@@ -80,14 +85,21 @@ class MetricLogger:
     self.total_steps = total_steps
     self.enabled = enabled
     self._pending: List[Mapping[str, jax.Array]] = []
-    self._window_start = time.perf_counter()
-    self._writer = None
-    self._eval_writer = None
+    self._started = self._window_start = time.perf_counter()
+    self._writers = {}
     self._model_dir = model_dir
-    if enabled:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._tf = tf
-      self._writer = tf.summary.create_file_writer(f'{model_dir}/train')
+    self._last = {}  # 'train' / 'eval': the last values written
+
+  def _write(self, kind: str, step: int, values: Mapping[str, float]) -> None:
+    """Writes scalars to ``<model_dir>/<kind>`` (the event file is made on first use)."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    if kind not in self._writers:
+      self._writers[kind] = tf.summary.create_file_writer(f'{self._model_dir}/{kind}')
+    with self._writers[kind].as_default(step=step):
+      for name, value in values.items():
+        tf.summary.scalar(name, value)
+    self._writers[kind].flush()
+    self._last[kind] = dict(values)
 
   def record(self, metrics: Mapping[str, jax.Array]) -> None:
     """Keeps a step's metrics (device arrays; no host sync here)."""
@@ -124,10 +136,7 @@ class MetricLogger:
                            f'ETA {format_duration(eta)}'])
     if self.enabled:
       log.info('%s', self._line(step, stage, averages, timing))
-      with self._writer.as_default(step=step):
-        for name, value in averages.items():
-          self._tf.summary.scalar(name, value)
-      self._writer.flush()
+      self._write('train', step, averages)
     return averages
 
   def write_eval(self, step: int, stage: str, metrics: Mapping[str, float],
@@ -147,12 +156,7 @@ class MetricLogger:
     if not self.enabled:
       return
     log.info('eval %s', self._line(step, stage, metrics, f'{read} in {seconds:.1f}s'))
-    if self._eval_writer is None:
-      self._eval_writer = self._tf.summary.create_file_writer(f'{self._model_dir}/eval')
-    with self._eval_writer.as_default(step=step):
-      for name, value in metrics.items():
-        self._tf.summary.scalar(name, value)
-    self._eval_writer.flush()
+    self._write('eval', step, metrics)
 
   def _line(self, step: int, stage: str, values: Mapping[str, float], timing: str) -> str:
     rate_keys = ('steps_per_second', 'tokens_per_second')
@@ -163,7 +167,38 @@ class MetricLogger:
     width = len(str(self.total_steps))
     return f'step {step:>{width}}/{self.total_steps} [{stage}] ' + ' | '.join(parts)
 
+  def summary(self, step: int, start: int, checkpoint: str) -> None:
+    """The run's last line: what this start did, its last metrics and its checkpoint.
+
+    Args:
+      step: the completed steps (the run's end).
+      start: the step this start resumed from.
+      checkpoint: the final checkpoint's path.
+    """
+    if not self.enabled:
+      return
+    if step == start:
+      log.info('nothing to train: the run is at step %d of %d (TRAIN_STEPS), checkpoint %s; '
+               'raise TRAIN_STEPS to train further', step, self.total_steps, checkpoint)
+      return
+    parts = [f'done: steps {start + 1}-{step} of {self.total_steps} in '
+             f'{format_duration(time.perf_counter() - self._started)}']
+    for kind in ('train', 'eval'):
+      values = self._last.get(kind, {})
+      shown = [k for k in _FIRST if k in values] + sorted(
+          k for k in values if k not in _FIRST + _LAST + _HIDDEN and not k.endswith('per_second'))
+      if shown:
+        parts.append(f'{kind} ' + ', '.join(_format_value(k, values[k]) for k in shown))
+    log.info('%s', ' | '.join(parts + [f'checkpoint {checkpoint}']))
+
   def close(self) -> None:
-    for writer in (self._writer, self._eval_writer):
-      if writer is not None:
-        writer.close()
+    for writer in self._writers.values():
+      writer.close()
+
+
+def write_gin_config(model_dir: str, enabled: bool = True) -> None:
+  """Writes gin's operative configuration (what the run's objects were built with) to
+  ``<model_dir>/config.gin``, as T5X does."""
+  if enabled:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    (epath.Path(model_dir) / 'config.gin').write_text(gin.operative_config_str() + '\n')

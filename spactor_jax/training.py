@@ -168,6 +168,8 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
            partitioning.describe(device_mesh), runtime.process_info(),
            config.batch_size, total_steps, curriculum.stages[stage].name)
   _check_stages(curriculum, stage, trainer, make_trainer)
+  curriculum_lib.log_plan(curriculum, total_steps)
+  metrics_log.write_gin_config(config.model_dir, enabled=runtime.is_main_process())
   if state is not None:
     log.info('resumed from %s at step %d', checkpointer.directory, start)
   else:
@@ -216,6 +218,8 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
       checkpointer.save(step, state, iterator, force=step == total_steps)
     if hook is not None and step >= total_steps:
       hook.at_end(step, trainer, state)
+    if step >= total_steps:
+      logger.summary(step, start, f'{checkpointer.directory}/{step}')
     if preemption.requested:
       nonfinite.settle()
       preemption.report(step, checkpointer.save(step, state, iterator, force=True))
