@@ -53,7 +53,13 @@ import common  # pylint: disable=g-bad-import-order  # puts the repository on sy
 # pylint: disable=g-import-not-at-top
 from compare import budget as budget_lib
 from compare import progress as progress_lib
-from compare import report
+try:
+  from compare import report
+except ModuleNotFoundError as exc:  # the plots need the [plots] extra.
+  if exc.name != 'matplotlib':
+    raise
+  sys.exit('error: the comparison draws its plots with matplotlib, which is not installed; '
+           'pip install -e ".[plots]"')
 from compare import runs
 from compare import specs as specs_lib
 from spactor_jax import gin_utils

@@ -235,3 +235,15 @@ def test_a_stopped_harness_passes_one_sigint_to_each_running_child(tmp_path):
   for path in logs:
     assert 'saved a checkpoint after 1 SIGINT' in open(path).read()
   assert runs.interrupt_running() == 0
+
+
+def test_without_matplotlib_the_comparison_says_how_to_install_it(monkeypatch):
+  import runpy  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib fails
+  monkeypatch.delitem(sys.modules, 'compare.report')
+  monkeypatch.delattr(sys.modules['compare'], 'report')
+  monkeypatch.setattr(sys, 'argv', ['compare_objectives.py', '--help'])
+  with pytest.raises(SystemExit) as exit_info:
+    runpy.run_path(os.path.join(REPO, 'benchmarks', 'compare_objectives.py'), run_name='__main__')
+  assert exit_info.value.code == ('error: the comparison draws its plots with matplotlib, which '
+                                  'is not installed; pip install -e ".[plots]"')
