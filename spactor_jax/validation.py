@@ -7,6 +7,7 @@ construction). Every error is a ``ConfigError`` naming the setting, the value
 and a valid choice.
 """
 
+import errno
 import inspect
 import math
 import os
@@ -179,9 +180,15 @@ def _check_model_dir(model_dir: Any) -> None:
   if os.path.exists(model_dir) and not os.path.isdir(model_dir):
     raise errors.ConfigError(f'MODEL_DIR = {model_dir!r} is a file, not a '
                              'directory; give a new or existing directory')
+  # Probe the directory, or the nearest existing one above it: a refused run
+  # must not leave an empty MODEL_DIR behind.
+  existing = os.path.abspath(model_dir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
   try:
-    os.makedirs(model_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=model_dir, prefix='.write_probe'):
+    if not os.path.isdir(existing):
+      raise NotADirectoryError(errno.ENOTDIR, f'{existing} is a file')
+    with tempfile.NamedTemporaryFile(dir=existing, prefix='.write_probe'):
       pass
   except OSError as exc:
     raise errors.ConfigError(

@@ -122,3 +122,11 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, capsys):
   assert (f'nothing to train: the run is at step 1 of 1 (TRAIN_STEPS), checkpoint '
           f'{model_dir}/checkpoints/1; raise TRAIN_STEPS to train further'
           ) in _log_lines(capsys.readouterr().err)
+
+
+def test_a_refused_run_leaves_no_model_dir(tmp_path, capsys):
+  model_dir = tmp_path / 'new' / 'run'
+  args = TINY_SPACTOR + [f'--gin.MODEL_DIR={model_dir}', '--gin.TransformerConfig.vocab_size=1000']
+  assert helpers.run_main(train_main.main, args) == 2
+  assert 'vocab_size' in capsys.readouterr().err
+  assert not (tmp_path / 'new').exists()
