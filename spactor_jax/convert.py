@@ -210,9 +210,9 @@ def _import_hf(config: training.RunConfig, options: Mapping[str, str]) -> None:
   if not (directory / hf_format.CONFIG_FILE).exists():
     raise errors.ConfigError(f'{directory} has no {hf_format.CONFIG_FILE}; is it a Hugging Face '
                              'model folder?')
-  hf_format.check_config(json.loads((directory / hf_format.CONFIG_FILE).read_text()),
-                         config.model, str(directory / hf_format.CONFIG_FILE))
-  network = hf_format.from_hf(hf_format.read(directory), config.model, family)
+  held = json.loads((directory / hf_format.CONFIG_FILE).read_text())
+  hf_format.check_config(held, config.model, str(directory / hf_format.CONFIG_FILE))
+  network = hf_format.from_hf(hf_format.read(directory), held, config.model, family)
   others = (hf_format.read_files(directory, [hf_format.SIDE_FILE])
             if (directory / hf_format.SIDE_FILE).exists() else {})
   import_params(config, network, others, 0, f'Hugging Face model {directory}')

@@ -165,15 +165,22 @@ def to_hf(params: Mapping[str, np.ndarray], config: network.TransformerConfig,
   return tensors, sorted(set(params) - used)
 
 
-def from_hf(tensors: Mapping[str, np.ndarray], config: network.TransformerConfig,
-            family: str) -> Dict[str, np.ndarray]:
-  """Project parameters (paths below ``model``) from HF tensors.
+def from_hf(tensors: Mapping[str, np.ndarray], held: Mapping[str, Any],
+            config: network.TransformerConfig, family: str) -> Dict[str, np.ndarray]:
+  """Project parameters (paths below ``model``) from HF tensors and ``config.json``.
 
   HF names the model does not have are kept as they are, so that
   ``param_loading.merge_params`` reports them as unused; tied copies of
-  ``shared.weight`` are dropped.
+  ``shared.weight`` are dropped. A ``transformers`` 5 T5 saved without
+  ``lm_head.weight`` and with ``scale_decoder_outputs: false`` computes its
+  logits with ``shared.weight`` unscaled: an untied project head equal to
+  the embedding's transpose.
   """
   tensors = dict(tensors)
+  if ('lm_head.weight' not in tensors and 'shared.weight' in tensors and family ==
+      'encoder_decoder' and not config.logits_via_embedding
+      and held.get('scale_decoder_outputs') is False):
+    tensors['lm_head.weight'] = tensors['shared.weight']
   for copy in TIED_COPIES + (('lm_head.weight',) if config.logits_via_embedding else ()):
     if copy in tensors and 'shared.weight' in tensors and np.array_equal(
         tensors[copy], tensors['shared.weight']):

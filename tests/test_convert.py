@@ -375,3 +375,30 @@ def test_t5x_mistakes_are_one_error_line(t5_run, tmp_path, capsys, damage, words
 def test_wrong_arguments_are_one_error_line(tmp_path, capsys, args, words):
   assert _convert(*args, f'--gin_file={T5_GIN}', f'--gin.MODEL_DIR={tmp_path}') == 2
   _assert_one_error(capsys, *words)
+
+
+@pytest.mark.skipif(bool(NO_TORCH), reason=NO_TORCH)
+def test_import_hf_of_a_transformers_saved_model(tmp_path):
+  """A T5 v1.1-style model initialised and saved by ``transformers`` itself."""
+  torch.manual_seed(0)
+  config = transformers.T5Config(
+      vocab_size=4096, d_model=128, d_kv=32, d_ff=256, num_heads=4, num_layers=2,
+      num_decoder_layers=2, feed_forward_proj='gated-gelu', tie_word_embeddings=False,
+      dropout_rate=0.0, decoder_start_token_id=0)
+  model = transformers.T5ForConditionalGeneration(config).eval()
+  model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  assert _convert('import_hf', f'--checkpoint={tmp_path / "hf"}', f'--gin_file={T5_GIN}',
+                  f'--gin.MODEL_DIR={tmp_path / "run"}') == 0
+  params = _flat(helpers.raw_state(tmp_path / 'run', 0)['params'])
+  rng = np.random.default_rng(4)
+  enc = rng.integers(3, 4000, (2, 16))
+  enc[0, 11:] = 0
+  dec = rng.integers(3, 4000, (2, 8))
+  dec[:, 0] = 0
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc > 0),
+                   decoder_input_ids=torch.tensor(dec)).logits.numpy()
+  ours = _project_logits(params, enc, dec)
+  max_abs, max_rel = _differences(ours, theirs)
+  print(f'imported transformers T5: max abs {max_abs:.3g}, max rel {max_rel:.3g}')
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
