@@ -8,7 +8,9 @@ path). ``fresh_gin`` is a fixture: a module opts in with
 
 import functools
 import glob
+import importlib
 import os
+import pkgutil
 import socket
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -24,6 +26,7 @@ import seqio
 
 from spactor_jax import checkpoints
 from spactor_jax import curriculum
+from spactor_jax import objectives
 from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import partitioning
@@ -200,3 +203,19 @@ def train_steps(trainer: trainer_lib.Trainer, batches: Sequence[Mapping[str, np.
         state, pipeline.global_arrays(batch, trainer.data_sharding), jax.random.key(step_seed))
     losses.append(float(metrics['loss']))
   return losses, state
+
+
+def objective_classes() -> List[type]:
+  """Every concrete ``base.Objective`` subclass of the objectives package, by name.
+
+  Imports each module of the package first, so objectives added later are found.
+  """
+  for module in pkgutil.iter_modules(objectives.__path__):
+    importlib.import_module(f'{objectives.__name__}.{module.name}')
+  found, pending = set(), [base.Objective]
+  while pending:
+    for subclass in pending.pop().__subclasses__():
+      pending.append(subclass)
+      if subclass.__module__.startswith(objectives.__name__ + '.') and subclass.model_family:
+        found.add(subclass)
+  return sorted(found, key=lambda cls: cls.__name__)

@@ -14,9 +14,7 @@ has); every other field needs a default.
 """
 
 import dataclasses
-import importlib
 import os
-import pkgutil
 
 import gin
 import jax
@@ -27,7 +25,6 @@ import helpers
 from helpers import fresh_gin  # pylint: disable=unused-import
 from spactor_jax import network
 from spactor_jax import partitioning
-from spactor_jax import objectives
 from spactor_jax.objectives import base
 
 MIN_SHARDED_SIZE = 2**12
@@ -45,20 +42,7 @@ FAMILY_CONFIGS = {
 }
 
 
-def _objective_classes():
-  """Every concrete ``base.Objective`` subclass defined in the objectives package."""
-  for module in pkgutil.iter_modules(objectives.__path__):
-    importlib.import_module(f'{objectives.__name__}.{module.name}')
-  found, pending = set(), [base.Objective]
-  while pending:
-    for subclass in pending.pop().__subclasses__():
-      pending.append(subclass)
-      if subclass.__module__.startswith(objectives.__name__ + '.') and subclass.model_family:
-        found.add(subclass)
-  return sorted(found, key=lambda cls: cls.__name__)
-
-
-OBJECTIVES = _objective_classes()
+OBJECTIVES = helpers.objective_classes()
 
 
 def _batch_spec(objective_cls):
