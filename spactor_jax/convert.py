@@ -65,6 +65,7 @@ from spactor_jax.data import pipeline
 log = logging.getLogger('spactor_jax')
 
 MODEL = 'model/'
+HEAD = 'decoder/logits_dense/kernel'  # T5.1.1's untied vocabulary head
 # Options of each verb: {name: takes a value}.
 OPTIONS = {
     'import_t5x': {'checkpoint': True, 'keep_step': False},
@@ -150,7 +151,8 @@ def import_params(config: training.RunConfig, network: Mapping[str, np.ndarray],
   Args:
     config: the run (its ``model_dir`` gets the checkpoint).
     network: ``{path below model: array}``; every one must land in the model
-      and every ``model/`` parameter must get one.
+      (but the vocabulary head, when a headless objective has none) and
+      every ``model/`` parameter must get one.
     others: ``{project path: array}`` of parameters outside ``model/``
       (``export_hf``'s side file), loaded where the objective has them.
     step: the checkpoint's step (and the optimizer's step counts, less the
@@ -173,6 +175,11 @@ def import_params(config: training.RunConfig, network: Mapping[str, np.ndarray],
   trainer = config.make_trainer(stage, device_mesh, batch_spec,
                                 pipeline.vocab_info(iterator.vocabulary))
   targets = set(train_state.by_path(trainer.abstract_state.params))
+  if (HEAD in network and MODEL + HEAD not in targets
+      and not config.model.logits_via_embedding):
+    log.info('the objective has no vocabulary head (headless): %s of %s is not imported',
+             HEAD, where)
+    network = {path: value for path, value in network.items() if path != HEAD}
   loaded = {MODEL + path: value for path, value in network.items()}
   loaded.update({path: value for path, value in others.items() if path in targets})
   merge = functools.partial(

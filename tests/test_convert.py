@@ -402,3 +402,20 @@ def test_import_hf_of_a_transformers_saved_model(tmp_path):
   max_abs, max_rel = _differences(ours, theirs)
   print(f'imported transformers T5: max abs {max_abs:.3g}, max rel {max_rel:.3g}')
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+
+
+@pytest.mark.parametrize('gin_file, new', [
+    ('gin_configs/quickstart_spactor.gin', ('generator/', 'rtd_head/')),  # initialised
+    ('gin_configs/quickstart_headless_t5.gin', None),  # no vocabulary head
+])
+def test_t5x_import_for_other_encoder_decoder_objectives(t5_run, t5x_dir, tmp_path, gin_file,
+                                                        new):
+  assert _convert('import_t5x', f'--checkpoint={t5x_dir}', f'--gin_file={gin_file}',
+                  f'--gin.MODEL_DIR={tmp_path}') == 0
+  held = _flat(helpers.raw_state(tmp_path, 0)['params'])
+  expected = {p: v for p, v in t5_run[1].items() if p in held or new is not None}
+  assert 'model/decoder/logits_dense/kernel' in expected or new is None
+  for path, value in expected.items():
+    assert np.array_equal(held[path], value), path
+  others = sorted(set(held) - set(expected))
+  assert (others and all(p.startswith(new) for p in others)) if new else others == []
