@@ -10,13 +10,15 @@ layouts differ. A project kernel ``[in, out]`` (T5X's flattened
 ``[out, in]``; the relative position table ``[heads, buckets]`` is the
 transpose of HF's ``relative_attention_bias.weight`` ``[buckets, heads]``.
 
-Files are written and read with ``safetensors.numpy``: no torch needed.
+Files are written with ``safetensors.numpy`` and read by ``read_files``: no
+torch needed.
 """
 
 import json
 from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 from etils import epath
+import ml_dtypes
 import numpy as np
 from safetensors import numpy as safetensors_numpy
 
@@ -217,14 +219,41 @@ def read(directory: epath.Path) -> Dict[str, np.ndarray]:
   return read_files(directory, files)
 
 
+# safetensors dtype names; ``safetensors.numpy`` cannot load BF16 (NumPy has no
+# bfloat16), so files are parsed here: an 8-byte little-endian header size, a
+# JSON header {name: {dtype, shape, data_offsets}}, then the raw bytes.
+_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+           'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32}
+
+
+def _load(path: epath.Path) -> Dict[str, np.ndarray]:
+  data = path.read_bytes()
+  size = int.from_bytes(data[:8], 'little')
+  header = json.loads(data[8:8 + size])
+  header.pop('__metadata__', None)
+  tensors = {}
+  for name, info in header.items():
+    start, end = info['data_offsets']
+    tensors[name] = np.frombuffer(data, _DTYPES[info['dtype']], offset=8 + size + start,
+                                  count=(end - start) // np.dtype(_DTYPES[info['dtype']]
+                                                                  ).itemsize
+                                  ).reshape(info['shape'])
+  return tensors
+
+
 def read_files(directory: epath.Path, files: List[str]) -> Dict[str, np.ndarray]:
-  """The tensors of the named safetensors files of ``directory``."""
+  """The tensors of the named safetensors files of ``directory`` (F32, F16, BF16, ...).
+
+  Raises:
+    ConfigError: a file that is not safetensors or holds another dtype.
+  """
   tensors = {}
   for file in files:
     try:
-      tensors.update(safetensors_numpy.load_file(str(directory / file)))
-    except Exception as exc:  # safetensors raises several types.
+      tensors.update(_load(directory / file))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
       raise errors.ConfigError(
-          f'{directory / file} is not a readable safetensors file '
-          f'({errors.first_line(exc)})') from None
+          f'{directory / file} is not a readable safetensors file of '
+          f'{"/".join(_DTYPES)} tensors ({type(exc).__name__}: {errors.first_line(exc)})'
+      ) from None
   return tensors

@@ -402,6 +402,15 @@ def test_import_hf_of_a_transformers_saved_model(tmp_path):
   max_abs, max_rel = _differences(ours, theirs)
   print(f'imported transformers T5: max abs {max_abs:.3g}, max rel {max_rel:.3g}')
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+  # bfloat16 weights (which safetensors.numpy cannot read) arrive exactly as float32.
+  model.to(torch.bfloat16).save_pretrained(tmp_path / 'bf16', safe_serialization=True)
+  assert _convert('import_hf', f'--checkpoint={tmp_path / "bf16"}', f'--gin_file={T5_GIN}',
+                  f'--gin.MODEL_DIR={tmp_path / "bf16_run"}') == 0
+  held = _flat(helpers.raw_state(tmp_path / 'bf16_run', 0)['params'])
+  embedding = model.shared.weight.detach().float().numpy()
+  assert np.array_equal(held['model/token_embedder/embedding'], embedding)
+  query = model.encoder.block[1].layer[0].SelfAttention.q.weight.detach().float().numpy()
+  assert np.array_equal(held['model/encoder/layers_1/attention/query/kernel'], query.T)
 
 
 @pytest.mark.parametrize('gin_file, new', [
