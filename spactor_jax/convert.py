@@ -188,8 +188,9 @@ def import_params(config: training.RunConfig, network: Mapping[str, np.ndarray],
   merge(trainer.abstract_state.params)  # a mismatch is reported before anything compiles
   state = trainer.init_state(jax.random.key(config.seed))
   merged = merge(state.params)
-  params = jax.tree_util.tree_map(
-      lambda value, init: jax.device_put(np.asarray(value, init.dtype), init.sharding),
+  params = jax.tree_util.tree_map(  # each host array onto its parameter's sharding and dtype
+      lambda value, init: init if value is init else jax.device_put(
+          np.asarray(value, init.dtype), init.sharding),
       merged.params, state.params)
   state = _with_step(state.replace(params=params), step,
                      step - config.curriculum.optimizer_start(stage))
