@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from spactor_jax import errors
+from spactor_jax import multihost
 from spactor_jax.train_state import TrainState
 
 log = logging.getLogger('spactor_jax')
@@ -69,12 +70,54 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 
 
 class DamagedCheckpoint(Exception):
-  """A checkpoint that cannot be trusted; ``reason`` is a short slug."""
+  """A checkpoint that cannot be trusted; ``reason`` is a short slug.
+
+  Attributes:
+    seen_by: the processes that found the damage (set by the agreement).
+  """
+
+  REASONS = ('empty', 'no-state', 'no-data-position', 'unreadable', 'checksum',
+             'non-finite')
 
   def __init__(self, reason: str, detail: str):
     super().__init__(f'{reason}: {detail}')
     self.reason = reason
     self.detail = detail
+    self.seen_by = [jax.process_index()]
+
+
+def _damage_of(check: Callable[[], None]) -> Optional[DamagedCheckpoint]:
+  """The damage ``check`` raises, or ``None``."""
+  try:
+    check()
+  except DamagedCheckpoint as damage:
+    return damage
+  return None
+
+
+def _agree_alone(damage: Optional[DamagedCheckpoint]) -> None:
+  if damage is not None:
+    raise damage
+
+
+def _agree_across_processes(damage: Optional[DamagedCheckpoint]) -> None:
+  """Raises on every process when any process saw damage (a collective).
+
+  A process that saw none raises a ``DamagedCheckpoint`` with the first
+  seer's reason, so all set the same step aside under the same name.
+  """
+  code = DamagedCheckpoint.REASONS.index(damage.reason) + 1 if damage else 0
+  codes = multihost.gather_ints(code)
+  seen_by = [index for index, value in enumerate(codes) if value]
+  if not seen_by:
+    return
+  if damage is None:
+    reason = DamagedCheckpoint.REASONS[codes[seen_by[0]] - 1]
+    damage = DamagedCheckpoint(reason, f'seen by process {seen_by[0]}')
+  else:
+    damage.reason = DamagedCheckpoint.REASONS[codes[seen_by[0]] - 1]
+  damage.seen_by = seen_by
+  raise damage
 
 
 @contextlib.contextmanager
@@ -229,6 +272,17 @@ class Checkpointer:
       return 'there is no committed checkpoint yet'
     return f'the committed checkpoints are intact (newest: step {max(steps)})'
 
+  def committed_note(self) -> str:
+    """What is committed on disk, read from the folder names alone (any thread)."""
+    try:
+      steps = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()]
+    except OSError:
+      steps = []
+    if not steps:
+      return f'there is no committed checkpoint in {self.directory} yet'
+    return (f'the committed checkpoints in {self.directory} are intact '
+            f'(newest: step {max(steps)})')
+
   def restore(self, step: int, target: TrainState,
               data_iterator: Any) -> TrainState:
     """Restores ``step`` onto the target shardings and moves the iterator there.
@@ -245,17 +299,41 @@ class Checkpointer:
             data=DataIteratorRestore(data_iterator)))
     return restored.state
 
-  def verified_restore(self, step: int, target: TrainState,
-                       data_iterator: Any) -> TrainState:
+  def verified_restore(self, step: int, target: TrainState, data_iterator: Any,
+                       agree: Optional[Callable[[Optional[DamagedCheckpoint]], None]] = None
+                       ) -> TrainState:
     """``restore`` that proves the checkpoint sound first and after.
+
+    Three phases (the files; the restore, a collective; the fingerprint),
+    each ended by ``agree``, which every process calls with the damage it
+    saw (or ``None``) and which raises when any process saw some, so that
+    no process enters the restore's collectives that another has left.
 
     Raises:
       DamagedCheckpoint: files missing or unreadable, a fingerprint mismatch,
-        non-finite values or no data position.
+        non-finite values or no data position, here or on another process.
       ConfigError: the checkpoint is sound but holds a different model or was
         written by a different number of processes.
     """
+    agree = agree or _agree_alone
     step_dir = self.directory / str(step)
+    agree(_damage_of(lambda: self._check_files(step, step_dir, target, data_iterator)))
+    state = None
+
+    def restore():
+      nonlocal state
+      try:
+        state = self.restore(step, target, data_iterator)
+      except Exception as exc:  # pylint: disable=broad-except
+        raise DamagedCheckpoint('unreadable', _short(exc)) from exc
+
+    agree(_damage_of(restore))
+    agree(_damage_of(lambda: self._check_values(step_dir, state)))
+    return state
+
+  def _check_files(self, step: int, step_dir: epath.Path, target: TrainState,
+                   data_iterator: Any) -> None:
+    """This process's files of ``step`` are there and hold this model."""
     if not step_dir.is_dir() or not any(step_dir.iterdir()):
       raise DamagedCheckpoint('empty', 'the step folder is empty')
     if not (step_dir / 'state').is_dir():
@@ -270,10 +348,9 @@ class Checkpointer:
     if not jax.tree_util.tree_leaves(saved):
       raise DamagedCheckpoint('unreadable', 'its array metadata is missing')
     _check_same_model(step, saved, target)
-    try:
-      state = self.restore(step, target, data_iterator)
-    except Exception as exc:  # pylint: disable=broad-except
-      raise DamagedCheckpoint('unreadable', _short(exc)) from exc
+
+  def _check_values(self, step_dir: epath.Path, state: TrainState) -> None:
+    """The restored arrays are what was saved, and finite."""
     prints = fingerprint(state)
     expected = self._saved_fingerprint(step_dir)
     if expected is not None:
@@ -286,7 +363,6 @@ class Checkpointer:
     bad = _first_nonfinite(prints)
     if bad is not None:
       raise DamagedCheckpoint('non-finite', f'{bad} holds NaN or Inf')
-    return state
 
   @staticmethod
   def _saved_fingerprint(step_dir: epath.Path) -> Optional[Dict[str, list]]:
@@ -326,6 +402,7 @@ class Checkpointer:
       target = self.directory / f'{step}.damaged-{damage.reason}-{suffix}'
     if jax.process_index() == 0:
       source.rename(target)
+    multihost.barrier(f'set_aside_{step}')  # every process then lists the same steps.
     self.manager.reload()
     return target.name
 
@@ -391,6 +468,21 @@ def _check_same_model(step: int, saved: Any, target: TrainState) -> None:
           'the configuration it was made with or a new MODEL_DIR')
 
 
+def _report_damage(step: int, damage: DamagedCheckpoint, kept_as: epath.Path) -> None:
+  """One line on process 0; a process that found what process 0 did not adds its detail."""
+  if jax.process_count() == 1:
+    log.error('checkpoint step %d is damaged (%s); kept as %s, trying the one '
+              'before', step, damage, kept_as)
+    return
+  seers = ', '.join(map(str, damage.seen_by))
+  if jax.process_index() == 0:
+    log.error('checkpoint step %d is damaged as seen by process %s (%s); every '
+              'process falls back: kept as %s, trying the one before',
+              step, seers, damage, kept_as)
+  elif jax.process_index() in damage.seen_by and 0 not in damage.seen_by:
+    log.error('checkpoint step %d: %s', step, damage)
+
+
 def resume(checkpointer: Checkpointer, stage_of: Callable[[int], int],
            make_trainer: Callable[[int], Any], data_iterator: Any
            ) -> Tuple[int, Any, Optional[TrainState]]:
@@ -419,17 +511,18 @@ def resume(checkpointer: Checkpointer, stage_of: Callable[[int], int],
     return trainers[stage]
 
   set_aside = []
+  # Every process sees the same steps (process 0 renames, then all reload).
   for step in sorted(checkpointer.manager.all_steps(), reverse=True):
     trainer = trainer_at(step)
     try:
       with _orbax_quiet():  # one line per damaged checkpoint, ours.
         state = checkpointer.verified_restore(
-            step, trainer.sharded_abstract_state(), data_iterator)
+            step, trainer.sharded_abstract_state(), data_iterator,
+            agree=_agree_across_processes)
     except DamagedCheckpoint as damage:
       name = checkpointer.set_aside(step, damage)
       set_aside.append(name)
-      log.error('checkpoint step %d is damaged (%s); kept as %s, trying the '
-                'one before', step, damage, checkpointer.directory / name)
+      _report_damage(step, damage, checkpointer.directory / name)
       continue
     return step, trainer, state
   if set_aside:

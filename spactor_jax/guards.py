@@ -9,9 +9,11 @@
   pipeline stall) and applies ``RunConfig.on_nonfinite``: ``'skip'`` logs the
   skipped update and stops after ``max_consecutive`` in a row; ``'stop'``
   stops at the first one. Stopping raises ``RunError``, which saves nothing.
-* ``Preemption``: SIGTERM and SIGINT ask the loop to checkpoint and stop
-  after the current step; a second signal exits at once (committed
-  checkpoints are untouched: orbax commits a checkpoint by renaming it).
+* ``Preemption``: SIGTERM and SIGINT ask the loop to checkpoint and stop;
+  the loop shares the request with every process
+  (:class:`spactor_jax.multihost.AgreedStop`) so that all stop after the same
+  step. A second signal exits at once (committed checkpoints are untouched:
+  orbax commits a checkpoint by renaming it).
 """
 
 import logging
@@ -141,14 +143,20 @@ class Preemption:
       os._exit(128 + signum)  # pylint: disable=protected-access
     self.requested = True
     self.signal_name = name
+    sys.stderr.write(f'{name} received: stopping after the next step that every '
+                     'process agrees on, then saving a checkpoint (a second '
+                     'signal exits at once)\n')
+    sys.stderr.flush()
 
   def report(self, step: int, saved: bool) -> None:
+    """The one line of a stop that every process agreed on."""
+    cause = self.signal_name or 'a signal to another process'
     if saved:
       log.info('%s: saved a checkpoint at step %d; run the same command again '
-               'to resume', self.signal_name, step)
+               'to resume', cause, step)
     else:
       log.info('%s: stopped at step %d, nothing new to save; run the same '
-               'command again to resume', self.signal_name, step)
+               'command again to resume', cause, step)
 
   def close(self) -> None:
     """Puts the previous handlers back."""

@@ -12,11 +12,17 @@ the coordinator come from:
   and the first host of ``SLURM_STEP_NODELIST`` (or ``SLURM_JOB_NODELIST``) as
   coordinator, on port ``SPACTOR_COORDINATOR_PORT`` or one derived from
   ``SLURM_JOB_ID`` (the same rule JAX uses).
-* **Cloud TPU VM** with nothing of the above: ``jax.distributed.initialize()``
-  without arguments, which reads the TPU metadata server. Every host of a pod
-  slice runs the same command (``launch/tpu_pod.sh``).
-* Otherwise the run is a single process and nothing is initialized.
+* **Cluster auto-detection** with nothing of the above: JAX's own
+  (``jax.distributed.initialize()`` without arguments) on a Cloud TPU VM or
+  pod slice, a GKE TPU pod or under Open MPI's ``mpirun``. Every host runs
+  the same command (``launch/tpu_pod.sh``).
+* Otherwise the run is a single process and nothing is initialized. Where a
+  scheduler says it started N > 1 processes (``SLURM_NTASKS``,
+  ``OMPI_COMM_WORLD_SIZE``, ``PMI_SIZE``) but the runtime sees one, the run
+  is refused: N copies would train into one ``MODEL_DIR``.
 
+With several processes, :class:`spactor_jax.peer_watch.PeerWatch` ends every
+process in one line when a peer goes silent (``peer_timeout_seconds``).
 On CPU, cross-process collectives use gloo. Only the main process (index 0)
 should write logs and summaries (:func:`is_main_process`); every process must
 take part in checkpointing, which orbax coordinates itself.
@@ -31,6 +37,7 @@ from typing import List, Optional
 import gin
 import jax
 
+from spactor_jax import peer_watch
 from spactor_jax.errors import ConfigError
 
 ENV_COORDINATOR = 'SPACTOR_COORDINATOR'
@@ -209,11 +216,18 @@ def _check(coordinator_address: Optional[str], num_processes: int,
                       'like "host:port".')
 
 
+# Variables by which a cluster scheduler announces how many processes it started.
+_PROCESS_COUNT_VARS = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'PMI_SIZE')
+
+_watch: Optional[peer_watch.PeerWatch] = None
+
+
 @gin.configurable
 def initialize(coordinator_address: Optional[str] = None,
                num_processes: Optional[int] = None,
                process_id: Optional[int] = None,
-               platform: Optional[str] = None) -> None:
+               platform: Optional[str] = None,
+               peer_timeout_seconds: float = 60.0) -> None:
   """Starts JAX's distributed runtime when the run has several processes.
 
   Must run before anything creates a JAX backend (``jax.devices()``, an
@@ -222,22 +236,30 @@ def initialize(coordinator_address: Optional[str] = None,
 
   Args:
     coordinator_address: ``host:port`` of process 0's coordination service.
-      Default: ``SPACTOR_COORDINATOR``, else the first SLURM host.
+      Default: ``SPACTOR_COORDINATOR``, else the first SLURM host, else what
+      JAX's cluster detection finds.
     num_processes: total number of processes. Default:
-      ``SPACTOR_NUM_PROCESSES``, else ``SLURM_NTASKS``, else automatic on a
-      Cloud TPU VM, else 1.
+      ``SPACTOR_NUM_PROCESSES``, else ``SLURM_NTASKS``, else JAX's cluster
+      detection (Cloud TPU pods, GKE, Open MPI), else 1.
     process_id: this process's index in ``[0, num_processes)``. Default:
-      ``SPACTOR_PROCESS_ID``, else ``SLURM_PROCID``.
+      ``SPACTOR_PROCESS_ID``, else ``SLURM_PROCID``, else detected.
     platform: ``'cpu'``, ``'gpu'`` or ``'tpu'``. Default: the first entry of
       ``JAX_PLATFORMS``, else detected from the machine. On CPU the
       cross-process collectives are set to gloo.
+    peer_timeout_seconds: with several processes, a peer silent for this
+      long (dead, killed, frozen, its host lost) ends every other process
+      with one ``error:`` line and status 1 (:mod:`spactor_jax.peer_watch`).
 
   Raises:
     ConfigError: for inconsistent settings, e.g. ``process_id >=
-      num_processes`` or a missing coordinator.
+      num_processes``, a missing coordinator, or a scheduler that started
+      several processes which the runtime sees as one each.
   """
   if jax.distributed.is_initialized():
     return
+  if not peer_timeout_seconds > 0:
+    raise ConfigError(f'initialize.peer_timeout_seconds={peer_timeout_seconds!r} '
+                      'must be a positive number of seconds, e.g. 60')
   platform = _resolve_platform(platform)
   in_slurm = _int_env('SLURM_NTASKS') is not None
   if num_processes is None:
@@ -252,23 +274,74 @@ def initialize(coordinator_address: Optional[str] = None,
     coordinator_address = os.environ.get(ENV_COORDINATOR) or None
   if coordinator_address is None and in_slurm and (num_processes or 1) > 1:
     coordinator_address = _slurm_coordinator()
+  timeouts = {'heartbeat_timeout_seconds':
+              peer_watch.jax_heartbeat_seconds(peer_timeout_seconds)}
 
   if num_processes is None:
-    if platform == 'tpu':
-      jax.distributed.initialize()  # Cloud TPU: the metadata server knows.
-    return
-  _check(coordinator_address, num_processes, process_id)
-  if num_processes == 1:
-    return
+    if platform == 'tpu' or _detected_cluster() is not None:
+      # Cloud TPU pods, GKE, Open MPI: JAX's own cluster detection knows.
+      _gloo_on_cpu(platform)
+      jax.distributed.initialize(**timeouts)
+  else:
+    _check(coordinator_address, num_processes, process_id)
+    if num_processes > 1:
+      _gloo_on_cpu(platform)
+      jax.distributed.initialize(
+          coordinator_address=coordinator_address,
+          num_processes=num_processes,
+          process_id=process_id,
+          local_device_ids=(_slurm_local_device_ids(platform) if in_slurm
+                            else None),
+          cluster_detection_method='deactivate', **timeouts)
+  _refuse_lone_copies()
+  if jax.process_count() > 1:
+    _start_watch(peer_timeout_seconds)
+
+
+def _gloo_on_cpu(platform: str) -> None:
+  """Cross-process collectives between CPU processes go through gloo."""
   if platform == 'cpu':
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(
-      coordinator_address=coordinator_address,
-      num_processes=num_processes,
-      process_id=process_id,
-      local_device_ids=(_slurm_local_device_ids(platform) if in_slurm
-                        else None),
-      cluster_detection_method='deactivate')
+
+
+def _detected_cluster() -> Optional[str]:
+  """The name of the cluster environment JAX's auto-detection would use."""
+  from jax._src import clusters  # pylint: disable=g-import-not-at-top
+  for env in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+    if not env.opt_in_only_method and env.is_env_present():
+      return env.name if hasattr(env, 'name') else env.__name__
+  return None
+
+
+def _refuse_lone_copies() -> None:
+  """ConfigError when a scheduler started N > 1 processes the runtime sees as 1.
+
+  Each of them would train its own copy of the model into one ``MODEL_DIR``.
+  """
+  if jax.process_count() > 1:
+    return
+  for name in _PROCESS_COUNT_VARS:
+    claimed = _int_env(name)
+    if claimed is not None and claimed > 1:
+      raise ConfigError(
+          f'{name}={claimed} says this job has {claimed} processes, but the JAX '
+          'runtime sees this one alone (process 0 of 1): every process would '
+          'train its own copy into one MODEL_DIR; start them with srun / '
+          f'mpirun so that JAX detects the cluster, or set {ENV_COORDINATOR}, '
+          f'{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}')
+
+
+def _start_watch(timeout_seconds: float) -> None:
+  global _watch
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  _watch = peer_watch.PeerWatch(
+      distributed.global_state.client, jax.process_index(), jax.process_count(),
+      timeout_seconds, is_running=lambda: distributed.global_state.client is not None)
+
+
+def watch() -> Optional[peer_watch.PeerWatch]:
+  """The running peer watch (None in a single-process run)."""
+  return _watch
 
 
 def is_main_process() -> bool:

@@ -22,6 +22,7 @@ from spactor_jax import evaluation
 from spactor_jax import guards
 from spactor_jax import metrics_log
 from spactor_jax import model_dir as model_dir_lib
+from spactor_jax import multihost
 from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import param_loading
@@ -182,13 +183,17 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
   eval_set = _make_eval_set(config, trainer, vocab) if config.eval_every_steps else None
 
   preemption = guards.Preemption()
+  agreed_stop = multihost.AgreedStop()
+  stopping = False  # every process has heard of a signal: stop after this step.
+  if runtime.watch() is not None:
+    runtime.watch().checkpoint_note = checkpointer.committed_note
   nonfinite = guards.NonFiniteGuard(config.on_nonfinite,
                                     config.max_consecutive_nonfinite)
   averages = None
   step = start
   compiling = True  # the next step compiles: log it on its own line.
   try:
-    while step < total_steps and not preemption.requested:
+    while step < total_steps and not stopping:
       wanted = curriculum.index_at(step)
       if wanted != stage:
         # The stages' metrics differ: never average a window across the switch.
@@ -201,6 +206,7 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
       batch = pipeline.global_arrays(next(iterator), trainer.data_sharding)
       state, metrics = trainer.train_step(state, batch, rng)
       step += 1
+      stopping = agreed_stop.poll(preemption.requested)
       nonfinite.observe(step, metrics, settle=(
           step % checkpointer.save_every_steps == 0 or step == total_steps))
       metrics['stage'] = stage
@@ -220,7 +226,7 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
       hook.at_end(step, trainer, state)
     if step >= total_steps:
       logger.summary(step, start, f'{checkpointer.directory}/{step}')
-    if preemption.requested:
+    if stopping:
       nonfinite.settle()
       preemption.report(step, checkpointer.save(step, state, iterator, force=True))
   finally:

@@ -101,11 +101,12 @@ def subprocess_env(devices: Optional[int] = None, **extra: str) -> Dict[str, str
   return env
 
 
-def logged_scalars(model_dir: str, tag: str) -> Dict[int, float]:
-  """``{step: value}`` of a scalar from every TensorBoard event file of a run."""
+def logged_scalars(model_dir: str, tag: str, kind: str = 'train') -> Dict[int, float]:
+  """``{step: value}`` of a scalar from every TensorBoard event file of a run
+  (``kind``: ``'train'`` or ``'eval'``; a later file's value wins)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (slow to import)
   values = {}
-  for path in sorted(glob.glob(os.path.join(model_dir, 'train', 'events.out.tfevents.*'))):
+  for path in sorted(glob.glob(os.path.join(model_dir, kind, 'events.out.tfevents.*'))):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
         if value.tag == tag:
