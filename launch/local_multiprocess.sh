@@ -18,7 +18,7 @@ DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-4}"  # -d: fake CPU devices per proc
 PORT="${PORT:-}"                            # -p: coordinator port; empty = a free one
 MODULE="${MODULE:-spactor_jax.train}"       # -m: Python module each process runs
 PYTHON="${PYTHON:-python}"                  # interpreter (e.g. /work/venv/bin/python)
-GRACE_SECONDS="${GRACE_SECONDS:-5}"         # wait after SIGTERM before SIGKILL
+GRACE_SECONDS="${GRACE_SECONDS:-120}"       # wait after SIGTERM (agreed stop + save) before SIGKILL
 
 usage() {
   cat <<EOF
