@@ -120,6 +120,14 @@ def _agree_across_processes(damage: Optional[DamagedCheckpoint]) -> None:
   raise damage
 
 
+def _readable(read: Callable[[], None]) -> None:
+  """Runs ``read``; any failure of it means the checkpoint is unreadable."""
+  try:
+    read()
+  except Exception as exc:  # pylint: disable=broad-except  (orbax, tensorstore, tf.data)
+    raise DamagedCheckpoint('unreadable', _short(exc)) from exc
+
+
 @contextlib.contextmanager
 def _orbax_quiet():
   """Silences orbax's (absl) log while it reads checkpoints that may be damaged."""
@@ -293,21 +301,33 @@ class Checkpointer:
         (``Trainer.sharded_abstract_state()``), so no host gathers the model.
       data_iterator: the input pipeline, restored in place.
     """
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            data=DataIteratorRestore(data_iterator)))
-    return restored.state
+    state = self._restore_state(step, target)
+    self._restore_data_position(step, data_iterator)
+    return state
+
+  def _restore_state(self, step: int, target: TrainState) -> TrainState:
+    """The train state of ``step`` (orbax's restore: a collective of every process)."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target))).state
+
+  def _restore_data_position(self, step: int, data_iterator: Any) -> None:
+    """Moves this process's input pipeline to ``step`` (its own files; no collective).
+
+    Read apart from orbax's restore so that a process whose files are
+    damaged fails outside orbax's collectives and agrees with the others.
+    """
+    data_iterator.restore(os.fspath(self.directory / str(step) / 'data'))
 
   def verified_restore(self, step: int, target: TrainState, data_iterator: Any,
                        agree: Optional[Callable[[Optional[DamagedCheckpoint]], None]] = None
                        ) -> TrainState:
     """``restore`` that proves the checkpoint sound first and after.
 
-    Three phases (the files; the restore, a collective; the fingerprint),
-    each ended by ``agree``, which every process calls with the damage it
-    saw (or ``None``) and which raises when any process saw some, so that
-    no process enters the restore's collectives that another has left.
+    Four phases (the files; the state's restore, a collective; each
+    process's data position; the fingerprint), each ended by ``agree``,
+    which every process calls with the damage it saw (or ``None``) and which
+    raises when any process saw some, so that no process enters the
+    restore's collectives that another has left.
 
     Raises:
       DamagedCheckpoint: files missing or unreadable, a fingerprint mismatch,
@@ -320,14 +340,12 @@ class Checkpointer:
     agree(_damage_of(lambda: self._check_files(step, step_dir, target, data_iterator)))
     state = None
 
-    def restore():
+    def restore_state():
       nonlocal state
-      try:
-        state = self.restore(step, target, data_iterator)
-      except Exception as exc:  # pylint: disable=broad-except
-        raise DamagedCheckpoint('unreadable', _short(exc)) from exc
+      state = self._restore_state(step, target)
 
-    agree(_damage_of(restore))
+    for restore in (restore_state, lambda: self._restore_data_position(step, data_iterator)):
+      agree(_damage_of(lambda restore=restore: _readable(restore)))
     agree(_damage_of(lambda: self._check_values(step_dir, state)))
     return state
 

@@ -37,6 +37,7 @@ import seqio
 
 from spactor_jax import decoding
 from spactor_jax import errors
+from spactor_jax import multihost
 from spactor_jax import network
 from spactor_jax import param_loading
 from spactor_jax import partitioning
@@ -183,7 +184,7 @@ def predict(trainer: trainer_lib.Trainer, params: Any, prediction_set: Predictio
                                      objective.vocab.eos_id)
       else:
         out = _head_scores(objective, params, batch)
-      outputs.append(np.asarray(jax.device_get(out)))
+      outputs.append(np.asarray(multihost.to_host(out)))
   return np.concatenate(outputs)[:len(prediction_set.examples)]
 
 

@@ -18,15 +18,25 @@ from spactor_jax import errors
 
 _UNKNOWN_PARAMETER = re.compile(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'")
 _UNKNOWN_CONFIGURABLE = re.compile(r"No configurable matching (?:reference )?'@?([^'(]+)")
+# How much less similar than the best suggestion another may be and still be offered.
+_NEAR_BEST = 0.1
 
 
 def nearest(name: str, candidates: Iterable[str], count: int = 3) -> List[str]:
-  """Up to ``count`` of ``candidates`` closest to ``name`` (case-insensitive), best first."""
+  """Up to ``count`` of ``candidates`` closest to ``name`` (case-insensitive), best first.
+
+  Only names about as close as the closest one are offered: a typo of
+  ``SpanCorruption`` suggests it alone, not also ``HeadlessSpanCorruption``.
+  """
   by_lower = {}
   for candidate in candidates:
     by_lower.setdefault(candidate.lower(), candidate)
   matches = difflib.get_close_matches(name.lower(), by_lower, n=count, cutoff=0.6)
-  return [by_lower[m] for m in matches]
+  if not matches:
+    return []
+  score = lambda match: difflib.SequenceMatcher(None, name.lower(), match).ratio()
+  best = score(matches[0])
+  return [by_lower[m] for m in matches if score(m) >= best - _NEAR_BEST]
 
 
 def _did_you_mean(names: List[str]) -> str:

@@ -148,15 +148,11 @@ class Preemption:
                      'signal exits at once)\n')
     sys.stderr.flush()
 
-  def report(self, step: int, saved: bool) -> None:
-    """The one line of a stop that every process agreed on."""
+  def report(self, step: int) -> None:
+    """The one line of a stop that every process agreed on (step ``step`` is committed)."""
     cause = self.signal_name or 'a signal to another process'
-    if saved:
-      log.info('%s: saved a checkpoint at step %d; run the same command again '
-               'to resume', cause, step)
-    else:
-      log.info('%s: stopped at step %d, nothing new to save; run the same '
-               'command again to resume', cause, step)
+    log.info('%s: saved a checkpoint at step %d; run the same command again '
+             'to resume', cause, step)
 
   def close(self) -> None:
     """Puts the previous handlers back."""

@@ -23,6 +23,7 @@ import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from etils import epath
+from flax import traverse_util
 import gin
 import jax
 import numpy as np
@@ -174,17 +175,6 @@ def _step_directory(model_dir: str, step: Optional[int]) -> epath.Path:
   return directory / str(steps[-1] if step is None else step)
 
 
-def _nest(flat: Mapping[str, Any]) -> Dict[str, Any]:
-  tree: Dict[str, Any] = {}
-  for path, value in flat.items():
-    *parents, name = path.split('/')
-    node = tree
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[name] = value
-  return tree
-
-
 def load_params(model_dir: str, initialised: Any, *, step: Optional[int] = None,
                 prefixes: Optional[Mapping[str, str]] = None,
                 dont_load: Sequence[str] = (),
@@ -221,7 +211,7 @@ def load_params(model_dir: str, initialised: Any, *, step: Optional[int] = None,
     wanted = {mapping[t]: jax.ShapeDtypeStruct(targets[t].shape, targets[t].dtype,
                                                 sharding=targets[t].sharding)
               for t in plan.loaded}
-    item = {'params': _nest(wanted)}
+    item = {'params': traverse_util.unflatten_dict(wanted, sep='/')}
     restored = checkpointer.restore(directory / 'state', args=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True))

@@ -27,6 +27,7 @@ import time
 from typing import Callable, Dict, Optional, Tuple
 
 _KEY_DIR = 'spactor_jax/alive/'
+_DONE = 'done'  # a finished process's last value: its silence is no news.
 
 
 def jax_heartbeat_seconds(timeout_seconds: float) -> int:
@@ -81,9 +82,20 @@ class PeerWatch:
     atexit.register(self.stop)
 
   def stop(self) -> None:
-    """Ends the watch (at exit: the thread must not be inside an RPC then)."""
+    """Ends the watch and tells the peers this process finished (at exit).
+
+    A process that ends first stops its counter while the others may still
+    write their last checkpoint: its ``done`` marker keeps them from taking
+    the silence for a death. The thread must not be inside an RPC at exit.
+    """
+    if self._stopped.is_set():
+      return
     self._stopped.set()
     self._thread.join()
+    try:
+      self._client.key_value_set(f'{_KEY_DIR}{self._index}', _DONE, allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except  (the runtime may be down already)
+      pass
 
   def _run(self) -> None:
     counter = 0
@@ -114,6 +126,8 @@ class PeerWatch:
       if peer == self._index:
         continue
       value = values.get(peer)
+      if value == _DONE:
+        continue
       last = self._seen.get(peer)
       if last is None or value != last[0]:
         self._seen[peer] = (value, now)

@@ -228,7 +228,8 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
       logger.summary(step, start, f'{checkpointer.directory}/{step}')
     if stopping:
       nonfinite.settle()
-      preemption.report(step, checkpointer.save(step, state, iterator, force=True))
+      checkpointer.save(step, state, iterator, force=True)  # unless the loop just saved it
+      preemption.report(step)
   finally:
     checkpointer.close()  # a second signal while it waits still exits at once.
     preemption.close()

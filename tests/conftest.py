@@ -10,8 +10,19 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # TPU topologies; without this the second one finds /tmp/libtpu_lockfile held.
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
+import gin  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
 
 def pytest_configure(config):
   config.addinivalue_line(
       'markers', 'slow: end-to-end runs and compiles of a minute or more; '
       'pytest -m "not slow" runs the fast set')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _no_gin_bindings_across_modules():
+  """Bindings a test module leaves behind never reach the next module of its worker."""
+  gin.clear_config()
+  yield
+  gin.clear_config()

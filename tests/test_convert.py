@@ -11,6 +11,7 @@ import os
 
 from etils import epath
 from flax import serialization
+from flax import traverse_util
 import gin
 import jax
 import jax.numpy as jnp
@@ -87,17 +88,6 @@ def _assert_params(model_dir, step, expected):
     assert np.array_equal(held[path], value), path
 
 
-def _nest(flat):
-  tree = {}
-  for path, value in flat.items():
-    *parents, name = path.split('/')
-    node = tree
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[name] = value
-  return tree
-
-
 @pytest.fixture(scope='module')
 def t5_run(tmp_path_factory):
   model_dir = tmp_path_factory.mktemp('t5_run')
@@ -134,7 +124,8 @@ def _project_logits(params, enc, dec):
   config = network.TransformerConfig(vocab_size=4096, emb_dim=128, num_heads=4, head_dim=32,
                                      num_encoder_layers=2, num_decoder_layers=2, mlp_dim=256)
   return np.asarray(network.EncoderDecoder(config).apply(
-      {'params': _nest(params)['model']}, jnp.asarray(enc), jnp.asarray(dec)))
+      {'params': traverse_util.unflatten_dict(params, sep='/')['model']},
+      jnp.asarray(enc), jnp.asarray(dec)))
 
 
 def _differences(ours, theirs):
@@ -203,7 +194,8 @@ def test_encoder_hidden_states_match_t5_encoder_model(electra):
     theirs = model(input_ids=torch.tensor(tokens),
                    attention_mask=torch.tensor(tokens > 0)).last_hidden_state.numpy()
   ours = np.asarray(network.EncoderOnly(config).apply(
-      {'params': _nest(expected)['model']}, jnp.asarray(tokens)))
+      {'params': traverse_util.unflatten_dict(expected, sep='/')['model']},
+      jnp.asarray(tokens)))
   valid = tokens > 0
   max_abs, max_rel = _differences(ours[valid], theirs[valid])
   print(f'T5EncoderModel hidden states: max abs {max_abs:.3g}, max rel {max_rel:.3g}')
@@ -238,7 +230,7 @@ def _write_t5x(model_dir, params, step, *, inline=()):
       spec = dict(leaf, kvstore={'driver': 'file',
                                  'path': str(step_dir / name.replace('/', '.'))})
       ts.open(spec, create=True).result().write(value).result()
-    _nest_into(target, path, leaf)
+    target[path] = leaf
   moments = {'token_embedder': {'embedding': {
       'v_row': np.zeros(4096, np.float32), 'v_col': np.zeros(128, np.float32),
       'v': np.zeros(1, np.float32), 'm': np.zeros(1, np.float32)}}}
@@ -248,13 +240,6 @@ def _write_t5x(model_dir, params, step, *, inline=()):
       {'version': 3, 'optimizer': {'target': target, 'state': {
           'step': np.int32(step), 'param_states': moments}}}))
   return step_dir
-
-
-def _nest_into(tree, path, leaf):
-  *parents, name = path.split('/')
-  for parent in parents:
-    tree = tree.setdefault(parent, {})
-  tree[name] = leaf
 
 
 def _read_t5x(step_dir):

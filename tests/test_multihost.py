@@ -10,7 +10,6 @@ the TensorBoard file that only process 0 writes, must agree.
 
 import itertools
 import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -20,6 +19,8 @@ import pytest
 import seqio
 
 import helpers
+from processes import Child
+from processes import Job
 import tasks  # pylint: disable=unused-import  (registers the seqio tasks)
 from spactor_jax.data import pipeline
 
@@ -33,6 +34,8 @@ TRAIN_ARGS = [
     f'--gin.BATCH_SIZE={BATCH}',
     f'--gin.TASK_FEATURE_LENGTHS={LENGTHS}',
     '--gin.LOG_EVERY_STEPS=1',
+    '--gin.TransformerConfig.num_encoder_layers=1',
+    '--gin.TransformerConfig.num_decoder_layers=1',
 ]
 
 # One process, 8 devices, reading the global batch of the 2-process run: the
@@ -81,34 +84,9 @@ _ONE_PROCESS_TWO_SHARDS = textwrap.dedent("""
     """)
 
 
-def _start(command, env, log_path):
-  log = open(log_path, 'w')
-  return subprocess.Popen(command, cwd=helpers.REPO, env=env, stdout=log,
-                          stderr=subprocess.STDOUT), log
-
-
-def _wait(procs, timeout: float):
-  deadline = time.monotonic() + timeout
-  try:
-    for proc, log in procs:
-      proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-      log.close()
-  finally:
-    for proc, log in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-      log.close()
-
-
 def _losses(model_dir: str):
   """Per-step ``loss`` from the run's TensorBoard event file(s)."""
   return [loss for _, loss in sorted(helpers.logged_scalars(model_dir, 'loss').items())]
-
-
-def _tail(path: str, lines: int = 30) -> str:
-  with open(path) as f:
-    return ''.join(f.readlines()[-lines:])
 
 
 @pytest.fixture(scope='module')
@@ -116,24 +94,19 @@ def runs(tmp_path_factory):
   """Runs both configurations (at the same time, to save wall time)."""
   root = tmp_path_factory.mktemp('multihost')
   multi_dir, single_dir = str(root / 'two_processes'), str(root / 'one_process')
-  port = helpers.free_port()
-  procs = []
-  for index in range(2):
-    env = helpers.subprocess_env(4, SPACTOR_COORDINATOR=f'127.0.0.1:{port}',
-                                 SPACTOR_NUM_PROCESSES='2', SPACTOR_PROCESS_ID=str(index))
-    procs.append(_start(
-        [sys.executable, '-u', '-m', 'spactor_jax.train', *TRAIN_ARGS,
-         f'--gin.MODEL_DIR={multi_dir}'], env, str(root / f'p{index}.log')))
-  procs.append(_start(
-      [sys.executable, '-u', '-c', _ONE_PROCESS_TWO_SHARDS, *TRAIN_ARGS,
-       f'--gin.MODEL_DIR={single_dir}'], helpers.subprocess_env(8),
-      str(root / 'single.log')))
-  _wait(procs, timeout=900)  # a cap against hangs: three trainings share the cores
-  logs = [str(root / name) for name in ('p0.log', 'p1.log', 'single.log')]
-  for (proc, _), log in zip(procs, logs):
-    assert proc.returncode == 0, f'{log} exited {proc.returncode}:\n{_tail(log)}'
+  multi = Job(str(root / 'multi'), 'spactor_jax.train',
+              TRAIN_ARGS + [f'--gin.MODEL_DIR={multi_dir}'], devices=4)
+  single = Child([sys.executable, '-u', '-c', _ONE_PROCESS_TWO_SHARDS, *TRAIN_ARGS,
+                  f'--gin.MODEL_DIR={single_dir}'], helpers.subprocess_env(8),
+                 str(root / 'single.log'))
+  deadline = time.monotonic() + 900  # a cap against hangs: three trainings share the cores
+  statuses = multi.wait(900) + [single.wait(deadline)]
+  children = multi.children + [single]
+  for child, status in zip(children, statuses):
+    assert status == 0, f'{child.log_path} exited {status}:\n{child.tail()}'
   return {'multi_dir': multi_dir, 'single_dir': single_dir,
-          'pids': [proc.pid for proc, _ in procs[:2]], 'logs': logs}
+          'pids': [child.process.pid for child in multi.children],
+          'logs': [child.text() for child in children]}
 
 
 def test_two_processes_match_one_process_on_the_same_global_batch(runs):
@@ -150,12 +123,9 @@ def test_only_process_0_logs_and_writes_summaries(runs):
   # TensorFlow names event files events.out.tfevents.TIME.HOST.PID.N.v2.
   assert len(events) == 1 and f'.{pid0}.' in events[0], (events, pid0)
   assert not any(f'.{pid1}.' in name for name in events)
-  with open(runs['logs'][0]) as f:
-    p0 = f.read()
-  with open(runs['logs'][1]) as f:
-    p1 = f.read()
+  p0, p1 = runs['logs'][:2]
   assert f'step {STEPS}/{STEPS}' in p0 and 'process 0/2' in p0
-  assert 'process 1/2' in p1 and ' step 1/' not in p1, _tail(runs['logs'][1])
+  assert 'process 1/2' in p1 and ' step 1/' not in p1, p1[-3000:]
 
 
 @pytest.mark.slow

@@ -60,6 +60,15 @@ def _saved_step(child, cause):
   return int(re.search(r'at step (\d+)', saved[0]).group(1))
 
 
+def _sigterm_after_step_2(job, indices):
+  """SIGTERM to the processes ``indices`` once step 2 is logged; both must exit 0."""
+  job.wait_for_step(2)
+  for index in indices:
+    job[index].signal(signal.SIGTERM)
+  statuses = job.wait(HANG_CAP)
+  assert statuses == [0, 0], (statuses, job[0].tail(), job[1].tail())
+
+
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
   """The uninterrupted 2-process run."""
@@ -79,10 +88,7 @@ def test_the_reference_switches_stage_and_evaluates_on_both_processes(reference)
 def test_sigterm_to_one_process_stops_both_at_one_step_then_damage_on_one_falls_back(
     reference, tmp_path):
   model_dir, job = _train(tmp_path, 'run')
-  job.wait_for_step(2)
-  job[1].signal(signal.SIGTERM)
-  statuses = job.wait(HANG_CAP)
-  assert statuses == [0, 0], (statuses, job[0].tail(), job[1].tail())
+  _sigterm_after_step_2(job, [1])
   stopped = _saved_step(job[1], 'SIGTERM')
   assert _saved_step(job[0], 'a signal to another process') == stopped
   assert 2 <= stopped < STEPS and _steps(model_dir)[-1] == stopped
@@ -107,12 +113,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step_then_damage_on_one_falls_
 
 
 def test_sigterm_to_both_saves_one_step_once(tmp_path):
-  model_dir, job = _train(tmp_path, 'run')
-  job.wait_for_step(2)
-  for child in job.children:
-    child.signal(signal.SIGTERM)
-  statuses = job.wait(HANG_CAP)
-  assert statuses == [0, 0], (statuses, job[0].tail(), job[1].tail())
+  _, job = _train(tmp_path, 'run')
+  _sigterm_after_step_2(job, [0, 1])
   assert _saved_step(job[0], 'SIGTERM') == _saved_step(job[1], 'SIGTERM')
   assert not any('Traceback' in line for c in job.children for line in c.lines())
 

@@ -61,7 +61,7 @@ def test_mistake_in_a_gin_file_names_file_and_line(tmp_path, capsys):
   assert _main([f'--gin_file={config}', '--gin.MODEL_DIR=/tmp/x']) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [f"error: {config}:3: Configurable 'TransformerConfig' doesn't "
-                 "have a parameter named 'emb_dimm'; did you mean emb_dim, mlp_dim or head_dim?"]
+                 "have a parameter named 'emb_dimm'; did you mean emb_dim?"]
 
 
 def test_command_line_error_has_no_traceback():
