@@ -49,6 +49,7 @@ setuptools.setup(
             'spactor-generate=spactor_jax.generate:main',
             'spactor-finetune=spactor_jax.finetune:main',
             'spactor-convert=spactor_jax.convert:main',
+            'spactor-prebuild=spactor_jax.prebuild:main',
         ],
     },
 )

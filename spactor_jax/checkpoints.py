@@ -42,7 +42,9 @@ from spactor_jax.train_state import TrainState
 log = logging.getLogger('spactor_jax')
 
 SAVE_ERROR_ACTIONS = ('stop', 'retry')
-_DATA_FILE = re.compile(r'data_iterator\.process_(\d+)-of-(\d+)\.index$')
+# A process's data position: the seqio pipeline's tf.data checkpoint
+# (``.index`` and its data file) or a pre-built input's ``.json``.
+_DATA_FILE = re.compile(r'data_iterator\.process_(\d+)-of-(\d+)\.(?:index|json)$')
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):

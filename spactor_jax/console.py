@@ -1,13 +1,13 @@
 """A quiet start: TensorFlow's and libtpu's start-up lines kept off the console.
 
 The entry points call ``quiet()`` before anything imports TensorFlow or starts
-a jax backend. TensorFlow (only the input pipeline uses it) is imported with
-the process's stderr captured, and kept off the GPUs so that it neither probes
-CUDA nor takes their memory from jax; what it printed is shown only if the
-import fails. On a machine without TPU chips, jax is kept from loading libtpu
-(installed by ``.[tpu]`` for ahead-of-time compilation), whose failed
-start-up prints errors, unless ``JAX_PLATFORMS`` says otherwise or a jax GPU
-plugin is installed.
+a jax backend. TensorFlow (only the input pipeline uses it), when installed,
+is imported with the process's stderr captured, and kept off the GPUs so
+that it neither probes CUDA nor takes their memory from jax; what it printed
+is shown only if the import fails. On a machine without TPU chips, jax is
+kept from loading libtpu (installed by ``.[tpu]`` for ahead-of-time
+compilation), whose failed start-up prints errors, unless ``JAX_PLATFORMS``
+says otherwise or a jax GPU plugin is installed.
 """
 
 import contextlib
@@ -40,11 +40,17 @@ def _captured_stderr():
 
 
 def quiet() -> None:
-  """Imports TensorFlow quietly (CPU only) and keeps an absent TPU from being probed."""
+  """Imports TensorFlow quietly (CPU only), when installed, and keeps an absent
+  TPU from being probed."""
   if 'tensorflow' not in sys.modules:
     with _captured_stderr():
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      tf.config.set_visible_devices([], 'GPU')
+      try:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      except ModuleNotFoundError as exc:  # installed without it: a pre-built input run
+        if exc.name != 'tensorflow':
+          raise
+      else:
+        tf.config.set_visible_devices([], 'GPU')
   import jax  # pylint: disable=g-import-not-at-top
   from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
   if (jax.config.jax_platforms is None and

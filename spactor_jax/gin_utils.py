@@ -173,7 +173,8 @@ def setup_logging() -> None:
 
 
 def parse_with_tasks(flags: GinFlags) -> None:
-  """Registers the seqio tasks, then parses the gin files and bindings.
+  """Registers the seqio tasks (when seqio is installed), then parses the gin
+  files and bindings.
 
   Raises:
     ConfigError: when no gin file is given or a file or binding is wrong.
@@ -181,7 +182,12 @@ def parse_with_tasks(flags: GinFlags) -> None:
   if not flags.files:
     raise errors.ConfigError(
         'no --gin_file given; try --gin_file=gin_configs/quickstart.gin')
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  try:
+    import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  except ModuleNotFoundError as exc:
+    if (exc.name or '').split('.')[0] not in ('tensorflow', 'seqio', 't5'):
+      raise
+    # Installed without them: no task is registered, a pre-built input is read.
   if flags.tfds_data_dir:
     import seqio  # pylint: disable=g-import-not-at-top
     seqio.set_tfds_data_dir_override(flags.tfds_data_dir)

@@ -92,12 +92,11 @@ class MetricLogger:
 
   def _write(self, kind: str, step: int, values: Mapping[str, float]) -> None:
     """Writes scalars to ``<model_dir>/<kind>`` (the event file is made on first use)."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from tensorboard import summary  # pylint: disable=g-import-not-at-top  (no TensorFlow)
     if kind not in self._writers:
-      self._writers[kind] = tf.summary.create_file_writer(f'{self._model_dir}/{kind}')
-    with self._writers[kind].as_default(step=step):
-      for name, value in values.items():
-        tf.summary.scalar(name, value)
+      self._writers[kind] = summary.Writer(f'{self._model_dir}/{kind}')
+    for name, value in values.items():
+      self._writers[kind].add_scalar(name, value, step)
     self._writers[kind].flush()
     self._last[kind] = dict(values)
 

@@ -7,18 +7,16 @@ resumes from the latest checkpoint in ``model_dir``.
 import dataclasses
 import json
 import logging
-from typing import Callable, Dict, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Protocol
 
 from etils import epath
 import gin
 import jax
 import optax
-import seqio
 
 from spactor_jax import checkpoints
 from spactor_jax import curriculum as curriculum_lib
 from spactor_jax import errors
-from spactor_jax import evaluation
 from spactor_jax import guards
 from spactor_jax import metrics_log
 from spactor_jax import model_dir as model_dir_lib
@@ -31,8 +29,11 @@ from spactor_jax import runtime
 from spactor_jax import trainer as trainer_lib
 from spactor_jax import train_state
 from spactor_jax import validation
-from spactor_jax.data import pipeline
+from spactor_jax.data import source
 from spactor_jax.objectives import base
+
+if TYPE_CHECKING:  # imported where used: it needs seqio and TensorFlow
+  from spactor_jax import evaluation
 
 log = logging.getLogger('spactor_jax')
 
@@ -78,7 +79,7 @@ class RunConfig:
       parameter paths are logged and written to ``init_params.json``.
   """
   model_dir: str = gin.REQUIRED
-  data: pipeline.DataConfig = gin.REQUIRED
+  data: source.DataConfig = gin.REQUIRED
   curriculum: curriculum_lib.Curriculum = gin.REQUIRED
   model: network.TransformerConfig = gin.REQUIRED
   total_steps: int = gin.REQUIRED
@@ -148,11 +149,9 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
   model_dir_lib.check(config)  # before any restore.
   curriculum = config.curriculum
   device_mesh = partitioning.make_mesh(config.mesh)
-  shard = seqio.ShardInfo(jax.process_index(), jax.process_count())
-  iterator = pipeline.make_iterator(config.data, config.model_family,
-                                    config.batch_size, shard,
-                                    model_vocab_size=config.model.vocab_size)
-  vocab = pipeline.vocab_info(iterator.vocabulary)
+  iterator, vocab = source.make_input(config.data, config.model_family, config.batch_size,
+                                      model_vocab_size=config.model.vocab_size,
+                                      steps=config.total_steps)
   batch_spec = _global_batch_spec(iterator, jax.process_count())
   checkpointer = config.checkpointer(model_dir=config.model_dir)
   logger = metrics_log.MetricLogger(config.model_dir, config.total_steps,
@@ -203,7 +202,7 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
         stage = wanted
         compiling = True
         log.info('step %d: stage %s begins', step, curriculum.stages[stage].name)
-      batch = pipeline.global_arrays(next(iterator), trainer.data_sharding)
+      batch = source.global_arrays(next(iterator), trainer.data_sharding)
       state, metrics = trainer.train_step(state, batch, rng)
       step += 1
       stopping = agreed_stop.poll(preemption.requested)
@@ -254,8 +253,9 @@ def _load_params(config: RunConfig, state: train_state.TrainState
 
 
 def _make_eval_set(config: RunConfig, trainer: trainer_lib.Trainer,
-                   vocab: base.VocabInfo) -> evaluation.EvalSet:
+                   vocab: base.VocabInfo) -> 'evaluation.EvalSet':
   """The held-out batches of the in-loop evaluation, read once."""
+  from spactor_jax import evaluation  # pylint: disable=g-import-not-at-top,redefined-outer-name
   data = evaluation.eval_data_config(config.data, config.eval_task, config.eval_split)
   eval_set = evaluation.make_eval_set(
       data, config.model_family, config.batch_size, config.eval_batches,

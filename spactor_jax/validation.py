@@ -245,6 +245,11 @@ def validate(config: Any) -> None:
     checkpoints.check_settings(settings['save_every_steps'], settings['keep'],
                                settings['on_save_error'])
   _check_lengths(config.data.task_feature_lengths)
+  if config.data.prebuilt is not None and config.eval_every_steps:
+    raise errors.ConfigError(
+        f'EVAL_EVERY_STEPS = {config.eval_every_steps}: in-loop evaluation reads the '
+        'seqio pipeline, not the pre-built input; set it to 0 (runs/prebuilt.gin does, '
+        'when given after the run\'s gin files)')
   _check_model(config.model)
   _check_learning_rate(config.learning_rate, config.total_steps)
   _check_mesh(config)

@@ -1,8 +1,6 @@
-"""The data side: seqio tasks (``tasks/``) → feature converters → iterators."""
+"""The data side: seqio tasks (``tasks/``) → feature converters → iterators.
 
-from spactor_jax.data.pipeline import DataConfig
-from spactor_jax.data.pipeline import DataIterator
-from spactor_jax.data.pipeline import global_arrays
-from spactor_jax.data.pipeline import make_iterator
-from spactor_jax.data.pipeline import TextCorpus
-from spactor_jax.data.pipeline import vocab_info
+Import the modules themselves: ``source`` (``DataConfig``, the train loop's
+input) and ``prebuilt`` need no TensorFlow; ``pipeline`` (the seqio path)
+and ``feature_converters`` do.
+"""

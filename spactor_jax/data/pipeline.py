@@ -2,23 +2,21 @@
 
 Each JAX process reads its own shard (``seqio.ShardInfo``) and yields its
 slice of the global batch, ``[global_batch // process_count, length]`` per
-feature; ``global_arrays`` assembles the global ``jax.Array`` batch. The
-pipeline position is a ``tf.data`` iterator checkpoint (as in T5X): ``save``
-and ``restore`` make a resumed run see exactly the batches an uninterrupted
-run would have seen, at O(1) cost.
+feature; ``global_arrays`` assembles the global ``jax.Array`` batch (it and
+``DataConfig`` live in ``source``, which needs no TensorFlow). The pipeline
+position is a ``tf.data`` iterator checkpoint (as in T5X): ``save`` and
+``restore`` make a resumed run see exactly the batches an uninterrupted run
+would have seen, at O(1) cost.
 """
 
 import codecs
-import dataclasses
 import difflib
 import gzip
 import os
 import zlib
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 from google.protobuf.message import DecodeError
-import gin
-import jax
 import numpy as np
 import seqio
 import t5.data.preprocessors as t5_preprocessors
@@ -29,6 +27,7 @@ from tasks.corpora import TextCorpus, TextFileSource
 from tasks.vocab import vocab_info
 from spactor_jax import errors
 from spactor_jax.data import feature_converters
+from spactor_jax.data.source import DataConfig, global_arrays
 from spactor_jax.errors import ConfigError
 from spactor_jax.basics import MODEL_FAMILIES
 
@@ -40,37 +39,6 @@ __all__ = ['DataConfig', 'DataIterator', 'TextCorpus', 'make_iterator',
 _MIN_SPAN_CORRUPTION_INPUTS = 10
 _REQUIRED_LENGTHS = {'encoder_decoder': ('inputs', 'targets'),
                      'encoder': ('inputs',), 'decoder': ('targets',)}
-
-
-@gin.configurable
-@dataclasses.dataclass
-class DataConfig:
-  """What to read and how.
-
-  Attributes:
-    mixture_or_task_name: a registered seqio task or mixture.
-    task_feature_lengths: ``{'inputs': 512, 'targets': 114}`` for
-      encoder-decoder, ``{'inputs': L}`` for encoder-only, ``{'targets': L}``
-      for decoder-only.
-    split: dataset split.
-    seed: seed of shuffling and of every random preprocessor.
-    shuffle: shuffle files and examples.
-    pack: pack several examples per row.
-    text_corpus: a user's own text files; its task family is registered
-      when the iterator is made.
-    feature_converter: a converter class (called with ``pack``) replacing
-      the model family's, for fine-tuning heads that read other task
-      features (``spactor_jax.downstream_features``); it expands the lengths
-      with its ``task_feature_lengths`` method.
-  """
-  mixture_or_task_name: str = gin.REQUIRED
-  task_feature_lengths: Mapping[str, int] = gin.REQUIRED
-  split: str = 'train'
-  seed: int = 0
-  shuffle: bool = True
-  pack: bool = True
-  text_corpus: Optional[TextCorpus] = None
-  feature_converter: Optional[Callable[..., seqio.FeatureConverter]] = None
 
 
 class DataIterator:
@@ -334,19 +302,3 @@ def batch_spec(config: DataConfig, model_family: str,
                                               provider.output_features)
   return feature_converters.model_feature_spec(converter, lengths,
                                                global_batch_size)
-
-
-def global_arrays(local_batch: Mapping[str, np.ndarray],
-                  sharding: jax.sharding.Sharding) -> Dict[str, jax.Array]:
-  """Assembles the global batch from every process's slice.
-
-  Args:
-    local_batch: this process's ``[global_batch // process_count, length]``
-      arrays, from ``DataIterator``.
-    sharding: the batch sharding (batch axis over the data-parallel axes).
-
-  Returns:
-    ``[global_batch, length]`` ``jax.Array`` per feature.
-  """
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in local_batch.items()}
