@@ -25,13 +25,11 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
-import seqio
-import tensorflow as tf
 
 from spactor_jax import errors
 from spactor_jax import partitioning
 from spactor_jax import trainer as trainer_lib
-from spactor_jax.data import pipeline
+from spactor_jax.data import source
 from spactor_jax.objectives import base
 from spactor_jax.train_state import TrainState
 
@@ -91,12 +89,13 @@ class EvalSet:
     return metrics, read, time.perf_counter() - start
 
 
-def eval_data_config(data: pipeline.DataConfig, task: Optional[str],
-                     split: str) -> pipeline.DataConfig:
-  """The train data configuration moved to ``task`` (default the same) and ``split``, unshuffled."""
+def eval_data_config(data: source.DataConfig, task: Optional[str],
+                     split: str) -> source.DataConfig:
+  """The train data configuration moved to ``task`` (default the same) and ``split``,
+  unshuffled, read from the seqio pipeline (never from a pre-built input)."""
   return dataclasses.replace(
       data, mixture_or_task_name=task or data.mixture_or_task_name, split=split,
-      shuffle=False)
+      shuffle=False, prebuilt=None)
 
 
 def _agreed_count(count: int) -> int:
@@ -106,7 +105,7 @@ def _agreed_count(count: int) -> int:
   return int(np.min(multihost_utils.process_allgather(np.asarray(count))))
 
 
-def make_eval_set(data: pipeline.DataConfig, model_family: str, batch_size: int,
+def make_eval_set(data: source.DataConfig, model_family: str, batch_size: int,
                   num_batches: Optional[int], sharding: jax.sharding.Sharding,
                   vocab: Optional[base.VocabInfo] = None,
                   model_vocab_size: Optional[int] = None,
@@ -127,17 +126,16 @@ def make_eval_set(data: pipeline.DataConfig, model_family: str, batch_size: int,
     ConfigError: one line, when the split is missing or too small, or the
       vocabularies differ.
   """
-  shard = seqio.ShardInfo(jax.process_index(), jax.process_count())
   if num_batches is not None and num_batches <= 0:
     raise errors.ConfigError(f'EVAL_BATCHES must be positive or None (all), got {num_batches}')
   if num_batches is None and data.split == 'train':
     raise errors.ConfigError(
         "EVAL_BATCHES=None (the whole split) needs a finite split, not 'train'; "
         'give a number of batches')
-  iterator = pipeline.make_iterator(data, model_family, batch_size, shard,
-                                    model_vocab_size=model_vocab_size)
+  iterator, eval_vocab = source.make_input(data, model_family, batch_size,
+                                           model_vocab_size=model_vocab_size)
   description = f'{data.mixture_or_task_name}:{data.split}'
-  if vocab is not None and pipeline.vocab_info(iterator.vocabulary) != vocab:
+  if vocab is not None and eval_vocab != vocab:
     raise errors.ConfigError(
         f'eval task {data.mixture_or_task_name} has another vocabulary than the '
         'training task; evaluate on a task with the same vocabulary')
@@ -147,7 +145,7 @@ def make_eval_set(data: pipeline.DataConfig, model_family: str, batch_size: int,
     raise errors.ConfigError(
         f'{description} has only {count} full batches of {batch_size} rows, '
         f'{num_batches or "at least 1"} wanted; lower EVAL_BATCHES or the batch size')
-  batches = [pipeline.global_arrays(batch, sharding) for batch in local[:count]]
+  batches = [source.global_arrays(batch, sharding) for batch in local[:count]]
   return EvalSet(batches, description, seed)
 
 
@@ -203,6 +201,8 @@ def evaluate_checkpoint(config: EvalConfig) -> Dict[str, Any]:
     ConfigError: one line, when there is no such checkpoint, the data are
       wrong or the checkpoint does not match the configured model.
   """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (not needed in training)
+  from spactor_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   run = config.run
   if not tf.io.gfile.isdir(os.path.join(run.model_dir, 'checkpoints')):
     raise errors.ConfigError(

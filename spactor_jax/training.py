@@ -7,7 +7,7 @@ resumes from the latest checkpoint in ``model_dir``.
 import dataclasses
 import json
 import logging
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Protocol
+from typing import Callable, Dict, Optional, Protocol
 
 from etils import epath
 import gin
@@ -17,6 +17,7 @@ import optax
 from spactor_jax import checkpoints
 from spactor_jax import curriculum as curriculum_lib
 from spactor_jax import errors
+from spactor_jax import evaluation
 from spactor_jax import guards
 from spactor_jax import metrics_log
 from spactor_jax import model_dir as model_dir_lib
@@ -31,9 +32,6 @@ from spactor_jax import train_state
 from spactor_jax import validation
 from spactor_jax.data import source
 from spactor_jax.objectives import base
-
-if TYPE_CHECKING:  # imported where used: it needs seqio and TensorFlow
-  from spactor_jax import evaluation
 
 log = logging.getLogger('spactor_jax')
 
@@ -253,9 +251,8 @@ def _load_params(config: RunConfig, state: train_state.TrainState
 
 
 def _make_eval_set(config: RunConfig, trainer: trainer_lib.Trainer,
-                   vocab: base.VocabInfo) -> 'evaluation.EvalSet':
+                   vocab: base.VocabInfo) -> evaluation.EvalSet:
   """The held-out batches of the in-loop evaluation, read once."""
-  from spactor_jax import evaluation  # pylint: disable=g-import-not-at-top,redefined-outer-name
   data = evaluation.eval_data_config(config.data, config.eval_task, config.eval_split)
   eval_set = evaluation.make_eval_set(
       data, config.model_family, config.batch_size, config.eval_batches,

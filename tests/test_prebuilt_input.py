@@ -40,8 +40,9 @@ RUN = [
 ]
 NO_TENSORFLOW = os.path.join(helpers.REPO, 'tests', 'no_tensorflow')
 
-# Trains each argument list in turn, in a process that must not import
-# TensorFlow, seqio or t5; exits non-zero if it could or did.
+# Runs ``train.main`` on each ``[args, expected exit status]`` in turn, in a
+# process that must not import TensorFlow, seqio or t5; exits non-zero if it
+# could or did, or a status differs.
 _TRAIN_WITHOUT_TENSORFLOW = textwrap.dedent("""
     import json
     import sys
@@ -53,11 +54,11 @@ _TRAIN_WITHOUT_TENSORFLOW = textwrap.dedent("""
       sys.exit('tensorflow is importable')
     import gin
     from spactor_jax import train
-    for args in json.loads(sys.argv[1]):
+    for args, expected in json.loads(sys.argv[1]):
       gin.clear_config()
       status = train.main(args)
-      if status:
-        sys.exit(status)
+      if status != expected:
+        sys.exit(f'exit status {status}, not {expected}, of {args}')
     loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'seqio', 't5'))
     print('loaded', loaded)
     sys.exit(3 if loaded else 0)
@@ -136,9 +137,11 @@ def test_bad_input_is_one_line(built, tmp_path, capsys, args, expected):
 def test_trains_and_resumes_without_tensorflow(built, tmp_path):
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   run = RUN + ['--gin_file=runs/prebuilt.gin', f'--gin.PREBUILT_INPUT={built}']
-  runs = [run + [f'--gin.MODEL_DIR={straight}', f'--gin.TRAIN_STEPS={BATCHES}'],
-          run + [f'--gin.MODEL_DIR={resumed}', f'--gin.TRAIN_STEPS={BATCHES // 2}'],
-          run + [f'--gin.MODEL_DIR={resumed}', f'--gin.TRAIN_STEPS={BATCHES}']]
+  runs = [[run + [f'--gin.MODEL_DIR={straight}', f'--gin.TRAIN_STEPS={BATCHES}'], 0],
+          [run + [f'--gin.MODEL_DIR={resumed}', f'--gin.TRAIN_STEPS={BATCHES // 2}'], 0],
+          [run + [f'--gin.MODEL_DIR={resumed}', f'--gin.TRAIN_STEPS={BATCHES}'], 0],
+          # The seqio pipeline, which cannot be imported: one error line.
+          [RUN + [f'--gin.MODEL_DIR={tmp_path / "seqio"}'], 2]]
   env = helpers.subprocess_env(
       1, PYTHONPATH=os.pathsep.join([NO_TENSORFLOW, helpers.REPO]),
       # The three runs compile the same step: compile it once.
@@ -151,6 +154,7 @@ def test_trains_and_resumes_without_tensorflow(built, tmp_path):
   assert status == 0, child.tail()
   assert 'loaded []' in child.text()
   assert 'resumed from' in child.text()
+  assert 'error: the seqio input pipeline needs seqio, which is not installed' in child.text()
 
   expected = helpers.logged_scalars(straight, 'loss')
   got = helpers.logged_scalars(resumed, 'loss')
