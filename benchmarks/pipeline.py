@@ -1,7 +1,7 @@
 r"""Input-pipeline throughput: plain span corruption vs the SpacTor features.
 
-Runs both ``pdtext`` tasks through ``spactor_jax.data.make_iterator`` (packed,
-encoder-decoder, one process) and prints one JSON object::
+Runs both ``pdtext`` tasks through ``spactor_jax.data.pipeline.make_iterator``
+(packed, encoder-decoder, one process) and prints one JSON object::
 
     python benchmarks/pipeline.py [--inputs_length 512 --targets_length 114]
 
