@@ -123,9 +123,12 @@ def _agree_across_processes(damage: Optional[DamagedCheckpoint]) -> None:
 
 
 def _readable(read: Callable[[], None]) -> None:
-  """Runs ``read``; any failure of it means the checkpoint is unreadable."""
+  """Runs ``read``; any failure of it but a ``ConfigError`` (a sound checkpoint
+  of another configuration, e.g. another kind of input) means it is unreadable."""
   try:
     read()
+  except errors.ConfigError:
+    raise
   except Exception as exc:  # pylint: disable=broad-except  (orbax, tensorstore, tf.data)
     raise DamagedCheckpoint('unreadable', _short(exc)) from exc
 

@@ -21,6 +21,8 @@ import seqio
 import helpers
 from helpers import fresh_gin  # pylint: disable=unused-import
 from processes import Child
+from spactor_jax import checkpoints
+from spactor_jax import errors
 from spactor_jax import prebuild
 from spactor_jax import train as train_main
 from spactor_jax.data import pipeline
@@ -113,6 +115,15 @@ def test_position_saves_and_restores(built, tmp_path):
     got = next(fresh)
     for name in want:
       np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_seqio_position_is_refused_not_taken_for_damage(built, tmp_path):
+  """A checkpoint of the seqio path holds a tf.data position: one line, and the
+  checkpoint is not set aside as unreadable."""
+  (tmp_path / 'data_iterator.process_0-of-1.index').write_bytes(b'')
+  reader = prebuilt.PrebuiltInput(built).open(_expected(prebuilt.read_index(built)), 0, 1)
+  with pytest.raises(errors.ConfigError, match='no pre-built input position for process 0'):
+    checkpoints._readable(lambda: reader.restore(str(tmp_path)))  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize('args,expected', [
