@@ -81,7 +81,8 @@ class DataIterator:
     if not tf.io.gfile.exists(prefix + '.index'):
       raise ConfigError(f'no data iterator state for process '
                         f'{self._shard_info.index} at {prefix}; was the '
-                        'checkpoint written with the same process count?')
+                        'checkpoint written with the same process count, reading '
+                        'the seqio pipeline (not a pre-built input)?')
     self._checkpoint.read(prefix).assert_consumed()
 
 
