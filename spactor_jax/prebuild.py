@@ -93,6 +93,10 @@ def _prebuild(flags: gin_utils.GinFlags, rest: List[str]) -> None:
   if config.batch_size % processes:
     raise errors.ConfigError(f'BATCH_SIZE = {config.batch_size} is not divisible by '
                              f'--pipeline_processes={processes}')
+  if options['num_batches'] < config.total_steps:
+    log.warning('warning: --num_batches=%d is fewer than TRAIN_STEPS = %d; a run reading '
+                'this input must train at most %d steps', options['num_batches'],
+                config.total_steps, options['num_batches'])
   family = config.model_family
   parts = [pipeline.make_iterator(config.data, family, config.batch_size,
                                   seqio.ShardInfo(index, processes),
