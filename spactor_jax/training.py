@@ -27,6 +27,7 @@ from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import param_loading
 from spactor_jax import partitioning
+from spactor_jax import profiling
 from spactor_jax import runtime
 from spactor_jax import trainer as trainer_lib
 from spactor_jax import train_state
@@ -76,6 +77,8 @@ class RunConfig:
       a pre-training run's); ``None``: initialised. Read only when the run
       starts without a checkpoint of its own; the loaded and the new
       parameter paths are logged and written to ``init_params.json``.
+    profile: a ``jax.profiler`` trace of a few steps into
+      ``MODEL_DIR/train/plugins/profile`` (``None``: none).
   """
   model_dir: str = gin.REQUIRED
   data: pipeline.DataConfig = gin.REQUIRED
@@ -97,6 +100,7 @@ class RunConfig:
   on_nonfinite: str = 'skip'
   max_consecutive_nonfinite: int = 10
   init_params: Optional[param_loading.ParamSource] = None
+  profile: Optional[profiling.Profile] = None
 
   @property
   def model_family(self) -> str:
@@ -189,6 +193,7 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
     runtime.watch().checkpoint_note = checkpointer.committed_note
   nonfinite = guards.NonFiniteGuard(config.on_nonfinite,
                                     config.max_consecutive_nonfinite)
+  profiler = profiling.StepProfiler(config.profile, f'{config.model_dir}/train')
   averages = None
   step = start
   compiling = True  # the next step compiles: log it on its own line.
@@ -204,8 +209,10 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
         compiling = True
         log.info('step %d: stage %s begins', step, curriculum.stages[stage].name)
       batch = pipeline.global_arrays(next(iterator), trainer.data_sharding)
+      profiler.before_step(step + 1)
       state, metrics = trainer.train_step(state, batch, rng)
       step += 1
+      profiler.after_step(step, (state, metrics))
       stopping = agreed_stop.poll(preemption.requested)
       nonfinite.observe(step, metrics, settle=(
           step % checkpointer.save_every_steps == 0 or step == total_steps))
@@ -231,6 +238,7 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
       checkpointer.save(step, state, iterator, force=True)  # unless the loop just saved it
       preemption.report(step)
   finally:
+    profiler.close()
     checkpointer.close()  # a second signal while it waits still exits at once.
     preemption.close()
     logger.close()
