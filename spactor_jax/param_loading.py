@@ -219,7 +219,7 @@ def load_params(model_dir: str, initialised: Any, *, step: Optional[int] = None,
   merged = merge_params(values, initialised, prefixes=prefixes, dont_load=dont_load,
                         where=where)
   log.info('loaded %d parameters from %s; %d new: %s', len(merged.loaded), where,
-           len(merged.new), ', '.join(merged.new) or 'none')
+           len(merged.new), _names(merged.new) or 'none')
   return merged
 
 

@@ -250,8 +250,8 @@ def _load_params(config: RunConfig, state: train_state.TrainState
   """The fresh state with ``init_params``' parameters; logs and records which."""
   source = config.init_params
   merged = source.load(state.params)
-  log.info('parameters loaded from %s: %s', source.model_dir, ', '.join(merged.loaded) or 'none')
-  log.info('parameters new (initialised): %s', ', '.join(merged.new) or 'none')
+  log.info('%d parameters loaded, %d new; both lists are in %s/init_params.json',
+           len(merged.loaded), len(merged.new), config.model_dir)
   if runtime.is_main_process():
     record = {'model_dir': source.model_dir, 'step': source.step,
               'prefixes': dict(source.prefixes), 'loaded': list(merged.loaded),

@@ -470,7 +470,7 @@ BAD_INPUTS = [
     (['--gin.TASK=pdtext_span_corruptoin'],
      "task or mixture 'pdtext_span_corruptoin' is not registered; did you mean", 2),
     (['--gin.TransformerConfig.vocab_size=1000'],
-     'but the model embeds only 1000; set the model vocab_size to at least 4069', 2),
+     'but the model embeds only 1000; set TransformerConfig.vocab_size to at least 4069', 2),
     (_corpus_args('{tmp}/binary.txt'), 'corpus file {tmp}/binary.txt is binary', 2),
     (_corpus_args('{tmp}/latin1.txt'),
      'corpus file {tmp}/latin1.txt is not UTF-8 text (byte 0xe9 at offset 3)', 2),

@@ -230,8 +230,8 @@ def _check_vocabulary(vocabulary: seqio.Vocabulary,
                       'SentencePiece .model file') from None
   if size + 1 > model_vocab_size:
     raise ConfigError(f'vocabulary has {size} ids plus the mask id {size}, '
-                      f'but the model embeds only {model_vocab_size}; set the '
-                      f'model vocab_size to at least {size + 1}')
+                      f'but the model embeds only {model_vocab_size}; set '
+                      f'TransformerConfig.vocab_size to at least {size + 1}')
 
 
 def _checked_provider(config: DataConfig,
