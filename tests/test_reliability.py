@@ -245,6 +245,7 @@ def test_failed_saves_keep_committed_checkpoints_and_exit_nonzero(trained, tmp_p
   assert _errors(lines) == [l for l in lines if l.startswith(
       f'error: checkpoint of step {BASE_STEPS + 2} failed: ')], lines[-20:]
   assert f'the committed checkpoints are intact (newest: step {BASE_STEPS})' in lines[-1]
+  assert not [l for l in lines if 'Traceback' in l], 'a failed save printed a traceback'
   assert _steps(model_dir) == list(range(1, BASE_STEPS + 1))
   import jax  # pylint: disable=g-import-not-at-top
   jax.tree_util.tree_map(np.testing.assert_array_equal,
