@@ -46,6 +46,7 @@ from spactor_jax import network
 from spactor_jax import partitioning
 from spactor_jax import runtime
 from spactor_jax import training
+from spactor_jax import model_families
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 
@@ -142,8 +143,8 @@ def _restore_params(run: training.RunConfig, step: Optional[int], vocab: base.Vo
 def check_has_head(params: Dict[str, Any], run: training.RunConfig, objective_name: str,
                    step: int) -> None:
   """A one-line error for encoder-only or headless checkpoints."""
-  if run.model_family == 'encoder':
-    raise errors.ConfigError('encoder-only models do not generate text; use a decoder-only '
+  if model_families.get(run.model_family).prediction is None:
+    raise errors.ConfigError(f'{run.model_family} models do not generate text; use a decoder-only '
                              'or encoder-decoder run')
   if run.model.logits_via_embedding or 'logits_dense' in params['model']['decoder']:
     return
@@ -220,17 +221,18 @@ def generate(run: training.RunConfig, config: GenerateConfig) -> List[str]:
   vocab = pipeline.vocab_info(vocabulary)
   restored = _restore_params(run, config.step, vocab)
   params, objective = restored['params'], restored['objective']
+  prediction = model_families.get(run.model_family).prediction
   if config.perplexity_batches:
-    if run.model_family != 'decoder' or objective.perplexity_metric is None:
+    if prediction != 'continue' or objective.perplexity_metric is None:
       raise errors.ConfigError('perplexity_batches needs a decoder-only checkpoint of an '
                                'LMTuning stage')
     data = dataclasses.replace(run.data, split='validation', shuffle=False)
-    batches = pipeline.make_iterator(data, 'decoder', run.batch_size,
+    batches = pipeline.make_iterator(data, run.model_family, run.batch_size,
                                      seqio.ShardInfo(0, 1), run.model.vocab_size)
     value = perplexity(objective, params, (b for _, b in zip(range(config.perplexity_batches),
                                                              batches)))
     print(f'perplexity {value:.2f} on {config.perplexity_batches} validation batches')
-  if run.model_family == 'decoder':
+  if prediction == 'continue':
     outputs = continue_prompts(run, config, params, objective, vocabulary, prompts)
   else:
     outputs = fill_prompts(run, config, params, objective, vocabulary, vocab, prompts)

@@ -1,7 +1,8 @@
 """Test setup: eight fake CPU devices for mesh tests, quiet TensorFlow, libtpu
-shared between test processes."""
+and a compilation cache shared between test processes."""
 
 import os
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -9,6 +10,12 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Both xdist workers (and the AOT subprocesses) load libtpu for compile-only
 # TPU topologies; without this the second one finds /tmp/libtpu_lockfile held.
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+# Many tests start processes that compile the same tiny programs: both xdist
+# workers and every child share one persistent compilation cache (keyed by the
+# program and its compile options, so a hit is the executable a compile gives).
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    tempfile.gettempdir(), f'spactor_jax_tests_xla_cache_{os.getuid()}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import gin  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
