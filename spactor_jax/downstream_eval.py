@@ -268,9 +268,8 @@ def score_checkpoint(config: Any) -> Dict[str, Any]:
   stage = len(run.curriculum.stages) - 1
   prediction_kind(run.curriculum.stages[stage].objective)
   directory = epath.Path(run.model_dir) / BEST_DIR if config.best else epath.Path(run.model_dir)
-  source = param_loading.ParamSource(str(directory), step=config.checkpoint_step,
-                                     prefixes={'': ''})
-  step_dir = source.checkpoint_directory()
+  step_dir = param_loading.ParamSource(str(directory),
+                                       step=config.checkpoint_step).checkpoint_directory()
   max_examples = None if config.num_batches is None else config.num_batches * run.batch_size
   prediction_set = read_split(run.data, run.model_family,
                               config.task or run.data.mixture_or_task_name, config.split,
@@ -278,7 +277,7 @@ def score_checkpoint(config: Any) -> Dict[str, Any]:
   vocab = pipeline.vocab_info(pipeline.task_vocabulary(run.data, run.model_family))
   spec = {name: (value.shape, value.dtype) for name, value in prediction_set.batches[0].items()}
   trainer = run.make_trainer(stage, partitioning.make_mesh(run.mesh), spec, vocab)
-  params = source.load(trainer.init_state(jax.random.key(run.seed)).params).params
+  params = param_loading.restore_params(step_dir, trainer.sharded_abstract_state().params)
   metrics = evaluate(trainer, params, prediction_set,
                      run.data.task_feature_lengths.get('targets'))
   return {'model_dir': run.model_dir, 'checkpoint': str(step_dir), 'step': int(step_dir.name),
