@@ -1,7 +1,7 @@
 """Small shared types below every other module of the package.
 
-The special ids of a vocabulary (``VocabInfo``), the model families, and
-metrics as ``(numerator, denominator)`` pairs with their helpers. The data
+The special ids of a vocabulary (``VocabInfo``) and metrics as
+``(numerator, denominator)`` pairs with their helpers. The data
 pipeline, the tasks, the networks' helpers and the objectives all read these;
 this module imports nothing of the package, so none of them reaches up into
 another's layer for them.
@@ -16,8 +16,6 @@ import jax.numpy as jnp
 Array = jax.Array
 Metric = Tuple[Array, Array]  # (numerator, denominator), both scalars.
 Metrics = Dict[str, Metric]
-
-MODEL_FAMILIES = ('encoder_decoder', 'encoder', 'decoder')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -181,6 +181,47 @@ def _first_nonfinite(prints: Dict[str, Tuple[int, bool]]) -> Optional[str]:
   return next((path for path, (_, finite) in prints.items() if not finite), None)
 
 
+def _saved_fingerprint(step_dir: epath.Path) -> Optional[Dict[str, list]]:
+  """The fingerprint committed with the checkpoint (``None``: none saved)."""
+  if not (step_dir / 'integrity').exists():
+    return None  # written before fingerprints existed.
+  try:
+    return ocp.JsonCheckpointHandler().restore(step_dir / 'integrity')
+  except Exception as exc:  # pylint: disable=broad-except
+    raise DamagedCheckpoint('unreadable', 'its integrity record is '
+                            f'unreadable: {errors.first_line(exc)}') from exc
+
+
+def _check_prints(prints: Dict[str, Tuple[int, bool]],
+                  expected: Optional[Dict[str, list]]) -> None:
+  """DamagedCheckpoint unless every printed array matches the record and is finite."""
+  if expected is not None:
+    wrong = [path for path, value in prints.items()
+             if tuple(expected.get(path, ())) != value]
+    if wrong:
+      raise DamagedCheckpoint(
+          'checksum', f'{len(wrong)} array(s) differ from what was saved '
+          f'(first: {wrong[0]})')
+  bad = _first_nonfinite(prints)
+  if bad is not None:
+    raise DamagedCheckpoint('non-finite', f'{bad} holds NaN or Inf')
+
+
+def check_restored_params(step_dir: epath.Path, params: Any) -> None:
+  """A checkpoint's parameters read on their own are what was saved, and finite.
+
+  Args:
+    step_dir: the step folder they were read from.
+    params: all or some of its ``params`` tree, in their stored dtypes.
+
+  Raises:
+    DamagedCheckpoint: an array differs from the saved fingerprint or holds
+      NaN / Inf.
+  """
+  prints = {f'.params{path}': value for path, value in fingerprint(params).items()}
+  _check_prints(prints, _saved_fingerprint(step_dir))
+
+
 # --- the checkpointer --------------------------------------------------------
 
 
@@ -374,29 +415,7 @@ class Checkpointer:
 
   def _check_values(self, step_dir: epath.Path, state: TrainState) -> None:
     """The restored arrays are what was saved, and finite."""
-    prints = fingerprint(state)
-    expected = self._saved_fingerprint(step_dir)
-    if expected is not None:
-      wrong = [path for path, value in prints.items()
-               if tuple(expected.get(path, ())) != value]
-      if wrong:
-        raise DamagedCheckpoint(
-            'checksum', f'{len(wrong)} array(s) differ from what was saved '
-            f'(first: {wrong[0]})')
-    bad = _first_nonfinite(prints)
-    if bad is not None:
-      raise DamagedCheckpoint('non-finite', f'{bad} holds NaN or Inf')
-
-  @staticmethod
-  def _saved_fingerprint(step_dir: epath.Path) -> Optional[Dict[str, list]]:
-    """The fingerprint committed with the checkpoint (``None``: none saved)."""
-    if not (step_dir / 'integrity').exists():
-      return None  # written before fingerprints existed.
-    try:
-      return ocp.JsonCheckpointHandler().restore(step_dir / 'integrity')
-    except Exception as exc:  # pylint: disable=broad-except
-      raise DamagedCheckpoint('unreadable', 'its integrity record is '
-                              f'unreadable: {errors.first_line(exc)}') from exc
+    _check_prints(fingerprint(state), _saved_fingerprint(step_dir))
 
   @staticmethod
   def _check_data_position(step: int, data_dir: epath.Path,

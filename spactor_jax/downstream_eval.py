@@ -42,7 +42,6 @@ from spactor_jax import network
 from spactor_jax import param_loading
 from spactor_jax import partitioning
 from spactor_jax import trainer as trainer_lib
-from spactor_jax.data import feature_converters
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 
@@ -100,17 +99,6 @@ class PredictionSet:
     return f'{len(self.examples)} examples of {self.task.name}:{self.split}'
 
 
-def _converter(data: pipeline.DataConfig, model_family: str, task: seqio.Task):
-  """The run's feature converter, unpacked, and the task feature lengths it reads."""
-  if data.feature_converter is not None:
-    converter = data.feature_converter(pack=False)
-    return converter, converter.task_feature_lengths(data.task_feature_lengths)
-  features = task.output_features
-  return (feature_converters.get_feature_converter(model_family, features, pack=False),
-          feature_converters.task_feature_lengths(model_family, features,
-                                                  data.task_feature_lengths))
-
-
 def read_split(data: pipeline.DataConfig, model_family: str, task_name: str, split: str,
                batch_size: int, max_examples: Optional[int] = None) -> PredictionSet:
   """Reads a task split once (unshuffled, unpacked) for ``predict`` and ``score``.
@@ -124,7 +112,8 @@ def read_split(data: pipeline.DataConfig, model_family: str, task_name: str, spl
     max_examples: read at most this many examples (``None``: all).
   """
   task = get_task(task_name, split)
-  converter, lengths = _converter(data, model_family, task)
+  converter, lengths = pipeline.converter_and_lengths(
+      dataclasses.replace(data, pack=False), model_family, task.output_features)
   raw = task.get_dataset(sequence_length=lengths, split=split, shuffle=False,
                          num_epochs=1, seed=data.seed)
   if max_examples is not None:
@@ -279,9 +268,8 @@ def score_checkpoint(config: Any) -> Dict[str, Any]:
   stage = len(run.curriculum.stages) - 1
   prediction_kind(run.curriculum.stages[stage].objective)
   directory = epath.Path(run.model_dir) / BEST_DIR if config.best else epath.Path(run.model_dir)
-  source = param_loading.ParamSource(str(directory), step=config.checkpoint_step,
-                                     prefixes={'': ''})
-  step_dir = source.checkpoint_directory()
+  step_dir = param_loading.ParamSource(str(directory),
+                                       step=config.checkpoint_step).checkpoint_directory()
   max_examples = None if config.num_batches is None else config.num_batches * run.batch_size
   prediction_set = read_split(run.data, run.model_family,
                               config.task or run.data.mixture_or_task_name, config.split,
@@ -289,7 +277,7 @@ def score_checkpoint(config: Any) -> Dict[str, Any]:
   vocab = pipeline.vocab_info(pipeline.task_vocabulary(run.data, run.model_family))
   spec = {name: (value.shape, value.dtype) for name, value in prediction_set.batches[0].items()}
   trainer = run.make_trainer(stage, partitioning.make_mesh(run.mesh), spec, vocab)
-  params = source.load(trainer.init_state(jax.random.key(run.seed)).params).params
+  params = param_loading.restore_params(step_dir, trainer.sharded_abstract_state().params)
   metrics = evaluate(trainer, params, prediction_set,
                      run.data.task_feature_lengths.get('targets'))
   return {'model_dir': run.model_dir, 'checkpoint': str(step_dir), 'step': int(step_dir.name),

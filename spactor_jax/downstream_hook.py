@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from spactor_jax import downstream_eval
 from spactor_jax import errors
+from spactor_jax import param_loading
 from spactor_jax import runtime
 from spactor_jax import trainer as trainer_lib
 
@@ -162,10 +163,8 @@ class Evaluator:
 
   def restore_best(self, trainer: trainer_lib.Trainer) -> Any:
     """The kept best parameters, on the trainer's shardings."""
-    params = trainer.sharded_abstract_state().params
-    restored = self._manager.restore(self.best_step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore({'params': params})))
-    return restored.state['params']
+    return param_loading.restore_params(self._manager.directory / str(self.best_step),
+                                        trainer.sharded_abstract_state().params)
 
   def close(self) -> None:
     self._manager.close()

@@ -35,7 +35,6 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import seqio
 
 from spactor_jax import decoding
@@ -43,9 +42,11 @@ from spactor_jax import errors
 from spactor_jax import gin_utils
 from spactor_jax import model_dir as model_dir_lib
 from spactor_jax import network
+from spactor_jax import param_loading
 from spactor_jax import partitioning
 from spactor_jax import runtime
 from spactor_jax import training
+from spactor_jax import model_families
 from spactor_jax.data import pipeline
 from spactor_jax.objectives import base
 
@@ -119,31 +120,24 @@ class GenerateConfig:
 def _restore_params(run: training.RunConfig, step: Optional[int], vocab: base.VocabInfo
                     ) -> Dict[str, Any]:
   """The parameters of a checkpoint with a vocabulary head, and the objective of its stage."""
-  directory = epath.Path(run.model_dir) / 'checkpoints'
-  manager = ocp.CheckpointManager(directory,
-                                  item_handlers={'state': ocp.StandardCheckpointHandler()})
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise errors.ConfigError(f'no checkpoint{"" if step is None else f" at step {step}"} '
-                             f'in {directory}; train first or set GenerateConfig.step')
+  step_dir = param_loading.ParamSource(run.model_dir, step=step).checkpoint_directory()
+  step = int(step_dir.name)
   stage = run.curriculum.index_of_state(step)
   mesh = partitioning.make_mesh(run.mesh)
   spec = pipeline.batch_spec(run.data, run.model_family, run.batch_size)
   trainer = run.make_trainer(stage, mesh, spec, vocab)
   check_has_head(trainer.abstract_state.params, run, type(trainer.objective).__name__, step)
-  state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(trainer.sharded_abstract_state()))).state
-  manager.close()
+  params = param_loading.restore_params(step_dir, trainer.sharded_abstract_state().params)
   log.info('restored step %d (stage %s) from %s', step, run.curriculum.stages[stage].name,
-           directory)
-  return {'params': state.params, 'objective': trainer.objective, 'step': step}
+           step_dir)
+  return {'params': params, 'objective': trainer.objective, 'step': step}
 
 
 def check_has_head(params: Dict[str, Any], run: training.RunConfig, objective_name: str,
                    step: int) -> None:
   """A one-line error for encoder-only or headless checkpoints."""
-  if run.model_family == 'encoder':
-    raise errors.ConfigError('encoder-only models do not generate text; use a decoder-only '
+  if model_families.get(run.model_family).prediction is None:
+    raise errors.ConfigError(f'{run.model_family} models do not generate text; use a decoder-only '
                              'or encoder-decoder run')
   if run.model.logits_via_embedding or 'logits_dense' in params['model']['decoder']:
     return
@@ -220,17 +214,18 @@ def generate(run: training.RunConfig, config: GenerateConfig) -> List[str]:
   vocab = pipeline.vocab_info(vocabulary)
   restored = _restore_params(run, config.step, vocab)
   params, objective = restored['params'], restored['objective']
+  prediction = model_families.get(run.model_family).prediction
   if config.perplexity_batches:
-    if run.model_family != 'decoder' or objective.perplexity_metric is None:
+    if prediction != 'continue' or objective.perplexity_metric is None:
       raise errors.ConfigError('perplexity_batches needs a decoder-only checkpoint of an '
                                'LMTuning stage')
     data = dataclasses.replace(run.data, split='validation', shuffle=False)
-    batches = pipeline.make_iterator(data, 'decoder', run.batch_size,
+    batches = pipeline.make_iterator(data, run.model_family, run.batch_size,
                                      seqio.ShardInfo(0, 1), run.model.vocab_size)
     value = perplexity(objective, params, (b for _, b in zip(range(config.perplexity_batches),
                                                              batches)))
     print(f'perplexity {value:.2f} on {config.perplexity_batches} validation batches')
-  if run.model_family == 'decoder':
+  if prediction == 'continue':
     outputs = continue_prompts(run, config, params, objective, vocabulary, prompts)
   else:
     outputs = fill_prompts(run, config, params, objective, vocabulary, vocab, prompts)

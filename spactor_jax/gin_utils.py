@@ -163,6 +163,16 @@ def _hide_gin_search_misses(record: logging.LogRecord) -> bool:
   return not str(record.msg).startswith('Path not found')
 
 
+def _hide_orbax_thread_tracebacks(record: logging.LogRecord) -> bool:
+  """orbax logs a failed background save's whole traceback (800+ lines).
+
+  The same exception reaches the run when it waits for the save, which reports
+  it in its one ``error:`` line; the copy logged from the thread is dropped.
+  """
+  return not (record.exc_info and 'orbax' in record.pathname
+              and 'raised an exception' in str(record.msg))
+
+
 def setup_logging() -> None:
   """Timestamped INFO lines from ``spactor_jax``, warnings from the rest."""
   logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(message)s',
@@ -170,6 +180,7 @@ def setup_logging() -> None:
   logging.getLogger('spactor_jax').setLevel(logging.INFO)
   for handler in logging.getLogger().handlers:
     handler.addFilter(_hide_gin_search_misses)
+    handler.addFilter(_hide_orbax_thread_tracebacks)
 
 
 def parse_with_tasks(flags: GinFlags) -> None:

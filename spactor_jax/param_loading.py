@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from spactor_jax import checkpoints
 from spactor_jax import errors
 from spactor_jax import train_state
 
@@ -211,15 +212,12 @@ def load_params(model_dir: str, initialised: Any, *, step: Optional[int] = None,
     wanted = {mapping[t]: jax.ShapeDtypeStruct(targets[t].shape, targets[t].dtype,
                                                 sharding=targets[t].sharding)
               for t in plan.loaded}
-    item = {'params': traverse_util.unflatten_dict(wanted, sep='/')}
-    restored = checkpointer.restore(directory / 'state', args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
-  values = train_state.by_path(restored['params'])
+  values = train_state.by_path(restore_params(directory, traverse_util.unflatten_dict(
+      wanted, sep='/')))
   merged = merge_params(values, initialised, prefixes=prefixes, dont_load=dont_load,
                         where=where)
   log.info('loaded %d parameters from %s; %d new: %s', len(merged.loaded), where,
-           len(merged.new), ', '.join(merged.new) or 'none')
+           len(merged.new), _names(merged.new) or 'none')
   return merged
 
 
@@ -240,12 +238,46 @@ def read_params(model_dir: str, step: Optional[int] = None) -> Tuple[int, Dict[s
   directory = _step_directory(model_dir, step)
   with ocp.PyTreeCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(directory / 'state').item_metadata.tree
-    item = {'params': metadata['params']}
+  params = restore_params(directory, metadata['params'], on_host=True)
+  return int(directory.name), train_state.by_path(params)
+
+
+def restore_params(directory: epath.Path, target: Any, on_host: bool = False) -> Any:
+  """The parameters of one checkpoint, and nothing else of it, verified.
+
+  The one reader of parameters outside a run's own resume (fine-tuning's
+  initial parameters, evaluation, generation, export): only ``params`` is
+  read, never the optimizer state, and the arrays are checked against the
+  fingerprint committed with the checkpoint.
+
+  Args:
+    directory: a step folder, ``<model_dir>/checkpoints/<step>``.
+    target: the parameter paths to read, a tree of ``jax.ShapeDtypeStruct``
+      (with shardings: each array is placed there) or of the checkpoint's
+      own metadata.
+    on_host: read NumPy arrays in their stored dtype instead.
+
+  Returns:
+    The ``target``-shaped tree of arrays.
+
+  Raises:
+    DamagedCheckpoint: an array differs from what was saved, or is not finite.
+  """
+  item = {'params': target}
+  if on_host:
     restore_args = jax.tree_util.tree_map(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    restored = checkpointer.restore(directory / 'state', args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-  return int(directory.name), train_state.by_path(restored['params'])
+  else:
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    stored = train_state.by_path(
+        checkpointer.metadata(directory / 'state').item_metadata.tree['params'])
+    params = checkpointer.restore(directory / 'state', args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))['params']
+  if all(array.dtype == stored[path].dtype
+         for path, array in train_state.by_path(params).items()):
+    checkpoints.check_restored_params(directory, params)  # (cast arrays have other bits)
+  return params
 
 
 @gin.configurable

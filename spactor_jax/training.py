@@ -26,6 +26,7 @@ from spactor_jax import network
 from spactor_jax import optimizers
 from spactor_jax import param_loading
 from spactor_jax import partitioning
+from spactor_jax import profiling
 from spactor_jax import runtime
 from spactor_jax import trainer as trainer_lib
 from spactor_jax import train_state
@@ -75,6 +76,8 @@ class RunConfig:
       a pre-training run's); ``None``: initialised. Read only when the run
       starts without a checkpoint of its own; the loaded and the new
       parameter paths are logged and written to ``init_params.json``.
+    profile: a ``jax.profiler`` trace of a few steps into
+      ``MODEL_DIR/train/plugins/profile`` (``None``: none).
   """
   model_dir: str = gin.REQUIRED
   data: source.DataConfig = gin.REQUIRED
@@ -96,6 +99,7 @@ class RunConfig:
   on_nonfinite: str = 'skip'
   max_consecutive_nonfinite: int = 10
   init_params: Optional[param_loading.ParamSource] = None
+  profile: Optional[profiling.Profile] = None
 
   @property
   def model_family(self) -> str:
@@ -186,6 +190,7 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
     runtime.watch().checkpoint_note = checkpointer.committed_note
   nonfinite = guards.NonFiniteGuard(config.on_nonfinite,
                                     config.max_consecutive_nonfinite)
+  profiler = profiling.StepProfiler(config.profile, f'{config.model_dir}/train')
   averages = None
   step = start
   compiling = True  # the next step compiles: log it on its own line.
@@ -201,8 +206,10 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
         compiling = True
         log.info('step %d: stage %s begins', step, curriculum.stages[stage].name)
       batch = source.global_arrays(next(iterator), trainer.data_sharding)
+      profiler.before_step(step + 1)
       state, metrics = trainer.train_step(state, batch, rng)
       step += 1
+      profiler.after_step(step, (state, metrics))
       stopping = agreed_stop.poll(preemption.requested)
       nonfinite.observe(step, metrics, settle=(
           step % checkpointer.save_every_steps == 0 or step == total_steps))
@@ -228,6 +235,7 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
       checkpointer.save(step, state, iterator, force=True)  # unless the loop just saved it
       preemption.report(step)
   finally:
+    profiler.close()
     checkpointer.close()  # a second signal while it waits still exits at once.
     preemption.close()
     logger.close()
@@ -239,8 +247,8 @@ def _load_params(config: RunConfig, state: train_state.TrainState
   """The fresh state with ``init_params``' parameters; logs and records which."""
   source = config.init_params
   merged = source.load(state.params)
-  log.info('parameters loaded from %s: %s', source.model_dir, ', '.join(merged.loaded) or 'none')
-  log.info('parameters new (initialised): %s', ', '.join(merged.new) or 'none')
+  log.info('%d parameters loaded, %d new; both lists are in %s/init_params.json',
+           len(merged.loaded), len(merged.new), config.model_dir)
   if runtime.is_main_process():
     record = {'model_dir': source.model_dir, 'step': source.step,
               'prefixes': dict(source.prefixes), 'loaded': list(merged.loaded),

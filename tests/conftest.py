@@ -1,7 +1,9 @@
 """Test setup: eight fake CPU devices for mesh tests, quiet TensorFlow, libtpu
-shared between test processes."""
+and a compilation cache shared between test processes."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -15,9 +17,22 @@ import pytest  # pylint: disable=g-import-not-at-top
 
 
 def pytest_configure(config):
+  # Many tests start processes that compile the same tiny programs: the xdist
+  # workers and every child they start share one persistent compilation cache
+  # (keyed by the program and its compile options, so a hit is the executable a
+  # compile gives), new for each test run and removed after it.
+  if not hasattr(config, 'workerinput') and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    config.xla_cache = tempfile.mkdtemp(prefix='spactor_jax_tests_xla_cache_')
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = config.xla_cache
+    os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
   config.addinivalue_line(
       'markers', 'slow: end-to-end runs and compiles of a minute or more; '
       'pytest -m "not slow" runs the fast set')
+
+
+def pytest_unconfigure(config):
+  if getattr(config, 'xla_cache', None):
+    shutil.rmtree(config.xla_cache, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope='module')

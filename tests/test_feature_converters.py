@@ -5,7 +5,10 @@ import pytest
 import seqio
 
 import tasks  # pylint: disable=unused-import  # registers the tasks
+from spactor_jax import model_families
+from spactor_jax import errors
 from spactor_jax.data import feature_converters
+from spactor_jax.data import pipeline
 
 SEED = 3
 
@@ -36,8 +39,8 @@ def test_spactor_packing_keeps_mask_aligned():
   # Short examples (inputs 32) so several pack into one 64-token row.
   ds = _task_dataset('pdtext_spactor', {'inputs': 32, 'targets': 8}, 40)
   originals = list(ds.as_numpy_iterator())
-  converter = feature_converters.get_feature_converter(
-      'encoder_decoder', ['inputs', 'targets', 'mlm_mask'], pack=True)
+  converter = model_families.get('encoder_decoder').feature_converter(
+      ['inputs', 'targets', 'mlm_mask'], pack=True)
   assert isinstance(converter,
                     feature_converters.SpacTorEncDecFeatureConverter)
   rows = list(converter(ds, task_lengths).as_numpy_iterator())
@@ -64,10 +67,10 @@ def test_encoder_packing_keeps_features_aligned():
   # Trim the examples so three pack into a 40-token row.
   ds = ds.map(lambda x: {k: v[:13] for k, v in x.items()})
   originals = list(ds.as_numpy_iterator())
-  converter = feature_converters.get_feature_converter(
-      'encoder', ['inputs', 'targets', 'mlm_mask'], pack=True)
-  lengths = feature_converters.task_feature_lengths(
-      'encoder', ['inputs', 'targets', 'mlm_mask'], {'inputs': 40})
+  converter = model_families.get('encoder').feature_converter(
+      ['inputs', 'targets', 'mlm_mask'], pack=True)
+  lengths = model_families.get('encoder').converter_lengths(
+      ['inputs', 'targets', 'mlm_mask'], {'inputs': 40})
   rows = list(converter(ds, lengths).as_numpy_iterator())
   assert set(rows[0]) == {'encoder_input_tokens', 'encoder_target_tokens',
                           'encoder_mlm_mask', 'encoder_segment_ids',
@@ -87,8 +90,8 @@ def test_encoder_packing_keeps_features_aligned():
 def test_decoder_converter_shifts_within_segments():
   ds = _task_dataset('pdtext_causal_lm', {'targets': 12}, 20)
   originals = list(ds.as_numpy_iterator())
-  converter = feature_converters.get_feature_converter(
-      'decoder', ['targets'], pack=True)
+  converter = model_families.get('decoder').feature_converter(
+      ['targets'], pack=True)
   rows = list(converter(ds, {'targets': 30}).as_numpy_iterator())
   unpacked = _unpack(rows, 'decoder_segment_ids',
                      ['decoder_target_tokens', 'decoder_input_tokens',
@@ -105,8 +108,8 @@ def test_decoder_converter_shifts_within_segments():
 def test_unpacked_spactor_pads_mask_with_zeros():
   ds = _task_dataset('pdtext_spactor', {'inputs': 32, 'targets': 8}, 5)
   originals = list(ds.as_numpy_iterator())
-  converter = feature_converters.get_feature_converter(
-      'encoder_decoder', ['inputs', 'targets', 'mlm_mask'], pack=False)
+  converter = model_families.get('encoder_decoder').feature_converter(
+      ['inputs', 'targets', 'mlm_mask'], pack=False)
   rows = list(converter(ds, {'inputs': 40, 'targets': 10,
                              'mlm_mask': 40}).as_numpy_iterator())
   for row, original in zip(rows, originals):
@@ -124,5 +127,36 @@ def test_unpacked_spactor_pads_mask_with_zeros():
      feature_converters.EncoderFeatureConverter),
 ])
 def test_converter_per_family(family, features, want):
-  assert type(feature_converters.get_feature_converter(family,
-                                                       features)) is want
+  assert type(model_families.get(family).feature_converter(features, pack=True)) is want
+
+
+@pytest.mark.parametrize('task,family,lengths,message', [
+    ('pdtext_span_corruption', 'encoder', {'inputs': 64},
+     "task 'pdtext_span_corruption' (features ['inputs', 'targets']) does not fit "
+     "model family 'encoder'"),
+    ('pdtext_span_corruption', 'decoder', {'targets': 64},
+     "does not fit model family 'decoder'"),
+    ('pdtext_causal_lm', 'encoder_decoder', {'inputs': 64, 'targets': 16},
+     "does not fit model family 'encoder_decoder'"),
+    ('pdtext_span_corruption', 'encoder_decoder', {'inputs': 64},
+     "task_feature_lengths {'inputs': 64} lacks ['targets'] for model family "
+     "'encoder_decoder'"),
+    ('pdtext_mlm', 'seq2seq', {'inputs': 64},
+     "model family 'seq2seq' is not one of ('encoder_decoder', 'encoder', 'decoder')"),
+])
+def test_a_task_that_does_not_fit_its_family_is_one_line(task, family, lengths, message):
+  data = pipeline.DataConfig(mixture_or_task_name=task, task_feature_lengths=lengths)
+  with pytest.raises(errors.ConfigError) as failure:
+    pipeline.batch_spec(data, family, 8)
+  assert message in str(failure.value) and '\n' not in str(failure.value)
+
+
+@pytest.mark.parametrize('task,family', [
+    ('pdtext_span_corruption', 'encoder_decoder'), ('pdtext_spactor', 'encoder_decoder'),
+    ('pdtext_mlm', 'encoder'), ('pdtext_rts', 'encoder'), ('pdtext_causal_lm', 'decoder')])
+def test_each_family_reads_its_own_tasks(task, family):
+  lengths = {'encoder_decoder': {'inputs': 64, 'targets': 16}, 'encoder': {'inputs': 64},
+             'decoder': {'targets': 64}}[family]
+  data = pipeline.DataConfig(mixture_or_task_name=task, task_feature_lengths=lengths)
+  spec = pipeline.batch_spec(data, family, 8)
+  assert all(shape[0] == 8 for shape, _ in spec.values())

@@ -15,7 +15,8 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('spactor_jax', 'tasks')
 BELOW_OBJECTIVES = ('spactor_jax.data', 'tasks', 'spactor_jax.generator', 'spactor_jax.cwt',
-                    'spactor_jax.network', 'spactor_jax.layers', 'spactor_jax.basics')
+                    'spactor_jax.network', 'spactor_jax.layers', 'spactor_jax.basics',
+                    'spactor_jax.model_families')
 
 
 def _module_name(path):

@@ -1,5 +1,7 @@
 """Params-only restore from another run's checkpoint, with a loud merge."""
 
+import json
+
 from etils import epath
 import flax.linen as nn
 import jax
@@ -167,3 +169,24 @@ def test_merge_names_missing_mismatched_and_unused_paths():
     param_loading.map_paths(['a/enc/w', 'b/enc/w'], {'a': 'model', 'b': 'model'})
   with pytest.raises(errors.ConfigError, match='bad regular expression'):
     param_loading.merge_params(loaded, model, dont_load=['('])
+
+
+def test_every_parameter_reader_checks_the_committed_fingerprint(spactor_run, tmp_path):
+  """An array whose bits differ from the record is refused by the export reader and the loader."""
+  damaged = tmp_path / 'run'
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(spactor_run, damaged)
+  record_file = damaged / 'checkpoints' / '3' / 'integrity' / 'metadata'
+  record = json.loads(record_file.read_text())
+  path = ".params['model']['token_embedder']['embedding']"
+  record[path][0] = (record[path][0] + 1) % 2**32  # as if the array had been altered
+  record_file.write_text(json.dumps(record))
+
+  assert param_loading.read_params(str(spactor_run))[0] == 3  # the sound copy reads
+  with pytest.raises(checkpoints.DamagedCheckpoint, match=r'1 array\(s\) differ from what was '
+                     r"saved \(first: \.params\['model'\]\['token_embedder'\]\['embedding'\]\)"):
+    param_loading.read_params(str(damaged))
+  target = _trainer(span_corruption.SpanCorruption, _iterator(), FSDP)
+  with pytest.raises(checkpoints.DamagedCheckpoint, match='differ from what was saved'):
+    param_loading.load_params(str(damaged), target.init_state(jax.random.key(1)).params,
+                              prefixes={'model': 'model'})

@@ -245,6 +245,7 @@ def test_failed_saves_keep_committed_checkpoints_and_exit_nonzero(trained, tmp_p
   assert _errors(lines) == [l for l in lines if l.startswith(
       f'error: checkpoint of step {BASE_STEPS + 2} failed: ')], lines[-20:]
   assert f'the committed checkpoints are intact (newest: step {BASE_STEPS})' in lines[-1]
+  assert not [l for l in lines if 'Traceback' in l], 'a failed save printed a traceback'
   assert _steps(model_dir) == list(range(1, BASE_STEPS + 1))
   import jax  # pylint: disable=g-import-not-at-top
   jax.tree_util.tree_map(np.testing.assert_array_equal,
@@ -470,7 +471,7 @@ BAD_INPUTS = [
     (['--gin.TASK=pdtext_span_corruptoin'],
      "task or mixture 'pdtext_span_corruptoin' is not registered; did you mean", 2),
     (['--gin.TransformerConfig.vocab_size=1000'],
-     'but the model embeds only 1000; set the model vocab_size to at least 4069', 2),
+     'but the model embeds only 1000; set TransformerConfig.vocab_size to at least 4069', 2),
     (_corpus_args('{tmp}/binary.txt'), 'corpus file {tmp}/binary.txt is binary', 2),
     (_corpus_args('{tmp}/latin1.txt'),
      'corpus file {tmp}/latin1.txt is not UTF-8 text (byte 0xe9 at offset 3)', 2),

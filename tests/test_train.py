@@ -2,6 +2,8 @@
 
 Signals (SIGINT, SIGTERM) to a running job: test_reliability.py."""
 
+import gzip
+import json
 import os
 import subprocess
 import sys
@@ -83,8 +85,16 @@ def _final_params(model_dir, step):
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
+  """The uninterrupted run also traces steps 2-3 with the profiler, which must not change it."""
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={straight}', '--gin.TRAIN_STEPS=6']) == 0
+  assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={straight}', '--gin.TRAIN_STEPS=6',
+                            '--gin.RunConfig.profile=@Profile()', '--gin.Profile.first_step=2',
+                            '--gin.Profile.num_steps=2']) == 0
+  traces = list((tmp_path / 'straight' / 'train' / 'plugins' / 'profile').glob('*/*.trace.json.gz'))
+  assert len(traces) == 1, traces
+  with gzip.open(traces[0]) as f:
+    events = json.load(f)['traceEvents']
+  assert any('train_step' in event.get('name', '') for event in events), 'no train step traced'
   assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={resumed}', '--gin.TRAIN_STEPS=3']) == 0
   assert _main(SMALL_RUN + [f'--gin.MODEL_DIR={resumed}', '--gin.TRAIN_STEPS=6']) == 0
 

@@ -1,4 +1,5 @@
-"""Feature converters: task features → model features, one per model family.
+"""Feature converters: task features → model features (each model family picks
+its own: ``model_families``).
 
 Packing (``seqio.utils.trim_and_pack_dataset``) places every packed feature of
 an example at the same offset, so ``mlm_mask`` — a task feature as long as
@@ -110,54 +111,6 @@ class EncoderFeatureConverter(_MaskCarryingConverter):
     if self.pack:
       names += list(self.PACKING_FEATURE_DTYPES)
     return {name: length for name in names}
-
-
-def task_feature_lengths(model_family: str, task_features: Mapping[str, object],
-                         lengths: Mapping[str, int]) -> dict:
-  """Expands user lengths to every task feature the converter reads.
-
-  Args:
-    model_family: ``'encoder_decoder'``, ``'encoder'`` or ``'decoder'``.
-    task_features: the task's output feature names.
-    lengths: ``{'inputs': I, 'targets': T}``, ``{'inputs': L}`` (encoder) or
-      ``{'targets': L}`` (decoder).
-
-  Returns:
-    Lengths for every key of the converter's ``TASK_FEATURES``.
-  """
-  if model_family == 'encoder':
-    return {k: lengths['inputs'] for k in ('inputs', 'targets', 'mlm_mask')}
-  if model_family == 'decoder':
-    return {'targets': lengths['targets']}
-  expanded = {'inputs': lengths['inputs'], 'targets': lengths['targets']}
-  if 'mlm_mask' in task_features:
-    expanded['mlm_mask'] = lengths['inputs']
-  return expanded
-
-
-def get_feature_converter(model_family: str,
-                          task_features: Mapping[str, object],
-                          pack: bool = True) -> seqio.FeatureConverter:
-  """The converter of a model family for a task's output features.
-
-  Args:
-    model_family: ``'encoder_decoder'``, ``'encoder'`` or ``'decoder'``.
-    task_features: the task's output feature names; ``mlm_mask`` selects the
-      SpacTor encoder-decoder converter.
-    pack: pack several examples per row.
-
-  Returns:
-    A seqio feature converter.
-  """
-  if model_family == 'encoder_decoder':
-    if 'mlm_mask' in task_features:
-      return SpacTorEncDecFeatureConverter(pack=pack)
-    return seqio.EncDecFeatureConverter(pack=pack)
-  if model_family == 'encoder':
-    return EncoderFeatureConverter(pack=pack)
-  if model_family == 'decoder':
-    return seqio.LMFeatureConverter(pack=pack)
-  raise ValueError(f'unknown model family {model_family!r}')
 
 
 def model_feature_spec(converter: seqio.FeatureConverter,

@@ -27,18 +27,17 @@ from tasks.corpora import TextCorpus, TextFileSource
 from tasks.vocab import vocab_info
 from spactor_jax import errors
 from spactor_jax.data import feature_converters
+from spactor_jax import model_families
 from spactor_jax.data.source import DataConfig, global_arrays
 from spactor_jax.errors import ConfigError
-from spactor_jax.basics import MODEL_FAMILIES
 
 __all__ = ['DataConfig', 'DataIterator', 'TextCorpus', 'make_iterator',
-           'global_arrays', 'vocab_info', 'batch_spec', 'task_vocabulary']
+           'global_arrays', 'vocab_info', 'batch_spec', 'task_vocabulary',
+           'converter_and_lengths']
 
 # Span corruption needs one noise span: inputs of at least 10 tokens give
 # targets of one sentinel, one or more tokens and EOS.
 _MIN_SPAN_CORRUPTION_INPUTS = 10
-_REQUIRED_LENGTHS = {'encoder_decoder': ('inputs', 'targets'),
-                     'encoder': ('inputs',), 'decoder': ('targets',)}
 
 
 class DataIterator:
@@ -151,25 +150,17 @@ def _check_corpus(task: seqio.Task, split: str) -> None:
                       f'non-blank line in {", ".join(files)}')
 
 
-def _check_lengths(task: seqio.Task, model_family: str,
+def _check_lengths(task: seqio.Task, family: model_families.ModelFamily,
                    lengths: Mapping[str, int], own_converter: bool = False) -> None:
-  needed = _REQUIRED_LENGTHS[model_family]
-  missing = [k for k in needed if k not in lengths]
+  missing = [k for k in family.length_features if k not in lengths]
   if missing:
     raise ConfigError(f'task_feature_lengths {dict(lengths)} lacks '
-                      f'{missing} for model family {model_family!r}')
-  features = set(task.output_features)
+                      f'{missing} for model family {family.name!r}')
   names = [seqio.utils.function_name(p) for p in task.preprocessors]
   span_corruption = 'span_corruption' in names
-  family_features = {'encoder_decoder': {'inputs', 'targets'},
-                     'encoder': {'inputs', 'targets', 'mlm_mask'},
-                     'decoder': {'targets'}}[model_family]
-  fits = family_features <= features and {
-      'encoder': not span_corruption,
-      'decoder': 'inputs' not in features}.get(model_family, True)
-  if not fits and not own_converter:
-    raise ConfigError(f'task {task.name!r} (features {sorted(features)}) '
-                      f'does not fit model family {model_family!r}')
+  if not own_converter and not family.fits(task.output_features, names):
+    raise ConfigError(f'task {task.name!r} (features {sorted(task.output_features)}) '
+                      f'does not fit model family {family.name!r}')
   if span_corruption:
     if lengths['inputs'] < _MIN_SPAN_CORRUPTION_INPUTS:
       raise ConfigError(f'inputs length {lengths["inputs"]} is too short '
@@ -199,41 +190,38 @@ def _check_vocabulary(vocabulary: seqio.Vocabulary,
                       'SentencePiece .model file') from None
   if size + 1 > model_vocab_size:
     raise ConfigError(f'vocabulary has {size} ids plus the mask id {size}, '
-                      f'but the model embeds only {model_vocab_size}; set the '
-                      f'model vocab_size to at least {size + 1}')
+                      f'but the model embeds only {model_vocab_size}; set '
+                      f'TransformerConfig.vocab_size to at least {size + 1}')
 
 
 def _checked_provider(config: DataConfig,
                       model_family: str) -> seqio.DatasetProviderBase:
   """The task or mixture, registered if it is a user's corpus, lengths checked."""
-  if model_family not in MODEL_FAMILIES:
-    raise ConfigError(f'model family {model_family!r} is not one of '
-                      f'{MODEL_FAMILIES}')
+  family = model_families.get(model_family)
   if config.text_corpus is not None:
     tasks.corpora.register_text_corpus(config.text_corpus)
   provider = _provider(config)
   for task in _leaf_tasks(provider):
-    _check_lengths(task, model_family, config.task_feature_lengths,
+    _check_lengths(task, family, config.task_feature_lengths,
                    own_converter=config.feature_converter is not None)
   return provider
 
 
 def _objective_vocabulary(provider: seqio.DatasetProviderBase,
                           model_family: str) -> seqio.Vocabulary:
-  feature = 'targets' if model_family == 'decoder' else 'inputs'
+  feature = model_families.get(model_family).token_feature
   return provider.output_features[feature].vocabulary
 
 
-def _converter_and_lengths(
+def converter_and_lengths(
     config: DataConfig, model_family: str, task_features: Mapping[str, object]
 ) -> Tuple[seqio.FeatureConverter, Dict[str, int]]:
   """The feature converter (the family's, or ``config.feature_converter``) and
   the lengths of every task feature it reads."""
   if config.feature_converter is None:
-    return (feature_converters.get_feature_converter(model_family, task_features,
-                                                     pack=config.pack),
-            feature_converters.task_feature_lengths(model_family, task_features,
-                                                    config.task_feature_lengths))
+    family = model_families.get(model_family)
+    return (family.feature_converter(task_features, pack=config.pack),
+            family.converter_lengths(task_features, config.task_feature_lengths))
   converter = config.feature_converter(pack=config.pack)
   return converter, converter.task_feature_lengths(config.task_feature_lengths)
 
@@ -268,7 +256,7 @@ def make_iterator(config: DataConfig, model_family: str,
   vocabulary = _objective_vocabulary(provider, model_family)
   _check_vocabulary(vocabulary, model_vocab_size)
 
-  converter, lengths = _converter_and_lengths(config, model_family, features)
+  converter, lengths = converter_and_lengths(config, model_family, features)
   dataset = provider.get_dataset(
       sequence_length=lengths, split=config.split, shuffle=config.shuffle,
       seed=config.seed, shard_info=shard_info,
@@ -299,7 +287,7 @@ def batch_spec(config: DataConfig, model_family: str,
   machine that cannot read the data.
   """
   provider = _checked_provider(config, model_family)
-  converter, lengths = _converter_and_lengths(config, model_family,
+  converter, lengths = converter_and_lengths(config, model_family,
                                               provider.output_features)
   return feature_converters.model_feature_spec(converter, lengths,
                                                global_batch_size)

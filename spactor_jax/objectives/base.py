@@ -93,13 +93,14 @@ import jax.numpy as jnp
 
 from spactor_jax import basics
 from spactor_jax import errors
+from spactor_jax import model_families
 
 Array = jax.Array
 Batch = Mapping[str, Array]
 Metric = basics.Metric
 Metrics = basics.Metrics
 VocabInfo = basics.VocabInfo
-MODEL_FAMILIES = basics.MODEL_FAMILIES
+MODEL_FAMILIES = tuple(model_families.FAMILIES)
 metric = basics.metric
 in_groups = basics.in_groups
 safe_denominator = basics.safe_denominator
