@@ -173,6 +173,12 @@ def _hide_orbax_thread_tracebacks(record: logging.LogRecord) -> bool:
               and 'raised an exception' in str(record.msg))
 
 
+def _hide_orbax_step_metadata_misses(record: logging.LogRecord) -> bool:
+  """orbax warns when a step's ``state/`` item, read on its own, has no metadata file of its
+  own: that file lives in the step folder, one level up, so nothing is missing."""
+  return not str(record.msg).startswith('Metadata file does not exist')
+
+
 def setup_logging() -> None:
   """Timestamped INFO lines from ``spactor_jax``, warnings from the rest."""
   logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(message)s',
@@ -181,6 +187,7 @@ def setup_logging() -> None:
   for handler in logging.getLogger().handlers:
     handler.addFilter(_hide_gin_search_misses)
     handler.addFilter(_hide_orbax_thread_tracebacks)
+    handler.addFilter(_hide_orbax_step_metadata_misses)
 
 
 def parse_with_tasks(flags: GinFlags) -> None:
