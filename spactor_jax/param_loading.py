@@ -236,13 +236,10 @@ def read_params(model_dir: str, step: Optional[int] = None) -> Tuple[int, Dict[s
     ConfigError: no checkpoint (at ``step``) in ``model_dir``.
   """
   directory = _step_directory(model_dir, step)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(directory / 'state').item_metadata.tree
-  params = restore_params(directory, metadata['params'], on_host=True)
-  return int(directory.name), train_state.by_path(params)
+  return int(directory.name), train_state.by_path(restore_params(directory))
 
 
-def restore_params(directory: epath.Path, target: Any, on_host: bool = False) -> Any:
+def restore_params(directory: epath.Path, target: Optional[Any] = None) -> Any:
   """The parameters of one checkpoint, and nothing else of it, verified.
 
   The one reader of parameters outside a run's own resume (fine-tuning's
@@ -253,9 +250,8 @@ def restore_params(directory: epath.Path, target: Any, on_host: bool = False) ->
   Args:
     directory: a step folder, ``<model_dir>/checkpoints/<step>``.
     target: the parameter paths to read, a tree of ``jax.ShapeDtypeStruct``
-      (with shardings: each array is placed there) or of the checkpoint's
-      own metadata.
-    on_host: read NumPy arrays in their stored dtype instead.
+      (with shardings: each array is placed there); ``None``: every parameter
+      as a NumPy array in its stored dtype.
 
   Returns:
     The ``target``-shaped tree of arrays.
@@ -263,15 +259,16 @@ def restore_params(directory: epath.Path, target: Any, on_host: bool = False) ->
   Raises:
     DamagedCheckpoint: an array differs from what was saved, or is not finite.
   """
-  item = {'params': target}
-  if on_host:
-    restore_args = jax.tree_util.tree_map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  else:
-    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
   with ocp.PyTreeCheckpointer() as checkpointer:
-    stored = train_state.by_path(
-        checkpointer.metadata(directory / 'state').item_metadata.tree['params'])
+    metadata = checkpointer.metadata(directory / 'state').item_metadata.tree['params']
+    if target is None:
+      item = {'params': metadata}
+      restore_args = jax.tree_util.tree_map(
+          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    else:
+      item = {'params': target}
+      restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    stored = train_state.by_path(metadata)
     params = checkpointer.restore(directory / 'state', args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))['params']
   if all(array.dtype == stored[path].dtype
