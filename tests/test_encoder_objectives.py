@@ -12,6 +12,7 @@ import seqio
 import helpers
 from spactor_jax import curriculum
 from spactor_jax import errors
+from spactor_jax import generator as generator_lib
 from spactor_jax import network
 from spactor_jax import training
 from spactor_jax.data import pipeline
@@ -228,25 +229,52 @@ def _is_zero(tree):
 SPARSE_HEADS = {'sparse': (0.15, 1.5), 'overflow': (0.05, 1.0)}
 
 
+# The fields of each objective's sparse vocabulary head: (rate, factor).
+SPARSE_FIELDS = {'mlm': ('selection_rate', 'capacity_factor'),
+                 'electra': ('generator_selection_rate', 'generator_capacity_factor'),
+                 'coco_lm': ('generator_selection_rate', 'generator_capacity_factor')}
+
+
 @pytest.mark.parametrize('case', list(SPARSE_HEADS))
-@pytest.mark.parametrize('name', ['electra', 'coco_lm'])
-def test_sparse_generator_head_equals_the_dense_one(name, case):
+@pytest.mark.parametrize('name', ['mlm', 'electra', 'coco_lm'])
+def test_sparse_vocabulary_head_equals_the_dense_one(name, case):
   """Logits at the selected positions only give the dense head's loss, metrics and draws."""
   batch = _batch(length=64)
   rate, factor = SPARSE_HEADS[case]
   capacity = {'sparse': 24, 'overflow': 16}[case]
   assert (batch['encoder_mlm_mask'].sum(1) > capacity).any() == (case == 'overflow')
-  dense = OBJECTIVES[name](config=CONFIG, vocab=VOCAB, generator_capacity_factor=0.0)
-  sparse = OBJECTIVES[name](config=CONFIG, vocab=VOCAB, generator_selection_rate=rate,
-                            generator_capacity_factor=factor)
+  rate_field, factor_field = SPARSE_FIELDS[name]
+  dense = OBJECTIVES[name](config=CONFIG, vocab=VOCAB, **{factor_field: 0.0})
+  sparse = OBJECTIVES[name](config=CONFIG, vocab=VOCAB, **{rate_field: rate, factor_field: factor})
   params = helpers.init_variables(dense, batch)['params']
   dense_loss, dense_metrics, dense_inter, _ = _apply(dense, params, batch)
   sparse_loss, sparse_metrics, sparse_inter, _ = _apply(sparse, params, batch)
-  np.testing.assert_array_equal(sparse_inter['replaced'], dense_inter['replaced'])
+  if name != 'mlm':  # MLM draws nothing.
+    np.testing.assert_array_equal(sparse_inter['replaced'], dense_inter['replaced'])
   np.testing.assert_allclose(sparse_loss, dense_loss, rtol=1e-6)
   for metric in dense_metrics:
     np.testing.assert_allclose(sparse_metrics[metric], dense_metrics[metric], rtol=1e-6,
                                err_msg=metric)
+
+
+def test_mlm_sparse_head_computes_vocabulary_logits_at_the_capacity_only():
+  """XLA's count of the forward pass falls by the logits of the positions it leaves out."""
+  batch = _batch(length=64)
+  dense = mlm.MLM(config=CONFIG, vocab=VOCAB, capacity_factor=0.0)
+  sparse = mlm.MLM(config=CONFIG, vocab=VOCAB)  # 0.15 × 1.5: 24 of 64 positions per row
+  params = helpers.init_variables(dense, batch)['params']
+
+  def flops(objective):
+    def forward(params, batch):
+      return objective.apply({'params': params}, batch, objective.denominators(batch),
+                             enable_dropout=False)[0]
+    with generator_lib.without_overflow_pass():
+      return jax.jit(forward).lower(params, batch).compile().cost_analysis()['flops']
+
+  batch_size = batch['encoder_input_tokens'].shape[0]
+  left_out = 2 * batch_size * (64 - 24) * CONFIG.vocab_size * CONFIG.emb_dim  # logits' matmul
+  saved = flops(dense) - flops(sparse)
+  assert left_out <= saved <= 1.5 * left_out, (saved, left_out)
 
 
 def test_electra_generator_gets_no_gradient_from_the_discriminator():

@@ -11,7 +11,10 @@ selected position, through a head tied to the token embedding with T5X's
 scaling (``h · Eᵀ / sqrt(d)``, ``layers.tied_logits``) and no bias — the
 same head as the learned generators of ELECTRA, COCO-LM and SpacTor, in this
 codebase's bias-free T5.1.1 layers rather than BERT's dense + LayerNorm
-transform.
+transform. Like theirs and SLM's, the head's vocabulary logits are computed at
+each row's selected positions only (a static per-row capacity, 40 of 128 and
+128 of 512 positions at the defaults; an exact dense pass takes a row that
+selects more), so MLM pays for the positions it scores and nothing else.
 """
 
 from typing import Dict, Mapping, Tuple
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 from spactor_jax import generator as generator_lib
 from spactor_jax import network
 from spactor_jax.objectives import base
+from spactor_jax.objectives import blocks
 
 Array = jax.Array
 
@@ -42,16 +46,26 @@ class MLM(base.Objective):
   Attributes:
     config: the encoder network configuration (``EncoderOnly``).
     vocab: special ids of the task's vocabulary.
+    selection_rate: the expected fraction of positions selected (the task's
+      rate).
+    capacity_factor: the vocabulary logits are computed only at each row's
+      first ``generator_lib.selection_capacity(length, selection_rate,
+      capacity_factor)`` selected positions, selected positions beyond it by
+      an exact dense pass that runs only when a row overflows; 0 computes them
+      at every position (the dense reference, same results).
 
   Metrics: ``mlm_loss`` and ``mlm_accuracy`` (argmax) per selected position.
   """
   config: network.TransformerConfig
   vocab: base.VocabInfo
+  selection_rate: float = 0.15
+  capacity_factor: float = 1.5
 
   model_family = 'encoder'
   input_features = ('encoder_input_tokens', 'encoder_target_tokens', 'encoder_mlm_mask')
 
   special_ids = ('mask_id', 'cls_id')
+  field_rules = {'selection_rate': base.OPEN_UNIT, 'capacity_factor': base.CAPACITY_FACTOR}
 
   def setup(self):
     self.model = network.EncoderOnly(self.config, name='model')
@@ -65,5 +79,6 @@ class MLM(base.Objective):
                         enable_dropout=enable_dropout)  # [batch, length, emb]
     loss, metrics, _ = generator_lib.masked_lm_sample(
         self.model.tied_head(), hidden, batch['encoder_target_tokens'],
-        batch['encoder_mlm_mask'], denominators['masked'], 'mlm', rng=None)
+        batch['encoder_mlm_mask'], denominators['masked'], 'mlm', rng=None,
+        capacity=blocks.capacity(hidden.shape[1], self.selection_rate, self.capacity_factor))
     return loss, metrics
