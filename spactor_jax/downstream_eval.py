@@ -253,6 +253,31 @@ def evaluate(trainer: trainer_lib.Trainer, params: Any, prediction_set: Predicti
   return score(prediction_set, kind, predict(trainer, params, prediction_set, target_length))
 
 
+def _plain(value: Any) -> Any:
+  """A JSON value: text decoded, NumPy scalars as Python numbers."""
+  if isinstance(value, bytes):
+    return value.decode('utf-8')
+  return value.item() if isinstance(value, np.generic) else value
+
+
+def evaluate_items(trainer: trainer_lib.Trainer, params: Any, prediction_set: PredictionSet,
+                   target_length: Optional[int] = None
+                   ) -> Tuple[Dict[str, float], Dict[str, List[Any]]]:
+  """``evaluate``'s metrics and the items they came from.
+
+  Returns:
+    ``(metrics, items)``: ``items`` holds ``targets`` and ``predictions``,
+    one per example of the split in order (``targets_and_predictions``), so
+    that two models scored on the same split can be compared item by item.
+  """
+  kind = prediction_kind(trainer.objective)
+  outputs = predict(trainer, params, prediction_set, target_length)
+  targets, predictions = targets_and_predictions(prediction_set, kind, outputs)
+  items = {'targets': [_plain(t) for t in targets],
+           'predictions': [_plain(p) for p in predictions]}
+  return score(prediction_set, kind, outputs), items
+
+
 def score_checkpoint(config: Any) -> Dict[str, Any]:
   """Scores a fine-tuned checkpoint with its task's metric functions (``python -m spactor_jax.eval``).
 

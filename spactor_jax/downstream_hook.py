@@ -11,7 +11,8 @@ replaces them only when strictly better) and finally writes
     {"task": ..., "metric": "accuracy",
      "best": {"step": int, "value": float, "metrics": {...}},
      "final": {"step": int, "metrics": {...}},
-     "test": {"metrics": {...}}}      # the best parameters on ``test_split``; null without one
+     "test": {"metrics": {...},       # the best parameters on ``test_split``; null without one
+              "items": {"targets": [...], "predictions": [...]}}}  # per example, in order
 """
 
 import dataclasses
@@ -152,8 +153,9 @@ class Evaluator:
           self.run.data, self.run.model_family, self.task_name, test_split,
           self.run.batch_size)
       params = self.restore_best(trainer)
-      result['test'] = {
-          'metrics': downstream_eval.evaluate(trainer, params, test_set, self.target_length)}
+      metrics, items = downstream_eval.evaluate_items(trainer, params, test_set,
+                                                      self.target_length)
+      result['test'] = {'metrics': metrics, 'items': items}
       log.info('best step %d on %s: %s', best, test_set.description, result['test']['metrics'])
     if runtime.is_main_process():
       (self.model_dir / METRICS_FILE).write_text(json.dumps(result, indent=1) + '\n')

@@ -17,7 +17,8 @@ from ``INIT_CHECKPOINT``'s ``model/...`` (``RunConfig.init_params``, a
 of ELECTRA / COCO-LM / RTS, a headless run's body); the loaded and the new
 parameter paths are logged and written to ``MODEL_DIR/init_params.json``.
 A resumed run continues from its own checkpoint and never reloads
-``INIT_CHECKPOINT``. ``downstream_hook.Evaluator`` scores the task's
+``INIT_CHECKPOINT``; ``INIT_CHECKPOINT = None`` starts from a fresh
+initialisation (the no-pre-training reference). ``downstream_hook.Evaluator`` scores the task's
 metric functions every ``DownstreamEval.every_steps`` and at the end, keeps
 the best step's parameters in ``MODEL_DIR/best`` and writes
 ``MODEL_DIR/finetune_metrics.json``, which is also printed.
@@ -99,7 +100,8 @@ def finetune(config: training.RunConfig, settings: downstream_hook.DownstreamEva
   validation.validate(config)
   evaluator = downstream_hook.Evaluator(settings, config)
   own = epath.Path(config.model_dir) / 'checkpoints'
-  if not (own.exists() and any(p.name.isdigit() for p in own.iterdir())):
+  fresh = not (own.exists() and any(p.name.isdigit() for p in own.iterdir()))
+  if fresh and config.init_params.model_dir is not None:
     try:  # a resumed run never reads INIT_CHECKPOINT.
       config.init_params.checkpoint_directory()
     except errors.ConfigError as exc:

@@ -283,13 +283,15 @@ class ParamSource:
   """Where a run's initial parameters come from (see ``load_params``).
 
   Attributes:
-    model_dir: the other run's directory.
+    model_dir: the other run's directory; ``None``: no checkpoint, every
+      parameter keeps its fresh initialisation (the no-pre-training
+      reference of a fine-tuning comparison).
     step: its checkpoint step; ``None``: the latest.
     prefixes: ``{checkpoint prefix: model prefix}``; ``{'': ''}``: all as is.
     dont_load: model-path patterns that keep their initial values.
     ignore_unused: checkpoint-path patterns that may go unused.
   """
-  model_dir: str = gin.REQUIRED
+  model_dir: Optional[str] = gin.REQUIRED
   step: Optional[int] = None
   prefixes: Mapping[str, str] = dataclasses.field(default_factory=lambda: {'': ''})
   dont_load: Sequence[str] = ()
@@ -300,6 +302,10 @@ class ParamSource:
     return _step_directory(self.model_dir, self.step)
 
   def load(self, initialised: Any) -> Merged:
+    if self.model_dir is None:
+      log.info('no checkpoint to load (INIT_CHECKPOINT = None): every parameter is initialised '
+               'afresh')
+      return Merged(initialised, (), tuple(train_state.by_path(initialised)))
     return load_params(self.model_dir, initialised, step=self.step,
                        prefixes=self.prefixes, dont_load=self.dont_load,
                        ignore_unused=self.ignore_unused)

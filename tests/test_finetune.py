@@ -217,6 +217,29 @@ def test_loads_exactly_the_discriminator_and_initialises_the_head(electra_run, t
                             tuned['model/token_embedder/embedding'])
 
 
+@pytest.mark.slow
+def test_without_a_checkpoint_every_parameter_starts_fresh(electra_run, tmp_path):
+  """INIT_CHECKPOINT = None: nothing is read; the weights are the seed's initialisation."""
+  config = _cls_config(tmp_path / 'scratch', None, 1, learning_rate=0.0)
+  finetune.finetune(config, downstream_hook.DownstreamEval(every_steps=1, test_split=None))
+  tuned = _stored_params(tmp_path / 'scratch' / 'checkpoints' / '1')
+  record = _read_json(tmp_path / 'scratch' / 'init_params.json')
+  assert record['model_dir'] is None and record['loaded'] == []
+  assert set(record['new']) == set(tuned)
+  # Every weight is the initializer's output with the run's seed, not the checkpoint's.
+  params_rng = jax.random.split(jax.random.key(config.seed), 3)[0]
+  batch = {'encoder_input_tokens': np.ones((1, 16), np.int32), 'label': np.ones((1, 1), np.int32)}
+  objective = finetuning.Classification(config=CONFIG, vocab=VOCAB_INFO)
+  fresh = _flat(nn.unbox(objective.init({'params': params_rng}, batch,
+                                        objective.denominators(batch),
+                                        enable_dropout=False)['params']))
+  pretrained = _stored_params(os.path.join(electra_run, 'checkpoints', '1'))
+  for path, value in tuned.items():
+    np.testing.assert_array_equal(value, fresh[path], err_msg=path)
+  assert not np.array_equal(tuned['model/token_embedder/embedding'],
+                            pretrained['model/token_embedder/embedding'])
+
+
 CLS_STEPS = 40
 
 
@@ -244,6 +267,12 @@ def test_classification_learns_a_separable_task_and_keeps_the_best_step(cls_run)
   assert result['final'] == {'step': CLS_STEPS, 'metrics': {'accuracy': history[CLS_STEPS]}}
   assert result['best']['value'] >= 95.0, history
   assert result['test']['metrics']['accuracy'] >= 90.0
+  # Per-item results: the test split's labels in order, and the accuracy they give.
+  items = result['test']['items']
+  labels = [int(x['label']) for x in _cls_dataset('test').as_numpy_iterator()]
+  assert items['targets'] == labels and len(items['predictions']) == len(labels)
+  hits = [int(t == p) for t, p in zip(items['targets'], items['predictions'])]
+  assert result['test']['metrics']['accuracy'] == pytest.approx(100 * np.mean(hits))
   # The kept parameters are the best step's (a checkpoint of every 10th step to compare).
   kept = list((model_dir / 'best' / 'checkpoints').iterdir())
   assert [p.name for p in kept] == [str(best)]
