@@ -16,7 +16,10 @@ r"""Reference lines for the comparison that need no training.
   position with a positive ``decoder_loss_weights`` (each example's ids and
   its EOS; padding never), each example read from its start (a decoder's BOS).
   The models' held-out losses add T5X's z-loss (1e-4·log²Z) for span
-  corruption; a normalised n-gram's is 0.
+  corruption; a normalised n-gram's is 0. ``whole_split`` scores every
+  example of that split too: the evaluation's few unshuffled batches are the
+  split's first documents (King James Bible chapters for pdtext), easier
+  than its average.
 * **downstream baselines** on the test split of ``tasks/downstream.py``'s
   tasks, with per-item 0/1 correctness (``correct``) for paired tests:
   continuation (both routes share the rows): a logistic regression on the
@@ -32,11 +35,12 @@ deterministic (a re-run writes the same bytes).
 """
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import common  # pylint: disable=g-bad-import-order  # puts the repository on sys.path
 # pylint: disable=g-import-not-at-top
@@ -70,9 +74,26 @@ def _examples(targets: np.ndarray, weights: np.ndarray, segments: np.ndarray) ->
   return examples
 
 
-def read_stream(objective: str, seed: int, max_train_examples: Optional[int]
-                ) -> Tuple[List[List[int]], List[List[int]], dict]:
-  """An objective's n-gram training sequences, held-out sequences and their description.
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """An objective's target sequences: the n-grams' training set and what they are scored on.
+
+  Attributes:
+    train: one unshuffled epoch of the task's ``train`` split (``targets``).
+    heldout: the examples of pre-training's held-out evaluation, each with
+      the ids its ``decoder_loss_weights`` count.
+    whole_split: every example of the held-out split, unpacked (context for
+      how typical the evaluation's few batches are).
+    description: the task, split, batches, lengths and sizes, for the JSON.
+  """
+  train: List[List[int]]
+  heldout: List[List[int]]
+  whole_split: List[List[int]]
+  description: dict
+
+
+def read_stream(objective: str, seed: int, max_train_examples: Optional[int]) -> Stream:
+  """An objective's target sequences, read as the comparison's pre-training reads them.
 
   Args:
     objective: a ``compare/specs.py`` objective; its gin file and bindings
@@ -97,24 +118,32 @@ def read_stream(objective: str, seed: int, max_train_examples: Optional[int]
     heldout += _examples(batch['decoder_target_tokens'], batch['decoder_loss_weights'],
                          batch['decoder_segment_ids'])
   import seqio  # pylint: disable=g-import-not-at-top  (registered by parse_with_tasks)
-  task = seqio.get_mixture_or_task(config.data.mixture_or_task_name)
-  train = task.get_dataset(sequence_length=dict(config.data.task_feature_lengths),
-                           split='train', shuffle=False, seed=seed, num_epochs=1)
-  train_ids = [example['targets'].tolist() for example in
-               itertools.islice(train.as_numpy_iterator(), max_train_examples)]
+  task = seqio.get_mixture_or_task(data.mixture_or_task_name)
+
+  def targets(split: str, limit: Optional[int] = None) -> List[List[int]]:
+    dataset = task.get_dataset(sequence_length=dict(data.task_feature_lengths), split=split,
+                               shuffle=False, seed=seed, num_epochs=1)
+    return [example['targets'].tolist()
+            for example in itertools.islice(dataset.as_numpy_iterator(), limit)]
+
+  train = targets('train', max_train_examples)
   description = {
       'task': data.mixture_or_task_name, 'split': data.split, 'gin_file': spec.gin_file,
       'batches': config.eval_batches, 'batch_size': config.batch_size,
-      'lengths': dict(config.data.task_feature_lengths), 'seed': seed,
-      'train_examples': len(train_ids), 'train_tokens': sum(map(len, train_ids))}
-  return train_ids, heldout, description
+      'lengths': dict(data.task_feature_lengths), 'seed': seed,
+      'train_examples': len(train), 'train_tokens': sum(map(len, train))}
+  return Stream(train, heldout, targets(data.split), description)
 
 
-def ngram_losses(train: Sequence[Sequence[int]], heldout: Sequence[Sequence[int]],
-                 vocab_size: int) -> Dict[str, float]:
-  """Held-out nats per token of the unigram, bigram and trigram models fit on ``train``."""
-  return {name: round(baselines.NgramLM(order, vocab_size).fit(train).cross_entropy(heldout), 6)
-          for name, order in ORDERS.items()}
+def fit_ngrams(train: Sequence[Sequence[int]], vocab_size: int) -> Dict[str, baselines.NgramLM]:
+  """The unigram, bigram and trigram models of ``train``."""
+  return {name: baselines.NgramLM(order, vocab_size).fit(train) for name, order in ORDERS.items()}
+
+
+def losses(models: Dict[str, baselines.NgramLM], sequences: Sequence[Sequence[int]]) -> dict:
+  """Each model's nats per token on ``sequences``, and the tokens counted."""
+  return {**{name: round(model.cross_entropy(sequences), 6) for name, model in models.items()},
+          'tokens': sum(map(len, sequences)), 'examples': len(sequences)}
 
 
 def _record(method: str, correct: Sequence[int], **extra) -> dict:
@@ -165,14 +194,13 @@ def build(seed: int, max_train_examples: Optional[int]) -> dict:
   from tasks import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
   vocabulary = vocab_lib.pdtext_vocabulary()
   vocab_size = vocabulary.vocab_size
-  ngram, streams = {}, {}
-  for stream in STREAMS:
-    train, heldout, description = read_stream(stream, seed, max_train_examples)
-    streams[stream] = train
-    ngram[stream] = {**ngram_losses(train, heldout, vocab_size),
-                     'tokens': sum(map(len, heldout)), 'examples': len(heldout), **description}
-  models = {name: baselines.NgramLM(ORDERS[name], vocab_size).fit(streams['causal_lm'])
-            for name in ('bigram', 'trigram')}
+  ngram, fitted = {}, {}
+  for name in STREAMS:
+    stream = read_stream(name, seed, max_train_examples)
+    fitted[name] = fit_ngrams(stream.train, vocab_size)
+    ngram[name] = {**losses(fitted[name], stream.heldout), **stream.description,
+                   'whole_split': losses(fitted[name], stream.whole_split)}
+  models = {name: fitted['causal_lm'][name] for name in ('bigram', 'trigram')}
   pieces = [vocabulary.tokenizer.id_to_piece(i)
             for i in range(vocab_size - vocabulary.extra_ids)]
   continuation = continuation_baseline(models['bigram'], vocabulary.encode)

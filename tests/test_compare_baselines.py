@@ -168,6 +168,7 @@ def test_command_on_the_real_tasks(tmp_path):
   length = {'causal_lm': 128, 'span_corruption': 32}
   for stream, values in record['ngram'].items():
     assert values['tokens'] <= values['batches'] * values['batch_size'] * length[stream]
+    assert values['whole_split']['tokens'] > values['tokens']
   tasks = {'pdtext_continuation': 300, 'pdtext_continuation_cls': 300,
            'pdtext_last_word': 262, 'pdtext_last_word_choices': 262}
   assert sorted(record['downstream']) == sorted(tasks)
