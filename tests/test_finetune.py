@@ -187,6 +187,16 @@ def _read_json(path):
     return json.load(f)
 
 
+def _fresh_classifier_params(seed):
+  """The classification head's initializer output with a run's seed, by path."""
+  params_rng = jax.random.split(jax.random.key(seed), 3)[0]
+  batch = {'encoder_input_tokens': np.ones((1, 16), np.int32), 'label': np.ones((1, 1), np.int32)}
+  objective = finetuning.Classification(config=CONFIG, vocab=VOCAB_INFO)
+  return _flat(nn.unbox(objective.init({'params': params_rng}, batch,
+                                       objective.denominators(batch),
+                                       enable_dropout=False)['params']))
+
+
 @pytest.mark.slow
 def test_loads_exactly_the_discriminator_and_initialises_the_head(electra_run, tmp_path):
   # Learning rate 0: the final parameters are the initial ones.
@@ -204,12 +214,7 @@ def test_loads_exactly_the_discriminator_and_initialises_the_head(electra_run, t
   for path in model_paths:
     np.testing.assert_array_equal(tuned[path], pretrained[path], err_msg=path)
   # The head is its initializer's output: the objective initialised with the run's seed.
-  params_rng = jax.random.split(jax.random.key(config.seed), 3)[0]
-  batch = {'encoder_input_tokens': np.ones((1, 16), np.int32), 'label': np.ones((1, 1), np.int32)}
-  objective = finetuning.Classification(config=CONFIG, vocab=VOCAB_INFO)
-  fresh = _flat(nn.unbox(objective.init({'params': params_rng}, batch,
-                                        objective.denominators(batch),
-                                        enable_dropout=False)['params']))
+  fresh = _fresh_classifier_params(config.seed)
   for path in record['new']:
     np.testing.assert_array_equal(tuned[path], fresh[path], err_msg=path)
   # ... and the loaded ones are not: loading did something.
@@ -227,12 +232,7 @@ def test_without_a_checkpoint_every_parameter_starts_fresh(electra_run, tmp_path
   assert record['model_dir'] is None and record['loaded'] == []
   assert set(record['new']) == set(tuned)
   # Every weight is the initializer's output with the run's seed, not the checkpoint's.
-  params_rng = jax.random.split(jax.random.key(config.seed), 3)[0]
-  batch = {'encoder_input_tokens': np.ones((1, 16), np.int32), 'label': np.ones((1, 1), np.int32)}
-  objective = finetuning.Classification(config=CONFIG, vocab=VOCAB_INFO)
-  fresh = _flat(nn.unbox(objective.init({'params': params_rng}, batch,
-                                        objective.denominators(batch),
-                                        enable_dropout=False)['params']))
+  fresh = _fresh_classifier_params(config.seed)
   pretrained = _stored_params(os.path.join(electra_run, 'checkpoints', '1'))
   for path, value in tuned.items():
     np.testing.assert_array_equal(value, fresh[path], err_msg=path)
