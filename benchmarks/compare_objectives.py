@@ -3,6 +3,9 @@ r"""The objectives side by side at equal training FLOPs, then fine-tuned alike.
     python benchmarks/compare_objectives.py --out /tmp/compare \
       [--budget 2e12] [--seeds 1] [--objectives span_corruption,spactor_tau25,...] \
       [--finetune_steps 100] [--no_finetune] [--jobs 1] [--gin NAME=VALUE ...]
+    python benchmarks/compare_objectives.py --preset rung_2e13 \
+      --out benchmarks/results/compare/rung_2e13 --runs_dir /tmp/rung_2e13 [--jobs 2]
+    python benchmarks/compare_objectives.py --report_only --out benchmarks/results/compare
 
 For every objective (``compare/specs.py``: span corruption, SpacTor at two τ,
 SpacTor with C-RTS, headless T5, MLM, ELECTRA, COCO-LM, RTS, C-RTS, SLM,
@@ -28,7 +31,9 @@ Writes to ``--out``: ``results.json`` (raw, rewritten after every phase),
 token, downstream scores with their spread over seeds, each paper's claim next
 to what was measured), ``heldout_vs_flops.png``, ``downstream.png``, and
 ``runs/`` (model directories), ``logs/`` (one log per subprocess) and
-``jax_cache/`` (the subprocesses' shared compilation cache). A
+``jax_cache/`` (the subprocesses' shared compilation cache; these three go to
+``--runs_dir`` when given, so that a results directory kept in the repository
+receives only the JSON, the table and the plots). A
 progress bar with an ETA goes to stderr. Run the same command again to resume:
 finished phases recorded in ``results.json`` are skipped, an interrupted
 pre-training resumes from its latest checkpoint (Ctrl-C or SIGTERM stops the
@@ -37,7 +42,11 @@ harness; each running subprocess then saves a checkpoint). ``--seeds N`` runs se
 same directory.
 
 The default (one seed, every objective) is sized to finish within an hour on
-2 CPU cores.
+2 CPU cores. ``--preset`` runs a rung of ``compare/specs.py``'s ``PRESETS``
+(its budget, objectives and seeds per group; ``--budget`` still overrides the
+budget, for a smoke test). Reference rows (``scratch_*``: no pre-training,
+the family's fine-tuning from a fresh initialisation) run fine-tuning only.
+``--report_only`` rewrites the table and plots from ``results.json``.
 """
 
 import argparse
@@ -67,6 +76,7 @@ from spactor_jax import metrics_log
 
 DEFAULT_BUDGET = 2e12  # FLOPs per cell: 112 steps of the span-corruption quickstart.
 DEFAULT_FINETUNE_STEPS = 100
+DEFAULT_BASELINES = os.path.join(common.ROOT, 'benchmarks', 'results', 'compare', 'baselines.json')
 RESULTS = 'results.json'
 COMPILATION_CACHE = 'jax_cache'  # JAX's persistent compilation cache, shared by the cells
 # Settings a results file must share with the command that continues it.
@@ -76,8 +86,18 @@ _FIXED_SETTINGS = ('budget', 'gin', 'finetune_steps')
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', required=True, help='output directory (resumed if it exists)')
-  parser.add_argument('--budget', type=float, default=DEFAULT_BUDGET,
-                      help='training FLOPs per cell (XLA count)')
+  parser.add_argument('--runs_dir', default=None,
+                      help='where the model directories, logs and compilation cache go '
+                      '(default: --out)')
+  parser.add_argument('--preset', choices=sorted(specs_lib.PRESETS), default=None,
+                      help='a rung: its budget, objectives and seeds')
+  parser.add_argument('--report_only', action='store_true',
+                      help='rewrite the table and plots from --out/results.json; run nothing')
+  parser.add_argument('--baselines', default=DEFAULT_BASELINES,
+                      help='the reference lines that need no training (compare_baselines.py)')
+  parser.add_argument('--budget', type=float, default=None,
+                      help=f'training FLOPs per cell (XLA count; default {DEFAULT_BUDGET:g} '
+                      'or the preset\'s)')
   parser.add_argument('--seeds', default='1',
                       help='N: seeds 0 .. N-1 per objective; or a comma-separated list of seeds')
   parser.add_argument('--objectives', default='',
@@ -98,14 +118,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   args.seeds = list(range(seeds[0])) if ',' not in args.seeds and seeds else seeds
   if not args.seeds or min(args.seeds) < 0:
     parser.error('--seeds: give a positive count or non-negative seeds')
+  if args.preset and (args.objectives or args.seeds != [0]):
+    parser.error('--preset chooses the objectives and seeds; drop --objectives and --seeds')
+  preset = specs_lib.PRESETS.get(args.preset)
+  if args.budget is None:
+    args.budget = preset.budget if preset else DEFAULT_BUDGET
   if args.budget <= 0 or min(args.finetune_steps, args.jobs) < 1:
     parser.error('--budget, --finetune_steps and --jobs must be positive')
   if any('=' not in binding for binding in args.gin):
     parser.error('give --gin as NAME=VALUE')
-  try:
-    args.specs = specs_lib.select([n for n in args.objectives.split(',') if n])
-  except ValueError as exc:
-    parser.error(str(exc))
+  if preset:
+    args.plan = preset.plan()
+  else:
+    try:
+      selected = specs_lib.select([n for n in args.objectives.split(',') if n])
+    except ValueError as exc:
+      parser.error(str(exc))
+    args.plan = tuple((spec, tuple(args.seeds)) for spec in selected)
+  args.specs = tuple(spec for spec, _ in args.plan)
+  args.runs_dir = args.runs_dir or args.out
   return args
 
 
@@ -117,7 +148,8 @@ def load_results(path: str, settings: Dict[str, object]) -> dict:
       fine-tuning recipe.
   """
   if not os.path.exists(path):
-    return {'settings': settings, 'stage_flops': {}, 'cells': {}}
+    return {'settings': {**settings, 'commands': [settings['command']]}, 'stage_flops': {},
+            'cells': {}}
   with open(path) as f:
     results = json.load(f)
   for key in _FIXED_SETTINGS:
@@ -125,7 +157,10 @@ def load_results(path: str, settings: Dict[str, object]) -> dict:
     if held != settings[key]:
       raise SystemExit(f'error: {path} was made with {key} = {held!r} but this run asks for '
                        f'{settings[key]!r}; use the same setting or another --out')
+  commands = results['settings'].get('commands') or [results['settings'].get('command')]
   results['settings'].update(settings)
+  results['settings']['commands'] = [c for c in commands if c and c != settings['command']] + [
+      settings['command']]  # every command that added cells, the latest last
   return results
 
 
@@ -156,7 +191,10 @@ def heldout_record(model_dir: str, metric: str, stage_flops: Sequence[float],
 
 def pretrain(cell: dict, spec: specs_lib.ObjectiveSpec, stage_flops: Sequence[float],
              out: str, extra: Sequence[str], bar: progress_lib.Progress, key: str) -> dict:
-  """Pre-trains one cell (or resumes it); returns its ``pretrain`` record."""
+  """Pre-trains one cell (or resumes it) under the runs directory ``out``; returns its
+  ``pretrain`` record (a reference row's: nothing run, zero steps)."""
+  if not spec.pretrained:
+    return {'status': 'done', 'steps': 0, 'flops': 0.0, 'wall_s': 0.0, 'model_dir': None}
   model_dir = os.path.join(out, 'runs', spec.name, f'seed{cell["seed"]}', 'pretrain')
   resumed = runs.last_step(model_dir) > 0
   what = f'{spec.name} seed {cell["seed"]}: pre-training'
@@ -181,7 +219,8 @@ def pretrain(cell: dict, spec: specs_lib.ObjectiveSpec, stage_flops: Sequence[fl
 
 def finetune(cell: dict, spec: specs_lib.ObjectiveSpec, task: str, steps: int, out: str,
              model_bindings: Sequence[str], bar: progress_lib.Progress, key: str) -> dict:
-  """Fine-tunes one cell's checkpoint on ``task``; returns its record."""
+  """Fine-tunes one cell's checkpoint (a reference row: a fresh initialisation) on ``task``
+  under the runs directory ``out``; returns its record."""
   model_dir = os.path.join(out, 'runs', spec.name, f'seed{cell["seed"]}', f'finetune_{task}')
   what = f'{spec.name} seed {cell["seed"]}: fine-tuning on {task}'
   command = runs.finetune_command(spec, task, cell['pretrain']['model_dir'], model_dir, steps,
@@ -220,7 +259,7 @@ class CellRunner:
 
   def run(self, cell: dict, spec: specs_lib.ObjectiveSpec, phases: Sequence[Optional[str]]):
     """Runs ``phases`` of ``cell`` (``None``: pre-training; a task: fine-tuning on it)."""
-    stage_flops = [s['flops'] for s in self.results['stage_flops'][spec.name]]
+    stage_flops = [s['flops'] for s in self.results['stage_flops'].get(spec.name, [])]
     name = f'{spec.name} seed {cell["seed"]}'
     for task in phases:
       if self.stopped:
@@ -228,7 +267,8 @@ class CellRunner:
       key = f'{name} {task or "pretrain"}'
       if task is None:
         earlier = cell.get('pretrain') or {}  # an interrupted attempt: its time counts too.
-        record = pretrain(cell, spec, stage_flops, self.args.out, self.args.gin, self.bar, key)
+        record = pretrain(cell, spec, stage_flops, self.args.runs_dir, self.args.gin, self.bar,
+                          key)
         record.update(jobs=self.args.jobs, attempts=earlier.get('attempts', 0) + 1,
                       wall_s=round(record['wall_s'] + earlier.get('wall_s', 0.0), 1))
         self._record(cell, lambda c, r=record: c.__setitem__('pretrain', r))
@@ -239,7 +279,7 @@ class CellRunner:
       elif (cell.get('pretrain') or {}).get('status') != 'done':
         message = f'{name}: fine-tuning on {task} skipped (pre-training failed)'
       else:
-        record = finetune(cell, spec, task, self.args.finetune_steps, self.args.out,
+        record = finetune(cell, spec, task, self.args.finetune_steps, self.args.runs_dir,
                           self.model_bindings, self.bar, key)
         self._record(cell, lambda c, t=task, r=record: c.setdefault('finetune', {}).__setitem__(
             t, r))
@@ -253,8 +293,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   """Runs (or resumes) the comparison; returns the results."""
   args = parse_args(argv)
   gin_utils.setup_logging()  # quiets gin's search-path misses.
-  os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, RESULTS)
+  baselines = report.read_baselines(args.baselines)
+  if args.report_only:
+    return rewrite_report(path, baselines)
+  os.makedirs(args.out, exist_ok=True)
   settings = {
       'budget': args.budget, 'gin': list(args.gin), 'finetune_steps': args.finetune_steps,
       'jobs': args.jobs, 'command': 'python benchmarks/compare_objectives.py ' + ' '.join(
@@ -269,6 +312,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
   plans: Dict[str, List[int]] = {}
   for spec in args.specs:
+    if not spec.pretrained:
+      plans[spec.name] = []
+      continue
     if spec.name not in results['stage_flops']:
       print(f'counting FLOPs per step of {spec.name} (XLA cost analysis of the compiled '
             'train step)', file=sys.stderr, flush=True)
@@ -285,8 +331,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
   todo = []  # (cell, spec, phases): a phase is None for pre-training, else a task.
   finished = 0
-  for spec in args.specs:
-    for seed in args.seeds:
+  for spec, seeds in args.plan:
+    for seed in seeds:
       cell = results['cells'].setdefault(f'{spec.name}/{seed}',
                                          {'objective': spec.name, 'seed': seed})
       cell['stage_steps'] = plans[spec.name]
@@ -314,8 +360,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             'same command to resume', file=sys.stderr, flush=True)
       pool.shutdown(wait=True, cancel_futures=True)
       raise SystemExit(130) from None
-  paths = report.write(results, args.specs, args.out)
+  write_report(results, path, baselines)
+  return results
+
+
+def write_report(results: dict, path: str, baselines: Optional[dict]) -> None:
+  """The table and plots of every objective in ``results`` (not only this command's), next
+  to ``path``."""
+  names = {cell['objective'] for cell in results['cells'].values()}
+  selected = tuple(spec for spec in specs_lib.SPECS if spec.name in names)
+  paths = report.write(results, selected, os.path.dirname(path), baselines)
   print(json.dumps({'results': path, **paths}), flush=True)
+
+
+def rewrite_report(path: str, baselines: Optional[dict]) -> dict:
+  """The table and plots, rewritten from the JSON at ``path`` alone."""
+  if not os.path.exists(path):
+    raise SystemExit(f'error: --report_only reads {path}, which does not exist; run the '
+                     'comparison first or give the --out of one')
+  with open(path) as f:
+    results = json.load(f)
+  write_report(results, path, baselines)
   return results
 
 

@@ -34,15 +34,16 @@ QUICKSTART_FLOPS = {
     'headless_t5': [1.531e10], 'mlm': [2.474e10], 'electra': [2.66e10],
     'coco_lm': [5.55e10], 'rts': [1.2e10], 'crts': [1.211e10], 'slm': [1.57e10],
     'headless_mlm': [1.211e10], 'causal_lm': [1.24e10],
-    'headless_causal_lm': [9.091e9, 1.24e10],
+    'causal_lm_then_lm_tuning': [1.24e10, 1.24e10], 'headless_causal_lm': [9.091e9, 1.24e10],
 }
+PRETRAINED = [spec for spec in specs.SPECS if spec.pretrained]
 
 
 def _spent(steps, flops):
   return sum(s * f for s, f in zip(steps, flops))
 
 
-@pytest.mark.parametrize('spec', specs.SPECS, ids=lambda spec: spec.name)
+@pytest.mark.parametrize('spec', PRETRAINED, ids=lambda spec: spec.name)
 def test_plan_stops_within_one_step_of_the_budget_and_half_budget_at_half(spec):
   flops = QUICKSTART_FLOPS[spec.name]
   assert len(flops) == spec.num_stages
@@ -66,19 +67,78 @@ def test_plan_refuses_a_budget_too_small_for_every_stage():
     budget.plan_steps([4e10, 2e10], [0.25], 5e10)
 
 
-def test_a_difference_is_read_against_the_spread_over_seeds():
-  ahead, base = [0.61, 0.63, 0.62], [0.50, 0.52, 0.51]
-  noise = np.std(ahead, ddof=1) + np.std(base, ddof=1)
-  delta = np.mean(ahead) - np.mean(base)
-  assert report.compare(ahead, base, True, 'acc', 'mlm') == (
-      f'acc {delta:+.3f} vs mlm: better beyond the spread (±{noise:.3f})')
-  assert report.compare(ahead, base, False, 'loss', 'mlm').endswith(
-      f'worse beyond the spread (±{noise:.3f})')
-  close = [0.515, 0.50, 0.53]
-  assert 'within noise' in report.compare(close, base, True, 'acc', 'mlm')
-  assert report.compare([0.6], base, True, 'acc', 'mlm').endswith('(one seed: spread unknown)')
-  assert report.compare([], base, True, 'acc', 'mlm') is None
-  assert report.format_values(base) == f'0.510 ± {np.std(base, ddof=1):.3f} (3 seeds)'
+def test_a_difference_is_read_with_its_interval_and_test():
+  """Welch over seeds without items, the paired test with them; references from SciPy."""
+  from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
+  ahead, base = [53.0, 50.5, 56.0], [50.0, 52.0, 51.0]
+  welch = scipy_stats.ttest_ind(ahead, base, equal_var=False)
+  low, high = welch.confidence_interval()
+  text = report.difference(ahead, base, 'acc', 'mlm')
+  assert text == (f'acc {np.mean(ahead) - np.mean(base):+.3f} [{low:+.3f}, {high:+.3f}], '
+                  f'p = {welch.pvalue:.2g} vs mlm (Welch, 3 vs 3 seeds)').replace('-', '\u2212')
+  # Items of the same seeds: the paired test pooled over them (exact McNemar p).
+  rng = np.random.default_rng(0)
+  mine = {seed: list(rng.integers(0, 2, 50)) for seed in range(2)}
+  theirs = {seed: list(rng.integers(0, 2, 50)) for seed in (1, 2)}  # seed 1 in common
+  wins = sum(m and not t for m, t in zip(mine[1], theirs[1]))
+  losses = sum(t and not m for m, t in zip(mine[1], theirs[1]))
+  p = scipy_stats.binomtest(wins, wins + losses).pvalue
+  text = report.difference(ahead, base, 'acc', 'mlm', mine, theirs)
+  assert text.endswith(f'p = {p:.2g} vs mlm (paired over 50 items × 1 seeds)'), text
+  assert report.difference([0.6], base, 'acc', 'mlm').endswith('(one seed: no interval)')
+  assert report.difference([], base, 'acc', 'mlm') is None
+  interval = scipy_stats.t.interval(0.95, 2, np.mean(base), scipy_stats.sem(base))
+  assert report.format_values(base) == (
+      f'{np.mean(base):.3f} [{interval[0]:.3f}, {interval[1]:.3f}] (3 seeds)')
+
+
+def _cell(objective, seed, final=None, scores_by_task=None):
+  return {'objective': objective, 'seed': seed, 'stage_steps': [10],
+          'pretrain': {'status': 'done', 'steps': 10, 'flops': 1.0, 'wall_s': 1.0,
+                       'heldout': {'final': final or {}}},
+          'finetune': {task: {'status': 'done', 'score': score}
+                       for task, score in (scores_by_task or {}).items()}}
+
+
+def test_a_row_below_its_gate_is_not_read_as_a_result():
+  task = specs.BY_NAME['electra'].downstream_tasks[0]
+  baselines = {'ngram': {'causal_lm': {'unigram': 6.0, 'trigram': 4.2}}}
+  cells = {}
+  for seed in range(3):
+    cells[f'mlm/{seed}'] = _cell('mlm', seed, {'mlm_loss': 5.5}, {task: 50.0 + seed})
+    cells[f'electra/{seed}'] = _cell('electra', seed, {'rtd_recall': 0.001}, {task: 60.0})
+    cells[f'rts/{seed}'] = _cell('rts', seed, {'rtd_recall': 0.5}, {task: 55.0 + seed})
+    cells[f'scratch_encoder/{seed}'] = _cell('scratch_encoder', seed, None, {task: 49.0})
+  results = {'cells': cells}
+  electra = report.measured_vs_claim(results, specs.BY_NAME['electra'], baselines)
+  assert electra == 'not yet informative (electra: RTD recall 0.001, 0.3: 0/3 seeds pass)'
+  rts = report.measured_vs_claim(results, specs.BY_NAME['rts'], baselines)
+  assert rts.startswith(f'{task} +5.000 [') and '(Welch, 3 vs 3 seeds)' in rts
+  gate = report.gate_text(report.row_gates(results, specs.BY_NAME['mlm'], baselines))
+  assert gate == (f'passed: masked-LM loss 5.5 < unigram 6 (3/3 seeds); {task} 51.0 > '
+                  'no pre-training 49.0')
+  # Without its reference the downstream gate cannot be judged, and says so.
+  del cells['scratch_encoder/0'], cells['scratch_encoder/1'], cells['scratch_encoder/2']
+  assert report.gate_text(report.row_gates(results, specs.BY_NAME['rts'], baselines)) == (
+      f'unjudged: {task}: no no-pre-training reference yet')
+
+
+def test_the_committed_table_regenerates_from_its_json(tmp_path):
+  """results.md and the README's table are what --report_only writes from results.json."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  committed = os.path.join(REPO, 'benchmarks', 'results', 'compare')
+  for name in ('results.json', 'baselines.json'):
+    shutil.copy(os.path.join(committed, name), tmp_path)
+  compare_objectives.main(['--report_only', '--out', str(tmp_path),
+                           '--baselines', str(tmp_path / 'baselines.json')])
+  with open(tmp_path / 'results.md') as f:
+    regenerated = f.read()
+  with open(os.path.join(committed, 'results.md')) as f:
+    assert f.read() == regenerated
+  with open(os.path.join(REPO, 'README.md')) as f:
+    readme = f.read()
+  table = [line for line in regenerated.splitlines() if line.startswith('|')]
+  assert '\n'.join(table) in readme
 
 
 # One real comparison: span corruption (one stage, held-out SC loss) and the
@@ -148,7 +208,7 @@ def test_table_plots_and_json_are_written(comparison):
   heldout = _events(os.path.join(sc_dir, 'eval'))['heldout_sc_loss']
   sc_row = rows[specs.BY_NAME['span_corruption'].label]
   assert sc_row[1] == str(runs.last_step(sc_dir))
-  assert sc_row[4] == f'{heldout[max(heldout)]:.3f} (1 seed)'
+  assert sc_row[4] == f'SC {heldout[max(heldout)]:.3f} (1 seed)'
   lm_row = rows[specs.BY_NAME['headless_causal_lm'].label]
   assert lm_row[1] == ' + '.join(str(s) for s in results['cells']['headless_causal_lm/0'][
       'stage_steps'])
@@ -181,19 +241,51 @@ def test_a_different_budget_on_the_same_directory_is_refused(comparison):
 def test_finetune_phase_scores_a_checkpoint_from_its_finetune_metrics(comparison):
   out, _ = comparison
   args = [a for a in ARGS if a != '--no_finetune']
-  args[args.index('--objectives') + 1] = 'headless_causal_lm'
+  args[args.index('--objectives') + 1] = 'headless_causal_lm,scratch_decoder'
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
     results = compare_objectives.main(['--out', out, *args])
   task = specs.BY_NAME['headless_causal_lm'].downstream_tasks[0]
-  record = results['cells']['headless_causal_lm/0']['finetune'][task]
-  assert record['status'] == 'done', record.get('error')
-  with open(os.path.join(record['model_dir'], 'finetune_metrics.json')) as f:
-    metrics = json.load(f)
-  assert metrics['task'] == task and metrics['final']['step'] == 2
-  assert record['score'] == metrics['test']['metrics']['accuracy']
-  with open(os.path.join(out, 'results.md')) as f:
-    assert f'{record["score"]:.3f} (1 seed)' in f.read()
+  for name in ('headless_causal_lm', 'scratch_decoder'):
+    record = results['cells'][f'{name}/0']['finetune'][task]
+    assert record['status'] == 'done', record.get('error')
+    with open(os.path.join(record['model_dir'], 'finetune_metrics.json')) as f:
+      metrics = json.load(f)
+    assert metrics['task'] == task and metrics['final']['step'] == 2
+    assert record['score'] == metrics['test']['metrics']['accuracy']
+    test_items = metrics['test']['items']
+    hits = [t == p for t, p in zip(test_items['targets'], test_items['predictions'])]
+    assert record['score'] == pytest.approx(100 * np.mean(hits))
+    with open(os.path.join(record['model_dir'], 'init_params.json')) as f:
+      loaded = json.load(f)['loaded']
+    assert (loaded == []) == (name == 'scratch_decoder')
+    with open(os.path.join(out, 'results.md')) as f:
+      assert f'{record["score"]:.3f} (1 seed)' in f.read()
+  # The reference row ran no pre-training.
+  assert results['cells']['scratch_decoder/0']['pretrain']['steps'] == 0
+  assert 'scratch_decoder' not in results['stage_flops']
+  assert not os.path.exists(os.path.join(out, 'runs', 'scratch_decoder', 'seed0', 'pretrain'))
+
+
+@pytest.mark.parametrize('name', sorted(specs.PRESETS))
+def test_a_preset_expands_to_its_budget_objectives_and_seeds(name):
+  preset = specs.PRESETS[name]
+  args = compare_objectives.parse_args(['--out', 'unused', '--preset', name])
+  assert args.budget == preset.budget
+  seeds = {spec.name: list(s) for spec, s in args.plan}
+  for names, count in preset.groups:
+    for objective in names:
+      assert seeds.pop(objective) == list(range(count))
+  assert not seeds
+  # A smoke test keeps the preset's cells at another budget; every plan fits the budget.
+  assert compare_objectives.parse_args(
+      ['--out', 'unused', '--preset', name, '--budget', '1e10']).budget == 1e10
+  for spec, _ in args.plan:
+    if spec.pretrained:
+      steps = budget.plan_steps(QUICKSTART_FLOPS[spec.name], spec.stage_fractions, preset.budget)
+      assert _spent(steps, QUICKSTART_FLOPS[spec.name]) <= preset.budget
+  with pytest.raises(SystemExit):
+    compare_objectives.parse_args(['--out', 'unused', '--preset', name, '--objectives', 'mlm'])
 
 
 _CHILD = r'''

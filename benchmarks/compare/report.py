@@ -5,9 +5,16 @@ stage's ``{name, flops}``; ``cells["<objective>/<seed>"]`` holds the cell's
 ``stage_steps``, its ``pretrain`` record (``steps``, ``flops``, ``wall_s``,
 ``heldout``: ``metric``, ``curve`` of ``[step, flops, value]``, ``final``
 metrics, ``eval_steps``) and its ``finetune`` records per task (``score``, the
-``finetune_metrics.json`` it came from, or why it is missing).
+``finetune_metrics.json`` it came from, with the test split's per-item
+``targets`` and ``predictions`` under ``test.items``, or why it is missing).
+A reference row (no pre-training) has a ``pretrain`` record of zero steps.
+``settings.commands`` lists every command that added cells, ``settings.notes``
+any lines the table's notes must carry about them.
+``baselines.json`` (``compare_baselines.py``) adds the count models' held-out
+losses and the shallow-feature classifiers' scores as reference rows and lines.
 """
 
+import json
 import os
 import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -17,7 +24,10 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from compare import specs as specs_lib  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+from compare import gates
+from compare import specs as specs_lib
+from compare import stats
 
 SC_METRIC = 'heldout_sc_loss'
 
@@ -48,63 +58,125 @@ def scores(cells: Sequence[dict], task: str) -> List[float]:
   return values
 
 
-def mean_spread(values: Sequence[float]) -> Tuple[float, Optional[float]]:
-  """Mean and sample standard deviation (``None`` for a single value)."""
-  mean = statistics.fmean(values)
-  return mean, (statistics.stdev(values) if len(values) > 1 else None)
+def items(cells: Sequence[dict], task: str) -> Dict[int, List[int]]:
+  """``{seed: per-item 0/1 correctness on the test split}`` of the cells that stored items."""
+  correct = {}
+  for cell in cells:
+    record = (cell.get('finetune') or {}).get(task) or {}
+    stored = ((record.get('metrics') or {}).get('test') or {}).get('items')
+    if record.get('status') == 'done' and stored:
+      correct[cell['seed']] = [int(t == p) for t, p in zip(stored['targets'],
+                                                           stored['predictions'])]
+  return correct
 
 
 def format_values(values: Sequence[float], digits: int = 3) -> str:
-  """``0.612 ± 0.013 (3 seeds)``; ``0.612 (1 seed)``; ``—`` when empty."""
+  """``0.612 [0.580, 0.644] (3 seeds)``: the mean and its 95% t interval; ``0.612 (1 seed)``;
+  ``—`` when empty."""
   if not values:
     return '—'
-  mean, spread = mean_spread(values)
-  if spread is None:
-    return f'{mean:.{digits}f} (1 seed)'
-  return f'{mean:.{digits}f} ± {spread:.{digits}f} ({len(values)} seeds)'
+  if len(values) == 1:
+    return f'{values[0]:.{digits}f} (1 seed)'
+  return f'{stats.mean_interval(values).format(digits)} ({len(values)} seeds)'
 
 
-def compare(values: Sequence[float], base: Sequence[float], higher_is_better: bool,
-            what: str, baseline: str) -> Optional[str]:
-  """The measured difference to the baseline, read against the spread over seeds.
+def heldout_metric(spec: specs_lib.ObjectiveSpec) -> Optional[str]:
+  """The held-out loss per token the family's rows share: span corruption's on the
+  encoder-decoder family, the LM loss on decoders; ``None`` where there is none."""
+  if spec.heldout_metric == SC_METRIC:
+    return SC_METRIC
+  return 'lm_loss' if spec.family == specs_lib.DECODER and spec.pretrained else None
 
-  ``within noise`` when ``|Δ|`` is at most the sum of the two sample
-  standard deviations; ``better`` / ``worse`` otherwise; with fewer than two
-  seeds on either side the spread is unknown and said so.
+
+def heldout_values(cells: Sequence[dict], metric: Optional[str]) -> List[float]:
+  if metric is None:
+    return []
+  return [v for v in (final_heldout(c, metric) for c in _pretrained(cells)) if v is not None]
+
+
+def difference(mine: Sequence[float], base: Sequence[float], what: str, baseline: str,
+               mine_items: Optional[Dict[int, List[int]]] = None,
+               base_items: Optional[Dict[int, List[int]]] = None) -> Optional[str]:
+  """``what Δ [95% CI], p vs baseline (method)``: the difference of means and its test.
+
+  Per-item results of the same seeds on both sides give the paired test
+  (``stats.paired_accuracy``, items pooled over those seeds); otherwise
+  Welch's interval over seeds, which needs two seeds a side.
   """
-  if not values or not base:
+  if not mine or not base:
     return None
-  delta = statistics.fmean(values) - statistics.fmean(base)
-  text = f'{what} {delta:+.3f} vs {baseline}'
-  if min(len(values), len(base)) < 2:
-    return f'{text} (one seed: spread unknown)'
-  noise = statistics.stdev(values) + statistics.stdev(base)
-  if abs(delta) <= noise:
-    return f'{text}: within noise (±{noise:.3f})'
-  good = (delta > 0) == higher_is_better
-  return f'{text}: {"better" if good else "worse"} beyond the spread (±{noise:.3f})'
+  seeds = sorted(set(mine_items or {}) & set(base_items or {}))
+  if seeds:
+    interval = stats.paired_accuracy([mine_items[s] for s in seeds],
+                                     [base_items[s] for s in seeds])
+    how = f'paired over {interval.n[1]} items × {len(seeds)} seeds'
+  elif min(len(mine), len(base)) >= 2:
+    interval = stats.welch(mine, base)
+    how = f'Welch, {len(mine)} vs {len(base)} seeds'
+  else:
+    delta = statistics.fmean(mine) - statistics.fmean(base)
+    return f'{what} {delta:+.3f} vs {baseline} (one seed: no interval)'
+  return f'{what} {interval.format(3)} vs {baseline} ({how})'
 
 
-def measured_vs_claim(results: dict, spec: specs_lib.ObjectiveSpec) -> str:
-  """What was measured against the claim's baseline (downstream first, then held-out SC loss)."""
+def row_gates(results: dict, spec: specs_lib.ObjectiveSpec,
+              baselines: Optional[dict]) -> List[gates.Verdict]:
+  """The row's pre-training gate and its downstream gate against no pre-training."""
+  if not spec.pretrained:
+    return []
+  cells = cells_of(results, spec.name)
+  verdicts = []
+  pretraining = gates.pretraining(
+      spec.name, [((c['pretrain'].get('heldout') or {}).get('final') or {})
+                  for c in _pretrained(cells)], baselines)
+  if pretraining is not None:
+    verdicts.append(pretraining)
+  task = spec.downstream_tasks[0]
+  reference = cells_of(results, specs_lib.REFERENCE_ROW[spec.family])
+  if scores(cells, task):
+    verdicts.append(gates.downstream(scores(cells, task), scores(reference, task), task))
+  return verdicts
+
+
+def gate_text(verdicts: Sequence[gates.Verdict]) -> str:
+  """``passed``, ``not yet informative: …`` or ``unjudged: …``."""
+  if not verdicts:
+    return '—'
+  failed = [v.text for v in verdicts if v.passed is False]
+  if failed:
+    return 'not yet informative: ' + '; '.join(failed)
+  unknown = [v.text for v in verdicts if v.passed is None]
+  if unknown:
+    return 'unjudged: ' + '; '.join(unknown)
+  return 'passed: ' + '; '.join(v.text for v in verdicts)
+
+
+def measured_vs_claim(results: dict, spec: specs_lib.ObjectiveSpec,
+                      baselines: Optional[dict] = None) -> str:
+  """What was measured against the claim's baseline, once both rows passed their gates."""
   if spec.baseline is None:
     return '—'
+  base_spec = specs_lib.BY_NAME[spec.baseline]
   mine, base = cells_of(results, spec.name), cells_of(results, spec.baseline)
+  if not base:
+    return f'no {spec.baseline} result to compare with'
+  failed = [f'{name}: {v.text}' for name, row in ((spec.name, spec), (spec.baseline, base_spec))
+            for v in row_gates(results, row, baselines) if v.passed is False]
+  if failed:
+    return 'not yet informative (' + '; '.join(failed) + ')'
   parts = []
   task = spec.downstream_tasks[0]
-  downstream = compare(scores(mine, task), scores(base, task), True, task, spec.baseline)
+  downstream = difference(scores(mine, task), scores(base, task), task, spec.baseline,
+                          items(mine, task), items(base, task))
   if downstream:
     parts.append(downstream)
-  if spec.heldout_metric == SC_METRIC:
-    values = [v for v in (final_heldout(c, SC_METRIC) for c in _pretrained(mine)) if v is not None]
-    base_values = [v for v in (final_heldout(c, SC_METRIC) for c in _pretrained(base))
-                   if v is not None]
-    heldout = compare(values, base_values, False, 'held-out SC loss', spec.baseline)
+  metric = heldout_metric(spec)
+  if metric and metric == heldout_metric(base_spec):
+    heldout = difference(heldout_values(mine, metric), heldout_values(base, metric),
+                         'held-out loss', spec.baseline)
     if heldout:
       parts.append(heldout)
-  if parts:
-    return '; '.join(parts)
-  return 'no downstream score to compare' if base else f'no {spec.baseline} result to compare with'
+  return '; '.join(parts) if parts else 'no downstream score to compare'
 
 
 def _format_flops(value: float) -> str:
@@ -118,29 +190,60 @@ def _format_seconds(values: Sequence[float]) -> str:
   return f'{mean / 60:.1f} min' if mean >= 60 else f'{mean:.0f} s'
 
 
-def table(results: dict, selected: Sequence[specs_lib.ObjectiveSpec]) -> str:
-  """The markdown table: one row per objective, downstream columns per task."""
+def read_baselines(path: Optional[str]) -> Optional[dict]:
+  """``baselines.json`` (``compare_baselines.py``), or ``None`` when there is none."""
+  if not path or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _reference_rows(tasks: Sequence[str], baselines: Optional[dict]) -> List[str]:
+  """Rows of the count models and the shallow-feature classifiers (no training)."""
+  if not baselines:
+    return []
+  ngram = baselines.get('ngram') or {}
+  lines = []
+  for order in ('unigram', 'bigram', 'trigram'):
+    losses = [f'{label} {ngram[stream][order]:.3f}' for stream, label in
+              (('span_corruption', 'SC'), ('causal_lm', 'LM')) if order in ngram.get(stream, {})]
+    row = [f'{order} count model (reference)', '—', '—', '—', ' / '.join(losses) or '—', '—']
+    lines.append(row + [''] * len(tasks) + ['reference', '—'])
+  downstream = baselines.get('downstream') or {}
+  row = ['shallow features (reference)', '—', '—', '—', '—', '—']
+  row += [f'{downstream[t]["accuracy"]:.3f}' if t in downstream else '' for t in tasks]
+  lines.append(row + ['reference', '—'])
+  return ['| ' + ' | '.join(line) + ' |' for line in lines]
+
+
+def table(results: dict, selected: Sequence[specs_lib.ObjectiveSpec],
+          baselines: Optional[dict] = None) -> str:
+  """The markdown table: one row per objective, downstream columns per task, reference rows."""
   tasks = list(dict.fromkeys(t for spec in selected for t in spec.downstream_tasks))
   header = (['objective', 'steps', 'FLOPs', 'wall (pre-training)',
-             'held-out SC loss / token'] + tasks + ['paper\'s claim', 'measured vs baseline'])
+             'held-out loss / token', 'gate'] + tasks + ['paper\'s claim',
+                                                          'measured vs baseline'])
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for spec in selected:
     cells = cells_of(results, spec.name)
     done = _pretrained(cells)
     failed = [c for c in cells if (c.get('pretrain') or {}).get('status') == 'failed']
-    if done:
+    if not spec.pretrained:
+      steps = flops = '0'
+    elif done:
       steps = ' + '.join(str(s) for s in done[0]['stage_steps'])
       flops = _format_flops(statistics.fmean(c['pretrain']['flops'] for c in done))
     else:
       steps = flops = 'failed' if failed else 'not run'
     wall = _format_seconds([c['pretrain']['wall_s'] for c in done
-                            if c['pretrain'].get('wall_s') is not None])
-    if spec.heldout_metric == SC_METRIC:
-      heldout = format_values([v for v in (final_heldout(c, SC_METRIC) for c in done)
-                               if v is not None])
+                            if spec.pretrained and c['pretrain'].get('wall_s') is not None])
+    metric = heldout_metric(spec)
+    if metric:
+      heldout = ('SC ' if metric == SC_METRIC else 'LM ') + format_values(
+          heldout_values(cells, metric))
     else:
       heldout = 'n/a (no decoder vocabulary head)' if spec.family == specs_lib.ENCODER_DECODER \
-          else 'n/a'
+          and spec.pretrained else 'n/a'
     downstream = []
     for task in tasks:
       if task not in spec.downstream_tasks:
@@ -153,9 +256,11 @@ def table(results: dict, selected: Sequence[specs_lib.ObjectiveSpec]) -> str:
         reasons = {((c.get('finetune') or {}).get(task) or {}).get('status') for c in cells}
         downstream.append('skipped' if 'skipped' in reasons else
                           'failed' if 'failed' in reasons else '—')
-    row = [spec.label, steps, flops, wall, heldout] + downstream + [
-        spec.claim, measured_vs_claim(results, spec)]
+    row = [spec.label, steps, flops, wall, heldout,
+           gate_text(row_gates(results, spec, baselines))] + downstream + [
+               spec.claim, measured_vs_claim(results, spec, baselines)]
     lines.append('| ' + ' | '.join(cell.replace('|', '/') for cell in row) + ' |')
+  lines += _reference_rows(tasks, baselines)
   return '\n'.join(lines)
 
 
@@ -169,7 +274,7 @@ def _silent_first_stage(cell: dict) -> bool:
   return bool(evaluated) and not any(point[0] <= steps[0] for point in heldout['curve'])
 
 
-def notes(results: dict) -> List[str]:
+def notes(results: dict, baselines: Optional[dict] = None) -> List[str]:
   """What a reader of the table needs to know, as markdown bullet lines."""
   settings = results.get('settings', {})
   lines = [
@@ -183,8 +288,19 @@ def notes(results: dict) -> List[str]:
       '- The sparse vocabulary heads (SpacTor\'s generator, SLM) are counted without their '
       'overflow pass (`generator.without_overflow_pass()`), which runs only when a row selects '
       'more positions than the capacity: the count is the path that runs.',
-      '- Held-out SC loss: span corruption\'s loss per target token on the clean input at the '
-      'last evaluation (`heldout_sc_loss`); not defined for a model without a vocabulary head.',
+      '- Held-out loss per token at the last evaluation: span corruption\'s on the clean input '
+      '(`SC`, `heldout_sc_loss`) for the encoder-decoder family, next-token cross-entropy (`LM`, '
+      '`lm_loss`) for the decoders; none for a model without a vocabulary head. A value is the '
+      'mean over seeds with its 95% t interval.',
+      '- Differences (*measured vs baseline*): Δ of the means with a 95% interval and a '
+      'two-sided p. Downstream, when both rows stored their test predictions: paired over the '
+      'same test items (pooled over the seeds both have; exact McNemar p, item bootstrap '
+      'interval); otherwise, and for held-out losses, Welch\'s interval over seeds.',
+      '- Gates (`compare/gates.py`): a pre-trained row must leave its trivial phase — held-out '
+      'loss below the trigram count model\'s (masked-LM losses: below the unigram\'s), RTD '
+      'recall ≥ 0.3, COCO-LM\'s copy head above answering "original" by 0.3 of the replaced '
+      'positions — and its first task\'s score must beat the no-pre-training row. A row below a '
+      'gate is *not yet informative*: its differences are not read as results.',
   ]
   silent = sorted({c['objective'] for c in results.get('cells', {}).values()
                    if _silent_first_stage(c)})
@@ -198,6 +314,14 @@ def notes(results: dict) -> List[str]:
   finetune = settings.get('finetune')
   if finetune:
     lines.append(f'- Downstream: {finetune}')
+  lines += [f'- {note}' for note in settings.get('notes', [])]
+  if baselines:
+    lines.append('- Reference rows without training (`compare_baselines.py`, '
+                 '`baselines.json`): ' + '; '.join(
+                     f'{task}: {record["method"]}'
+                     for task, record in sorted((baselines.get('downstream') or {}).items())) +
+                 '. Count models: ' + (baselines.get('ngram_method') or
+                                       'n-gram models fit on the train split') + '.')
   return lines
 
 
@@ -226,12 +350,14 @@ def _heldout_panels(selected: Sequence[specs_lib.ObjectiveSpec]
   return panels
 
 
-def plot_heldout(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out: str) -> None:
+def plot_heldout(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out: str,
+                 baselines: Optional[dict] = None) -> None:
   """Held-out metric against FLOPs: a curve per objective and seed.
 
   One panel holds the encoder-decoder objectives' held-out SC loss (one
   currency); each family's other objectives get a panel of their own held-out
-  losses, which are not comparable with each other.
+  losses, which are not comparable with each other. Dashed lines: the count
+  models' losses on the same stream (SC targets; the decoders' tokens).
   """
   panels = _heldout_panels(selected)
   figure, axes = _grid(len(panels), 6.5, 4.5)
@@ -250,6 +376,13 @@ def plot_heldout(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out
           for boundary in range(1, len(steps)):
             axis.axvline(sum(s * f for s, f in zip(steps[:boundary], flops)), color=color,
                          linestyle=':', linewidth=1)
+    stream = ('span_corruption' if comparable else
+              'causal_lm' if family == specs_lib.DECODER else None)
+    counts = ((baselines or {}).get('ngram') or {}).get(stream) or {}
+    for order, style in (('bigram', '--'), ('trigram', '-.')):
+      if order in counts:
+        axis.axhline(counts[order], color='grey', linestyle=style, linewidth=1,
+                     label=f'{order} count model')
     axis.set_title(f'{family}: ' + ('held-out SC loss per target token' if comparable else
                                     'each objective\'s own held-out loss (not comparable)') +
                    '\n(dotted: next curriculum stage)', fontsize=9)
@@ -264,11 +397,12 @@ def plot_heldout(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out
 
 
 def plot_downstream(results: dict, selected: Sequence[specs_lib.ObjectiveSpec],
-                    out: str) -> None:
+                    out: str, baselines: Optional[dict] = None) -> None:
   """Downstream score per objective, a panel per task.
 
-  A point is the mean over seeds, its error bar the sample standard deviation,
-  the dots the seeds. Without any score, the figure says why.
+  A point is the mean over seeds, its error bar the 95% t interval, the dots
+  the seeds; the dashed line is the shallow-feature baseline. Without any
+  score, the figure says why.
   """
   tasks = list(dict.fromkeys(t for spec in selected for t in spec.downstream_tasks))
   values = {(spec.name, task): scores(cells_of(results, spec.name), task)
@@ -291,14 +425,25 @@ def plot_downstream(results: dict, selected: Sequence[specs_lib.ObjectiveSpec],
       labels.append(spec.label)
       if not values[spec.name, task]:
         continue
-      mean, spread = mean_spread(values[spec.name, task])
-      axis.errorbar([x], [mean], yerr=[spread or 0.0], fmt='o', capsize=4,
+      seeds = values[spec.name, task]
+      mean = statistics.fmean(seeds)
+      if len(seeds) > 1:
+        interval = stats.mean_interval(seeds)
+        error = [[mean - interval.low], [interval.high - mean]]
+      else:
+        error = [[0.0], [0.0]]
+      axis.errorbar([x], [mean], yerr=error, fmt='o', capsize=4,
                     color=_color(specs_lib.SPECS.index(spec)))
       axis.scatter([x] * len(values[spec.name, task]), values[spec.name, task], s=9,
                    color='black', alpha=0.5, zorder=3)
     axis.set_xlim(-0.5, len(labels) - 0.5)
     axis.set_xticks(range(len(labels)))
     axis.set_xticklabels(labels, rotation=60, ha='right', fontsize=7)
+    shallow = ((baselines or {}).get('downstream') or {}).get(task)
+    if shallow:
+      axis.axhline(shallow['accuracy'], color='grey', linestyle='--', linewidth=1,
+                   label='shallow features (no training)')
+      axis.legend(fontsize=7)
     axis.set_title(task, fontsize=9)
     axis.set_ylabel('accuracy (the task metric)')
     axis.grid(alpha=0.3, axis='y')
@@ -307,19 +452,21 @@ def plot_downstream(results: dict, selected: Sequence[specs_lib.ObjectiveSpec],
   plt.close(figure)
 
 
-def write(results: dict, selected: Sequence[specs_lib.ObjectiveSpec],
-          out_dir: str) -> Dict[str, str]:
+def write(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out_dir: str,
+          baselines: Optional[dict] = None) -> Dict[str, str]:
   """Writes ``results.md``, ``heldout_vs_flops.png`` and ``downstream.png``; returns their paths."""
   paths = {'table': os.path.join(out_dir, 'results.md'),
            'heldout_plot': os.path.join(out_dir, 'heldout_vs_flops.png'),
            'downstream_plot': os.path.join(out_dir, 'downstream.png')}
   settings = results.get('settings', {})
-  text = ['# Objectives at equal FLOPs', '', f'Command: `{settings.get("command", "")}`', '',
-          table(results, selected), '', *notes(results)]
+  commands = settings.get('commands') or [settings.get('command', '')]
+  text = ['# Objectives at equal FLOPs', '',
+          'Commands: ' + '; '.join(f'`{command}`' for command in commands), '',
+          table(results, selected, baselines), '', *notes(results, baselines)]
   text += ['', '![held-out metric against FLOPs](heldout_vs_flops.png)', '',
            '![downstream scores](downstream.png)', '']
   with open(paths['table'], 'w') as f:
     f.write('\n'.join(text))
-  plot_heldout(results, selected, paths['heldout_plot'])
-  plot_downstream(results, selected, paths['downstream_plot'])
+  plot_heldout(results, selected, paths['heldout_plot'], baselines)
+  plot_downstream(results, selected, paths['downstream_plot'], baselines)
   return paths

@@ -90,15 +90,18 @@ def pretrain_command(spec: specs_lib.ObjectiveSpec, model_dir: str, stage_steps:
           gin_flags(pretrain_bindings(spec, stage_steps, seed)) + gin_flags(extra))
 
 
-def finetune_command(spec: specs_lib.ObjectiveSpec, task: str, init_dir: str, model_dir: str,
-                     steps: int, seed: int, model_bindings: Sequence[str] = ()) -> List[str]:
+def finetune_command(spec: specs_lib.ObjectiveSpec, task: str, init_dir: Optional[str],
+                     model_dir: str, steps: int, seed: int, model_bindings: Sequence[str] = ()
+                     ) -> List[str]:
   """``python -m spactor_jax.finetune`` of a cell's checkpoint on one task (one shared recipe).
 
   The model gin file of the family, ``runs/finetune.gin``, the task's route;
-  ``model_bindings`` (``TransformerConfig.*``) last.
+  ``model_bindings`` (``TransformerConfig.*``) last. ``init_dir`` ``None``: no
+  checkpoint (a reference row's fresh initialisation).
   """
   route = FINETUNE_GIN[task] + ('_headless' if spec.finetune_headless else '') + '.gin'
-  bindings = [f"INIT_CHECKPOINT='{init_dir}'", f"MIXTURE_OR_TASK_NAME='{task}'",
+  init = 'None' if init_dir is None else f"'{init_dir}'"
+  bindings = [f'INIT_CHECKPOINT={init}', f"MIXTURE_OR_TASK_NAME='{task}'",
               f'TASK_FEATURE_LENGTHS={FINETUNE_LENGTHS[task]!r}', f'TRAIN_STEPS={steps}',
               f"MODEL_DIR='{model_dir}'", f'BATCH_SIZE={FINETUNE_BATCH}',
               f'EVAL_EVERY_STEPS={max(1, math.ceil(steps / 2))}',

@@ -43,6 +43,8 @@ class ObjectiveSpec:
     bindings: ``NAME=VALUE`` gin bindings on top of the gin file.
     finetune_headless: the checkpoint has no vocabulary head; fine-tuning
       routes that need one make it from the embedding.
+    pretrained: ``False`` for a reference row: no pre-training (no gin file,
+      no FLOPs), fine-tuning from a fresh initialisation.
   """
   name: str
   label: str
@@ -55,6 +57,7 @@ class ObjectiveSpec:
   heldout_metric: str = 'loss'
   bindings: Tuple[str, ...] = ()
   finetune_headless: bool = False
+  pretrained: bool = True
 
   @property
   def num_stages(self) -> int:
@@ -105,10 +108,25 @@ SPECS: Tuple[ObjectiveSpec, ...] = (
     ObjectiveSpec('causal_lm', 'causal LM (cross-entropy)', 'quickstart_headless_causal_lm.gin',
                   DECODER, claim='baseline', bindings=('headless/Stage.objective=@LMTuning',)),
     # LM-tuning: 10% of the run's steps (the paper: < 2% of the pre-training tokens).
+    # The control of the headless arm: cross-entropy from the start, then the same final
+    # stage (a fresh AdamW at LM-tuning's rate for the last 10%), so that the headless arm's
+    # difference is contrastive weight tying's, not the optimizer switch's. The head the
+    # first stage trained is kept (no re-initialisation from the embedding).
+    ObjectiveSpec('causal_lm_then_lm_tuning', 'causal LM, then the same LM-tuning stage '
+                  '(control)', 'quickstart_headless_causal_lm_then_lm_tuning.gin', DECODER,
+                  ('PRETRAIN_STEPS',), (0.9,), 'causal_lm', 'control of the headless arm',
+                  bindings=('headless/Stage.objective=@LMTuning', 'lm_tuning/Stage.init_from={}')),
     ObjectiveSpec('headless_causal_lm', 'headless causal LM, then LM-tuning (last 10%)',
                   'quickstart_headless_causal_lm_then_lm_tuning.gin', DECODER,
-                  ('PRETRAIN_STEPS',), (0.9,), 'causal_lm',
+                  ('PRETRAIN_STEPS',), (0.9,), 'causal_lm_then_lm_tuning',
                   'LAMBADA accuracy 22.2 vs 19.52 of a vanilla causal LM after LM-tuning'),
+    # Reference rows: the family's fine-tuning recipe from a fresh initialisation.
+    ObjectiveSpec('scratch_t5', 'no pre-training (T5)', '', ENCODER_DECODER,
+                  claim='reference', pretrained=False),
+    ObjectiveSpec('scratch_encoder', 'no pre-training (encoder)', '', ENCODER,
+                  claim='reference', pretrained=False),
+    ObjectiveSpec('scratch_decoder', 'no pre-training (decoder)', '', DECODER,
+                  claim='reference', pretrained=False),
 )
 
 BY_NAME: Dict[str, ObjectiveSpec] = {spec.name: spec for spec in SPECS}
@@ -127,3 +145,39 @@ def select(names: Optional[Sequence[str]]) -> Tuple[ObjectiveSpec, ...]:
     raise ValueError(f'unknown objective(s) {", ".join(unknown)}; choose among '
                      f'{", ".join(BY_NAME)}')
   return tuple(spec for spec in SPECS if spec.name in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """A rung of the comparison: a FLOPs budget and which objectives run with how many seeds.
+
+  Attributes:
+    budget: training FLOPs per cell.
+    groups: ``((objective names, seeds), ...)``: each group's objectives run
+      seeds ``0 .. seeds - 1``.
+    note: what the rung is for.
+  """
+  budget: float
+  groups: Tuple[Tuple[Tuple[str, ...], int], ...]
+  note: str = ''
+
+  def plan(self) -> Tuple[Tuple[ObjectiveSpec, Tuple[int, ...]], ...]:
+    """``((spec, seeds), ...)`` in the table's order."""
+    seeds = {name: tuple(range(count)) for names, count in self.groups for name in names}
+    return tuple((spec, seeds[spec.name]) for spec in SPECS if spec.name in seeds)
+
+
+# The no-pre-training reference row of each model family.
+REFERENCE_ROW: Dict[str, str] = {ENCODER_DECODER: 'scratch_t5', ENCODER: 'scratch_encoder',
+                                 DECODER: 'scratch_decoder'}
+_REFERENCES = tuple(REFERENCE_ROW.values())
+# The core comparisons: each paper's objective against its baseline at equal FLOPs.
+_CORE = (('span_corruption', 'spactor_tau25'), ('mlm', 'electra', 'rts', 'slm'))
+_DECODERS = ('causal_lm', 'headless_causal_lm', 'causal_lm_then_lm_tuning')
+
+_RUNG = ((_CORE[0], 3), (_CORE[1], 3), (_DECODERS, 5), (_REFERENCES, 3))
+PRESETS: Dict[str, Preset] = {
+    'rung_2e12': Preset(2e12, _RUNG, 'the core comparisons at the default budget'),
+    'rung_2e13': Preset(2e13, _RUNG, 'the core comparisons at 10 times the default budget'),
+    'rung_6e13': Preset(6e13, _RUNG, 'the next rung: smoke-tested on a tiny budget, not run'),
+}
