@@ -41,6 +41,7 @@ def test_a_folder_too_large_to_travel_is_one_line(prepared):
     accelerator_session.check_size(prepared, tree=64 * 2**20)
 
 
+@pytest.mark.slow
 def test_run_step_without_tensorflow(prepared, tmp_path):
   out = str(tmp_path / 'out')
   env = helpers.subprocess_env(1, PYTHONPATH=NO_TENSORFLOW, PYTHON=sys.executable,
@@ -65,9 +66,9 @@ def test_run_step_without_tensorflow(prepared, tmp_path):
       assert cell['tokens_per_second'] == pytest.approx(4 * (64 + 16) / cell['step_seconds'])
       assert cell['mfu'] == pytest.approx(record['flops_per_step'] / cell['step_seconds'] / peak)
       assert cell['compiled_memory_bytes'] > 0
-    # A scanned step's own count holds one layer per stack, never more than the model's.
-    assert record['scanned_remat_full']['xla_counted_flops'] < record['unscanned'][
-        'xla_counted_flops']
+    # One layer per stack, so the scanned body counted once is the whole model; full remat
+    # recomputes its forward pass on top.
+    assert record['scanned_remat_full']['xla_counted_flops'] > record['flops_per_step']
   # SpacTor's step does more work than span corruption's.
   assert results['efficiency']['spactor']['flops_per_step'] > results['efficiency'][
       'span_corruption']['flops_per_step']
