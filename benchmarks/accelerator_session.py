@@ -31,7 +31,7 @@ two pass ``LIMIT_BYTES``.
    variant (XLA counts a scanned body once, and remat's recomputation is not
    model work; each variant's own count is ``xla_counted_flops``). ``mfu =
    flops_per_step / step_seconds / peak_flops_per_second``.
-3. ``comparison``: the two quickstart runs (a tiny T5 on the shipped corpus)
+3. ``comparison`` (``prebuilt_comparison``): the two quickstart runs (a tiny T5 on the shipped corpus)
    trained by ``python -m spactor_jax.train`` from the pre-built input, SpacTor
    first, then span corruption for as many steps as SpacTor's FLOPs pay.
    FLOPs per step are XLA's count of each curriculum stage's compiled step
@@ -42,30 +42,24 @@ two pass ``LIMIT_BYTES``.
    The two runs read their own tasks' batches, and SpacTor's hybrid stage
    computes ``sc_loss`` on inputs with replaced tokens.
 
-Phases run in that order (the remat variants after the comparison). A phase
-starts only if the time left in ``--budget_s`` covers the longest phase of its
-kind so far (a floor before the first); a watchdog ends the process at the
-budget, with the JSON saying which phase it cut. ``--tiny`` (at ``prepare``)
+Phases run in that order (the remat variants after the comparison), under
+``time_guard``: a phase starts only if the time left in ``--budget_s`` covers
+the longest phase of its kind so far (a floor before the first); a watchdog
+ends the process at the budget, with the JSON saying which phase it cut. ``--tiny`` (at ``prepare``)
 makes every size small enough for a CPU rehearsal of a few minutes: a one-layer
 ``models/tiny.gin`` in float32 at inputs 64 / targets 16, the unscanned and
 the scanned full-remat variants, comparison runs of 4 and 8 batches.
 """
 
 import argparse
-import contextlib
 import dataclasses
-import glob
 import importlib.metadata
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import jax
@@ -76,8 +70,9 @@ from spactor_jax import console
 
 console.quiet()  # before a jax backend starts: no libtpu probe on a machine without TPUs
 import objective_step
+import prebuilt_comparison
+import time_guard
 import train_step
-from compare import budget
 from spactor_jax import errors
 from spactor_jax import gin_utils
 
@@ -192,66 +187,6 @@ def check_size(directory: str, tree: int, limit: int = LIMIT_BYTES) -> str:
 # ---------------------------------------------------------------------- run ---
 
 
-class Session:
-  """The results, written after every phase, and the time guard."""
-
-  def __init__(self, out: str, budget_s: float, first_phase_s: float):
-    self.path = os.path.join(out, 'accelerator_session.json')
-    self.results: Dict[str, Any] = {'budget_s': budget_s, 'phases': {}}
-    self.deadline = time.monotonic() + budget_s
-    self.first_phase_s = first_phase_s
-    self.longest: Dict[str, float] = {}
-    self.phase: Optional[str] = None
-    self.child: Optional[subprocess.Popen] = None
-    self._lock = threading.Lock()
-    watchdog = threading.Timer(budget_s, self._cut)
-    watchdog.daemon = True
-    watchdog.start()
-
-  def write(self) -> None:
-    with self._lock, open(self.path + '.tmp', 'w') as f:
-      json.dump(self.results, f, indent=2)
-    os.replace(self.path + '.tmp', self.path)
-
-  def _cut(self) -> None:
-    """At the budget: kills a running child's process group, records the cut
-    phase and exits the process at once."""
-    if self.child is not None and self.child.poll() is None:
-      os.killpg(self.child.pid, signal.SIGKILL)
-    self.results['cut_by_time_guard'] = self.phase
-    self.write()
-    print(f'error: the time guard stopped phase {self.phase} at the '
-          f'{self.results["budget_s"]:.0f} s budget', file=sys.stderr, flush=True)
-    os._exit(3)  # pylint: disable=protected-access
-
-  def left(self) -> float:
-    return self.deadline - time.monotonic()
-
-  @contextlib.contextmanager
-  def phase_of(self, kind: str, name: str, record: Dict[str, Any]):
-    """Runs the ``with`` body as phase ``name`` if the time left covers the
-    longest ``kind`` phase so far; records its seconds in the results, and in
-    ``record`` why it was skipped or the first line of what it raised (the
-    session goes on), then writes the results. Yields whether it runs."""
-    needed = self.longest.get(kind, self.first_phase_s)
-    if self.left() < needed:
-      record['skipped'] = f'{self.left():.0f} s left, a {kind} phase takes about {needed:.0f} s'
-      self.write()
-      yield False
-      return
-    self.phase, start = name, time.monotonic()
-    print(f'{name} ...', file=sys.stderr, flush=True)
-    try:
-      yield True
-    except Exception as exc:  # pylint: disable=broad-except  (an out-of-memory variant, say)
-      record['error'] = f'{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ""}'
-    seconds = time.monotonic() - start
-    self.longest[kind] = max(self.longest.get(kind, 0.0), seconds)
-    self.results['phases'][name] = round(seconds, 1)
-    self.phase = None
-    self.write()
-
-
 def environment(sizes: Sizes) -> Dict[str, Any]:
   """Versions, the device and the measured matmul peak (bf16 but ``--tiny``)."""
   versions = {}
@@ -322,7 +257,7 @@ def measure_variant(name: str, sizes: Sizes, scan: bool, remat: str, flops: floa
   }
 
 
-def efficiency(session: Session, sizes: Sizes, variants: Sequence[tuple]) -> None:
+def efficiency(session: time_guard.Session, sizes: Sizes, variants: Sequence[tuple]) -> None:
   """Measures ``variants`` of both objectives into ``results['efficiency']``."""
   results = session.results.setdefault('efficiency', {
       'model': sizes.model, 'model_bindings': list(sizes.model_bindings), 'dtype': sizes.dtype,
@@ -345,106 +280,14 @@ def efficiency(session: Session, sizes: Sizes, variants: Sequence[tuple]) -> Non
                                             record['flops_per_step'], peak)
 
 
-def read_scalars(directory: str) -> Dict[str, Dict[int, float]]:
-  """``{tag: {step: value}}`` of a run's train TensorBoard events, read with
-  ``tensorboard`` alone (no TensorFlow)."""
-  from tensorboard.backend.event_processing import event_file_loader
-  from tensorboard.util import tensor_util
-  scalars: Dict[str, Dict[int, float]] = {}
-  for path in sorted(glob.glob(os.path.join(directory, 'train', 'events.out.tfevents.*'))):
-    for event in event_file_loader.EventFileLoader(path).Load():
-      for value in event.summary.value:
-        scalars.setdefault(value.tag, {})[int(event.step)] = float(
-            tensor_util.make_ndarray(value.tensor))
-  return scalars
-
-
-def flops_points(scalars: Dict[str, Dict[int, float]], stage_flops: Sequence[float]
-                 ) -> List[Dict[str, float]]:
-  """Each logged step's FLOPs so far and its ``sc_loss``: a logged window never
-  spans a stage switch, so its steps cost its ``stage``'s FLOPs each."""
-  points, spent, previous = [], 0.0, 0
-  for step in sorted(scalars['stage']):
-    spent += (step - previous) * stage_flops[int(round(scalars['stage'][step]))]
-    previous = step
-    points.append({'step': step, 'flops': spent, 'sc_loss': scalars['sc_loss'][step],
-                   'loss': scalars['loss'][step]})
-  return points
-
-
-def stage_flops(name: str, spec: Dict[str, Any], directory: str, sizes: Sizes) -> List[float]:
-  """XLA's FLOPs per step of each curriculum stage of comparison run ``name``."""
-  input_dir = os.path.abspath(os.path.join(directory, spec['input']))
-  return [cost.flops for cost in budget.stage_costs(
-      [spec['gin_file'], 'runs/prebuilt.gin'],
-      [*run_bindings(sizes, name), f"PREBUILT_INPUT = '{input_dir}'"])]
-
-
-def train_run(session: Session, name: str, spec: Dict[str, Any], directory: str, steps: int,
-              sizes: Sizes, out: str, work: str) -> Dict[str, Any]:
-  """Trains ``steps`` steps of the pre-built comparison run ``name`` in a child
-  process, stopped (its process group killed) at the budget."""
-  gin_flags = [f'--gin_file={spec["gin_file"]}', '--gin_file=runs/prebuilt.gin',
-               *[f'--gin.{b}' for b in run_bindings(sizes, name)]]
-  input_dir = os.path.abspath(os.path.join(directory, spec['input']))
-  record: Dict[str, Any] = {'gin_file': spec['gin_file'], 'bindings': run_bindings(sizes, name),
-                            'steps': steps, 'stage_flops': stage_flops(name, spec, directory, sizes)}
-  model_dir = os.path.join(work, name)
-  command = [sys.executable, '-u', '-m', 'spactor_jax.train', *gin_flags,
-             f'--gin.PREBUILT_INPUT={input_dir}', f'--gin.MODEL_DIR={model_dir}',
-             f'--gin.TRAIN_STEPS={steps}', f'--gin.LOG_EVERY_STEPS={sizes.log_every_steps}',
-             f'--gin.CHECKPOINT_EVERY_STEPS={steps}']
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [common.ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
-  start = time.monotonic()
-  with open(os.path.join(out, f'train_{name}.log'), 'w') as log:
-    session.child = subprocess.Popen(command, cwd=common.ROOT, env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-    record['exit_status'] = session.child.wait()
-  record['wall_seconds'] = time.monotonic() - start
-  if record['exit_status'] == 0:
-    record['points'] = flops_points(read_scalars(model_dir), record['stage_flops'])
-  return record
-
-
-def comparison(session: Session, sizes: Sizes, directory: str, spec: Dict[str, Any],
-               out: str) -> None:
-  """SpacTor's run, then span corruption's for the steps SpacTor's FLOPs pay."""
-  results = session.results.setdefault('comparison', {
-      'measure': 'training sc_loss (per target token, a logged window\'s average) at the last '
-                 'logged step whose FLOPs do not pass the smaller run\'s total; FLOPs: XLA\'s '
-                 'count of each curriculum stage\'s step'})
-  with tempfile.TemporaryDirectory() as work:
-    record = results['spactor'] = {}
-    with session.phase_of('train', 'comparison/spactor', record) as runs:
-      if runs:
-        record.update(train_run(session, 'spactor', spec['spactor'], directory,
-                                spec['spactor']['batches'], sizes, out, work))
-    if 'points' not in record:
-      return
-    budget_flops = record['points'][-1]['flops']
-    sc_spec = spec['span_corruption']
-    record = results['span_corruption'] = {}
-    with session.phase_of('train', 'comparison/span_corruption', record) as runs:
-      if runs:
-        sc_flops, = stage_flops('span_corruption', sc_spec, directory, sizes)
-        steps = min(int(budget_flops // sc_flops), sc_spec['batches'])
-        record.update(train_run(session, 'span_corruption', sc_spec, directory, steps, sizes,
-                                out, work))
-  if 'points' in record:
-    equal = min(results[n]['points'][-1]['flops'] for n in ('spactor', 'span_corruption'))
-    results['at_equal_flops'] = {'flops': equal, **{
-        n: [p for p in results[n]['points'] if p['flops'] <= equal][-1]
-        for n in ('spactor', 'span_corruption')}}
-
-
 def run(directory: str, out: str, budget_s: float) -> Dict[str, Any]:
   """The whole ``run`` step; returns the results it wrote."""
   with open(os.path.join(directory, 'session.json')) as f:
     spec = json.load(f)
   sizes = TINY if spec['tiny'] else FULL
   os.makedirs(out, exist_ok=True)
-  session = Session(out, budget_s, sizes.first_phase_s)
+  session = time_guard.Session(os.path.join(out, 'accelerator_session.json'), budget_s,
+                               sizes.first_phase_s)
   session.results['tiny'] = spec['tiny']
   session.results['environment'] = {}
   with session.phase_of('setup', 'environment', session.results['environment']) as runs:
@@ -452,7 +295,10 @@ def run(directory: str, out: str, budget_s: float) -> Dict[str, Any]:
       session.results['environment'] = environment(sizes)
   variants = [v for v in VARIANTS if v[0] in sizes.variants]
   efficiency(session, sizes, [v for v in variants if v[2] == 'none'])
-  comparison(session, sizes, directory, spec['comparison'], out)
+  runs = {name: dict(run, bindings=run_bindings(sizes, name),
+                    input=os.path.abspath(os.path.join(directory, run['input'])))
+          for name, run in spec['comparison'].items()}
+  prebuilt_comparison.compare(session, runs, sizes.log_every_steps, out)
   efficiency(session, sizes, [v for v in variants if v[2] != 'none'])
   session.results['seqio_modules_loaded'] = sorted(
       m for m in sys.modules if m.split('.')[0] in SEQIO_PACKAGES)
