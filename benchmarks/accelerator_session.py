@@ -151,16 +151,18 @@ def prepare(directory: str, tiny: bool, wheels: Sequence[str] = WHEELS) -> Dict[
       raise errors.ConfigError(f'pre-building {gin_file} failed (exit status {status})')
     session['comparison'][name] = {'gin_file': gin_file, 'input': os.path.relpath(output, directory),
                                    'batches': batches}
-  if wheels:
-    subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps',
-                    '--only-binary=:all:', '-d', os.path.join(directory, 'wheels'), *wheels],
-                   check=True)
+  if wheels and subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps',
+                                 '--only-binary=:all:', '-d', os.path.join(directory, 'wheels'),
+                                 *wheels], check=False).returncode:
+    raise errors.ConfigError(f'pip could not download {" ".join(wheels)} (no network?); '
+                             f'remove {directory} and prepare again')
   with open(os.path.join(directory, 'session.json'), 'w') as f:
     json.dump(session, f, indent=2)
   return session
 
 
 def folder_bytes(directory: str) -> int:
+  """Bytes of the files under ``directory``."""
   return sum(os.path.getsize(os.path.join(root, name))
              for root, _, names in os.walk(directory) for name in names)
 
