@@ -3,7 +3,10 @@
 A stage's FLOPs per step are XLA's cost analysis of its compiled train step
 (forward, backward, optimizer update) for the run's global batch on one
 device, built exactly as ``spactor_jax.train`` builds it (``RunConfig`` from
-the same gin files and bindings). Held-out evaluation is not counted.
+the same gin files and bindings). Held-out evaluation is not counted. The
+batch shapes and the vocabulary come from the seqio task, or, for a run of
+a pre-built input (``runs/prebuilt.gin``), from that input, without
+TensorFlow.
 
 XLA counts a ``lax.cond`` as its costliest branch, so a step whose sparse
 vocabulary head (SpacTor's generator, SLM) holds the dense overflow pass would
@@ -23,7 +26,7 @@ from spactor_jax import generator
 from spactor_jax import gin_utils
 from spactor_jax import partitioning
 from spactor_jax import training
-from spactor_jax.data import pipeline
+from spactor_jax.data import source
 
 import common  # pylint: disable=g-bad-import-order  # benchmarks/common.py
 
@@ -52,8 +55,15 @@ def stage_costs(gin_files: Sequence[str], bindings: Sequence[str]) -> List[Stage
     gin_utils.parse_with_tasks(flags)
     config = gin_utils.call(training.RunConfig)
     family = config.model_family
-    spec = pipeline.batch_spec(config.data, family, config.batch_size)
-    vocab = pipeline.vocab_info(pipeline.task_vocabulary(config.data, family))
+    if config.data.prebuilt is None:
+      from spactor_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (seqio)
+      spec = pipeline.batch_spec(config.data, family, config.batch_size)
+      vocab = pipeline.vocab_info(pipeline.task_vocabulary(config.data, family))
+    else:
+      iterator, vocab = source.make_input(config.data, family, config.batch_size,
+                                          config.model.vocab_size)
+      spec = {name: ((config.batch_size,) + tuple(shape[1:]), dtype)
+              for name, (shape, dtype) in iterator.element_spec.items()}
     mesh = partitioning.make_mesh(partitioning.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1])
     rng = jax.random.key(0)
     costs = []
