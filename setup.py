@@ -5,7 +5,7 @@ import pathlib
 import setuptools
 
 _CORE = [
-    'jax>=0.10.2,<0.11',
+    'jax>=0.10.2,<0.12',  # 0.11 needs Python >= 3.12; tested there without TensorFlow
     'flax>=0.12.8,<0.13',
     'optax>=0.2.8,<0.3',
     'orbax-checkpoint>=0.12.8,<0.13',
@@ -37,8 +37,8 @@ setuptools.setup(
     install_requires=_CORE,
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3', 'matplotlib>=3.8'],
-        'tpu': ['jax[tpu]>=0.10.2,<0.11'],
-        'gpu': ['jax[cuda12]>=0.10.2,<0.11'],
+        'tpu': ['jax[tpu]>=0.10.2,<0.12'],
+        'gpu': ['jax[cuda12]>=0.10.2,<0.12'],
         'plots': ['matplotlib>=3.8'],
     },
     entry_points={
