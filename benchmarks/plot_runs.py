@@ -10,27 +10,17 @@ JSON.
 """
 
 import argparse
-import glob
 import json
 import os
 from typing import Dict, List, Tuple
 
 import matplotlib
-import tensorflow as tf
 
 matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+import matplotlib.pyplot as plt
 
-
-def read_scalars(model_dir: str) -> Dict[str, Dict[int, float]]:
-  """``{tag: {step: value}}`` from every event file in ``model_dir/train``."""
-  scalars: Dict[str, Dict[int, float]] = {}
-  for path in sorted(glob.glob(os.path.join(model_dir, 'train', 'events*'))):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        scalars.setdefault(value.tag, {})[event.step] = float(
-            tf.make_ndarray(value.tensor))
-  return scalars
+from compare import runs as runs_lib  # TensorBoard's event files, read without TensorFlow
 
 
 def stage_switches(stages: Dict[int, float]) -> List[int]:
@@ -44,7 +34,7 @@ def plot(runs: List[Tuple[str, str]], metric: str, out: str) -> Dict[str, dict]:
   figure, axes = plt.subplots(figsize=(7, 4))
   points = {}
   for label, model_dir in runs:
-    scalars = read_scalars(model_dir)
+    scalars = runs_lib.read_scalars(os.path.join(model_dir, 'train'))
     if metric not in scalars:
       raise SystemExit(f'error: {model_dir} has no {metric!r} summaries; '
                        f'it has {sorted(scalars)}')

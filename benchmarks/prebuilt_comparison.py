@@ -9,7 +9,6 @@ smaller run's total: in-loop held-out evaluation reads seqio, so there is
 none.
 """
 
-import glob
 import os
 import subprocess
 import sys
@@ -21,20 +20,7 @@ import common  # pylint: disable=g-bad-import-order  # puts the repository on sy
 # pylint: disable=g-import-not-at-top
 import time_guard
 from compare import budget
-
-
-def read_scalars(directory: str) -> Dict[str, Dict[int, float]]:
-  """``{tag: {step: value}}`` of a run's train TensorBoard events, read with
-  ``tensorboard`` alone (no TensorFlow)."""
-  from tensorboard.backend.event_processing import event_file_loader
-  from tensorboard.util import tensor_util
-  scalars: Dict[str, Dict[int, float]] = {}
-  for path in sorted(glob.glob(os.path.join(directory, 'train', 'events.out.tfevents.*'))):
-    for event in event_file_loader.EventFileLoader(path).Load():
-      for value in event.summary.value:
-        scalars.setdefault(value.tag, {})[int(event.step)] = float(
-            tensor_util.make_ndarray(value.tensor))
-  return scalars
+from compare import runs as runs_lib
 
 
 def flops_points(scalars: Dict[str, Dict[int, float]], stage_flops: Sequence[float]
@@ -78,7 +64,8 @@ def train_run(session: time_guard.Session, name: str, run: Dict[str, Any], steps
     record['exit_status'] = session.child.wait()
   record['wall_seconds'] = time.monotonic() - start
   if record['exit_status'] == 0:
-    record['points'] = flops_points(read_scalars(model_dir), record['stage_flops'])
+    record['points'] = flops_points(runs_lib.read_scalars(os.path.join(model_dir, 'train')),
+                                    record['stage_flops'])
   return record
 
 

@@ -183,15 +183,17 @@ def interrupt_running() -> int:
 
 
 def read_scalars(directory: str) -> Dict[str, Dict[int, float]]:
-  """``{tag: {step: value}}`` of every TensorBoard event file in ``directory``."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (slow to import)
+  """``{tag: {step: value}}`` of every TensorBoard event file in ``directory``, read with
+  ``tensorboard`` alone (no TensorFlow)."""
+  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_file_loader
+  from tensorboard.util import tensor_util
   scalars: Dict[str, Dict[int, float]] = {}
   for path in sorted(glob.glob(os.path.join(directory, 'events.out.tfevents.*'))):
-    for record in tf.data.TFRecordDataset(path):
-      event = tf.compat.v1.Event.FromString(record.numpy())
+    for event in event_file_loader.EventFileLoader(path).Load():
       for value in event.summary.value:
         scalars.setdefault(value.tag, {})[int(event.step)] = float(
-            tf.make_ndarray(value.tensor))
+            tensor_util.make_ndarray(value.tensor))
   return scalars
 
 
