@@ -170,7 +170,7 @@ def import_params(config: training.RunConfig, network: Mapping[str, np.ndarray],
   shard = seqio.ShardInfo(jax.process_index(), jax.process_count())
   iterator = pipeline.make_iterator(config.data, config.model_family, config.batch_size, shard,
                                     model_vocab_size=config.model.vocab_size)
-  batch_spec = training._global_batch_spec(iterator, jax.process_count())  # pylint: disable=protected-access
+  batch_spec = training.global_batch_spec(iterator, jax.process_count())
   stage = config.curriculum.index_of_state(step)
   trainer = config.make_trainer(stage, device_mesh, batch_spec,
                                 pipeline.vocab_info(iterator.vocabulary))

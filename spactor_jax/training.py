@@ -37,7 +37,8 @@ from spactor_jax.objectives import base
 log = logging.getLogger('spactor_jax')
 
 
-def _global_batch_spec(iterator, process_count: int) -> trainer_lib.BatchSpec:
+def global_batch_spec(iterator, process_count: int) -> trainer_lib.BatchSpec:
+  """The global batch's ``{feature: (shape, dtype)}`` from a per-process iterator's."""
   return {name: ((shape[0] * process_count,) + tuple(shape[1:]), dtype)
           for name, (shape, dtype) in iterator.element_spec.items()}
 
@@ -154,7 +155,7 @@ def train(config: RunConfig, hook: Optional[StepHook] = None) -> Optional[Dict[s
   iterator, vocab = source.make_input(config.data, config.model_family, config.batch_size,
                                       model_vocab_size=config.model.vocab_size,
                                       steps=config.total_steps)
-  batch_spec = _global_batch_spec(iterator, jax.process_count())
+  batch_spec = global_batch_spec(iterator, jax.process_count())
   checkpointer = config.checkpointer(model_dir=config.model_dir)
   logger = metrics_log.MetricLogger(config.model_dir, config.total_steps,
                                     enabled=runtime.is_main_process())

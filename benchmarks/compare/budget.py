@@ -62,8 +62,7 @@ def stage_costs(gin_files: Sequence[str], bindings: Sequence[str]) -> List[Stage
     else:
       iterator, vocab = source.make_input(config.data, family, config.batch_size,
                                           config.model.vocab_size)
-      spec = {name: ((config.batch_size,) + tuple(shape[1:]), dtype)
-              for name, (shape, dtype) in iterator.element_spec.items()}
+      spec = training.global_batch_spec(iterator, 1)  # this process reads the whole batch
     mesh = partitioning.make_mesh(partitioning.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1])
     rng = jax.random.key(0)
     costs = []
