@@ -133,8 +133,9 @@ def row_gates(results: dict, spec: specs_lib.ObjectiveSpec,
     verdicts.append(pretraining)
   task = spec.downstream_tasks[0]
   reference = cells_of(results, specs_lib.REFERENCE_ROW[spec.family])
-  if scores(cells, task):
-    verdicts.append(gates.downstream(scores(cells, task), scores(reference, task), task))
+  mine = scores(cells, task)
+  if mine:
+    verdicts.append(gates.downstream(mine, scores(reference, task), task))
   return verdicts
 
 
@@ -320,8 +321,8 @@ def notes(results: dict, baselines: Optional[dict] = None) -> List[str]:
                  '`baselines.json`): ' + '; '.join(
                      f'{task}: {record["method"]}'
                      for task, record in sorted((baselines.get('downstream') or {}).items())) +
-                 '. Count models: ' + (baselines.get('ngram_method') or
-                                       'n-gram models fit on the train split') + '.')
+                 '. Count models: n-gram models fit on the train split, ' +
+                 baselines['settings']['smoothing'] + '.')
   return lines
 
 
