@@ -117,16 +117,25 @@ class GenerateConfig:
     return prompts
 
 
-def _restore_params(run: training.RunConfig, step: Optional[int], vocab: base.VocabInfo
-                    ) -> Dict[str, Any]:
-  """The parameters of a checkpoint with a vocabulary head, and the objective of its stage."""
+def restore_params(run: training.RunConfig, step: Optional[int], vocab: base.VocabInfo, *,
+                   need_head: bool = True) -> Dict[str, Any]:
+  """The parameters of a checkpoint, and the objective of its stage.
+
+  Returns:
+    ``{'params', 'objective', 'step'}``; the network's parameters are
+    ``params['model']``.
+
+  Raises:
+    ConfigError: no checkpoint, or (``need_head``) one without a vocabulary head.
+  """
   step_dir = param_loading.ParamSource(run.model_dir, step=step).checkpoint_directory()
   step = int(step_dir.name)
   stage = run.curriculum.index_of_state(step)
   mesh = partitioning.make_mesh(run.mesh)
   spec = pipeline.batch_spec(run.data, run.model_family, run.batch_size)
   trainer = run.make_trainer(stage, mesh, spec, vocab)
-  check_has_head(trainer.abstract_state.params, run, type(trainer.objective).__name__, step)
+  if need_head:
+    check_has_head(trainer.abstract_state.params, run, type(trainer.objective).__name__, step)
   params = param_loading.restore_params(step_dir, trainer.sharded_abstract_state().params)
   log.info('restored step %d (stage %s) from %s', step, run.curriculum.stages[stage].name,
            step_dir)
@@ -212,7 +221,7 @@ def generate(run: training.RunConfig, config: GenerateConfig) -> List[str]:
   run = model_dir_lib.as_recorded(run)
   vocabulary = pipeline.task_vocabulary(run.data, run.model_family)
   vocab = pipeline.vocab_info(vocabulary)
-  restored = _restore_params(run, config.step, vocab)
+  restored = restore_params(run, config.step, vocab)
   params, objective = restored['params'], restored['objective']
   prediction = model_families.get(run.model_family).prediction
   if config.perplexity_batches:

@@ -1,0 +1,197 @@
+"""Zero-shot measures over every position of the held-out documents, and linear probes.
+
+Fine-tuning scores a few hundred test rows, too few to separate objectives
+that differ by a few points. These measures need no training of the model and
+score thousands of items, the same items for every cell of a model family, so
+two objectives can be compared item by item (``stats.paired_accuracy``):
+
+* **next token** (decoder-only models with a vocabulary head): every held-out
+  document (ids and EOS) is cut into windows of the model's length; each token
+  but a window's first is predicted from the tokens before it in the window.
+* **span filling** (encoder-decoder models with a vocabulary head): every
+  token of a window is hidden once, as a one-token span in T5's format: pass
+  ``k`` of ``stride`` replaces the window's positions ``i ≡ k (mod stride)``
+  with ``<extra_id_0>``, ``<extra_id_1>``, …; the decoder, teacher-forced on
+  ``<extra_id_0> a <extra_id_1> b … EOS``, predicts each hidden token after
+  its sentinel.
+* **linear probe** (encoder-only models): a logistic regression on frozen,
+  mean-pooled final hidden states, fitted on a task's train split, its
+  penalty chosen on the validation split, scored on the test split.
+
+Per item the record keeps correctness (packed bits) and the summed negative
+log-likelihood, so held-out loss comes from the whole split rather than its
+first batches. This module is NumPy only; ``benchmarks/zero_shot.py`` runs the
+models.
+"""
+
+import base64
+import dataclasses
+import hashlib
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from compare import baselines
+
+PROBE_PENALTIES = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """Model inputs and the positions scored.
+
+  Attributes:
+    inputs: ``[rows, in_len]`` ids: the decoder's input (next token) or the
+      encoder's input (span filling).
+    decoder_inputs: ``[rows, tgt_len]`` teacher-forced decoder ids (span
+      filling; for next token the same array as ``inputs``).
+    targets: ``[rows, tgt_len]`` ids to predict.
+    scored: ``[rows, tgt_len]`` 1 where a target is an item, else 0.
+  """
+  inputs: np.ndarray
+  decoder_inputs: np.ndarray
+  targets: np.ndarray
+  scored: np.ndarray
+
+  @property
+  def items(self) -> int:
+    return int(self.scored.sum())
+
+  def digest(self) -> str:
+    """A fingerprint of the items (their ids, in order): two cells pair only if equal."""
+    return hashlib.sha1(self.targets[self.scored == 1].astype(np.int64).tobytes()).hexdigest()
+
+
+def _windows(documents: Sequence[Sequence[int]], size: int) -> List[List[int]]:
+  if size < 2:
+    raise ValueError(f'zero-shot windows need at least 2 tokens, got {size}')
+  return [list(doc[start:start + size]) for doc in documents
+          for start in range(0, len(doc), size)]
+
+
+def next_token_batch(documents: Sequence[Sequence[int]], length: int, eos_id: int) -> Batch:
+  """Every held-out token but a window's first, predicted from its window's prefix.
+
+  Args:
+    documents: token ids per document (no EOS; it is appended).
+    length: the decoder's length.
+    eos_id: the vocabulary's EOS.
+
+  Returns:
+    ``inputs``: the window shifted right with 0 first, ``[rows, length]``.
+  """
+  windows = _windows([list(doc) + [eos_id] for doc in documents], length)
+  targets = np.zeros((len(windows), length), np.int32)
+  scored = np.zeros_like(targets)
+  for row, window in enumerate(windows):
+    targets[row, :len(window)] = window
+    scored[row, 1:len(window)] = 1
+  inputs = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
+  return Batch(inputs, inputs, targets, scored)
+
+
+def span_filling_batch(documents: Sequence[Sequence[int]], length: int, stride: int,
+                       vocab_size: int, eos_id: int) -> Batch:
+  """Every held-out token hidden once as a one-token span, ``stride`` passes per window.
+
+  Args:
+    documents: token ids per document (no EOS).
+    length: the encoder's length; a window holds ``length - 1`` tokens and EOS.
+    stride: passes per window (every ``stride``-th token is hidden in a pass).
+    vocab_size: the vocabulary's size with sentinels (``<extra_id_k>`` is
+      ``vocab_size - 1 - k``).
+    eos_id: the vocabulary's EOS.
+
+  Returns:
+    Targets ``[rows, 2 * ceil((length - 1) / stride) + 1]``: ``<extra_id_0> a
+    <extra_id_1> b … EOS``, scored at the hidden tokens.
+  """
+  if stride < 1:
+    raise ValueError(f'span filling needs a positive stride, got {stride}')
+  size = length - 1
+  spans = -(-size // stride)
+  rows = [(window, offset) for window in _windows(documents, size) for offset in range(stride)
+          if offset < len(window)]
+  inputs = np.zeros((len(rows), length), np.int32)
+  targets = np.zeros((len(rows), 2 * spans + 1), np.int32)
+  scored = np.zeros_like(targets)
+  for row, (window, offset) in enumerate(rows):
+    hidden = list(range(offset, len(window), stride))
+    sentinels = [vocab_size - 1 - k for k in range(len(hidden))]
+    masked = list(window)
+    for position, sentinel in zip(hidden, sentinels):
+      masked[position] = sentinel
+    inputs[row, :len(window) + 1] = masked + [eos_id]
+    interleaved = [token for pair in zip(sentinels, (window[p] for p in hidden)) for token in pair]
+    targets[row, :len(interleaved) + 1] = interleaved + [eos_id]
+    scored[row, 1:len(interleaved):2] = 1
+  decoder_inputs = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
+  return Batch(inputs, decoder_inputs, targets, scored)
+
+
+def item_scores(log_probs: np.ndarray, targets: np.ndarray, scored: np.ndarray
+                ) -> Dict[str, np.ndarray]:
+  """Per item, in row-major order of ``scored``: ``correct`` (the argmax is the target, 0/1)
+  and ``nll`` (``-log p(target)``).
+
+  Args:
+    log_probs: ``[rows, len, vocab]`` log-probabilities.
+    targets: ``[rows, len]`` ids.
+    scored: ``[rows, len]`` 0/1.
+  """
+  keep = scored == 1
+  chosen = np.take_along_axis(log_probs, targets[..., None].astype(np.int64), axis=-1)[..., 0]
+  correct = (np.argmax(log_probs, axis=-1) == targets).astype(np.int8)
+  return {'correct': correct[keep], 'nll': -chosen[keep].astype(np.float64)}
+
+
+def pack_bits(correct: Sequence[int]) -> str:
+  """0/1 values → base64 text (8 items a byte)."""
+  return base64.b64encode(np.packbits(np.asarray(correct, np.uint8)).tobytes()).decode('ascii')
+
+
+def unpack_bits(text: str, count: int) -> List[int]:
+  """The inverse of ``pack_bits`` for ``count`` items."""
+  bits = np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8))
+  if bits.size < count or bits.size > count + 7:
+    raise ValueError(f'{bits.size} packed bits cannot hold exactly {count} items')
+  return bits[:count].astype(int).tolist()
+
+
+def summary(name: str, batch: Batch, correct: np.ndarray, nll: np.ndarray) -> dict:
+  """The record of one measure: accuracy (%), loss (nats per item), the items."""
+  correct = np.asarray(correct)
+  return {'measure': name, 'items': int(correct.size), 'digest': batch.digest(),
+          'accuracy': round(100 * float(correct.mean()), 3),
+          'loss': round(float(np.mean(nll)), 5), 'correct': pack_bits(correct)}
+
+
+def mean_pool(hidden: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+  """``[rows, len, emb]`` hidden states → ``[rows, emb]``, averaged over non-padding tokens."""
+  mask = (np.asarray(tokens) != 0).astype(np.float64)[..., None]
+  return (np.asarray(hidden, np.float64) * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1)
+
+
+def linear_probe(train: np.ndarray, train_labels: Sequence[int], validation: np.ndarray,
+                 validation_labels: Sequence[int], test: np.ndarray,
+                 test_labels: Sequence[int]) -> dict:
+  """A logistic regression on standardised features; the penalty with the best validation
+  accuracy (the smallest on ties) is scored on the test split.
+
+  Returns:
+    ``{'l2', 'validation_accuracy', 'accuracy', 'items', 'correct'}``
+    (accuracies in %, ``correct`` packed).
+  """
+  mean, std = train.mean(axis=0), train.std(axis=0) + 1e-6
+  scale = lambda x: (np.asarray(x, np.float64) - mean) / std
+  best = None
+  for l2 in PROBE_PENALTIES:
+    model = baselines.fit_logistic(scale(train), train_labels, l2)
+    accuracy = float(np.mean(model.predict(scale(validation)) == np.asarray(validation_labels)))
+    if best is None or accuracy > best[0]:
+      best = (accuracy, l2, model)
+  correct = (best[2].predict(scale(test)) == np.asarray(test_labels)).astype(np.int8)
+  return {'measure': 'linear_probe', 'l2': best[1],
+          'validation_accuracy': round(100 * best[0], 3),
+          'accuracy': round(100 * float(correct.mean()), 3), 'items': int(correct.size),
+          'correct': pack_bits(correct)}

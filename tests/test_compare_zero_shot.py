@@ -1,0 +1,140 @@
+"""The zero-shot items (benchmarks/compare/zero_shot.py) against brute-force references."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'benchmarks'))
+from compare import zero_shot  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+EOS, VOCAB = 1, 50
+
+
+def _documents(seed=0):
+  rng = np.random.default_rng(seed)
+  return [list(rng.integers(3, 40, size=n)) for n in (1, 7, 16, 23)]
+
+
+def test_next_token_scores_every_token_but_each_window_first_from_its_prefix():
+  docs, length = _documents(), 8
+  batch = zero_shot.next_token_batch(docs, length, EOS)
+  # Reference: each document with EOS, cut into windows of 8; the (prefix, next) pairs.
+  expected = []
+  for doc in docs:
+    ids = doc + [EOS]
+    for start in range(0, len(ids), length):
+      window = ids[start:start + length]
+      expected += [(tuple(window[:i]), window[i]) for i in range(1, len(window))]
+  got = []
+  for row in range(batch.targets.shape[0]):
+    for t in np.flatnonzero(batch.scored[row]):
+      prefix = tuple(int(x) for x in batch.inputs[row, 1:t + 1])  # inputs: targets shifted right
+      got.append((prefix, int(batch.targets[row, t])))
+  assert got == expected
+  assert batch.items == sum(len(d) + 1 for d in docs) - sum(
+      -(-(len(d) + 1) // length) for d in docs)
+  assert (batch.inputs[:, 0] == 0).all()
+
+
+def test_span_filling_hides_every_token_exactly_once_in_t5_format():
+  docs, length, stride = _documents(1), 9, 3
+  batch = zero_shot.span_filling_batch(docs, length, stride, VOCAB, EOS)
+  hidden_tokens = []
+  for row in range(batch.inputs.shape[0]):
+    inputs = [int(x) for x in batch.inputs[row] if x]
+    targets = [int(x) for x in batch.targets[row] if x]
+    assert inputs[-1] == EOS and targets[-1] == EOS
+    sentinels = [x for x in inputs if x >= 40]  # document ids are below 40
+    assert sentinels == [VOCAB - 1 - k for k in range(len(sentinels))]
+    assert targets[:-1:2] == sentinels  # <extra_id_k> before each hidden token
+    fills = dict(zip(targets[:-1:2], targets[1:-1:2]))
+    # The window back: every sentinel replaced by the token after it in the targets.
+    window = [fills.get(x, x) for x in inputs[:-1]]
+    hidden_tokens.append((tuple(window), tuple(targets[1:-1:2])))
+    scored = [int(batch.targets[row, t]) for t in np.flatnonzero(batch.scored[row])]
+    assert scored == targets[1:-1:2]
+    assert (batch.decoder_inputs[row, 1:] == batch.targets[row, :-1]).all()
+  # Each window of 8 tokens appears in `stride` passes, hiding positions k, k+3, …
+  windows = [tuple(d[s:s + length - 1]) for d in docs for s in range(0, len(d), length - 1)]
+  expected = [(w, tuple(w[k::stride])) for w in windows for k in range(stride) if k < len(w)]
+  assert hidden_tokens == expected
+  assert batch.items == sum(len(d) for d in docs)
+
+
+def test_item_scores_match_a_loop():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(3, 5, 11))
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  targets = rng.integers(0, 11, size=(3, 5))
+  scored = rng.integers(0, 2, size=(3, 5))
+  out = zero_shot.item_scores(log_probs, targets, scored)
+  correct, nll = [], []
+  for r in range(3):
+    for t in range(5):
+      if scored[r, t]:
+        correct.append(int(np.argmax(logits[r, t]) == targets[r, t]))
+        nll.append(-np.log(np.exp(logits[r, t, targets[r, t]]) / np.exp(logits[r, t]).sum()))
+  assert out['correct'].tolist() == correct
+  np.testing.assert_allclose(out['nll'], nll, rtol=1e-9)
+
+
+@pytest.mark.parametrize('count', [1, 8, 13, 1000])
+def test_bits_round_trip(count):
+  values = np.random.default_rng(count).integers(0, 2, size=count).tolist()
+  assert zero_shot.unpack_bits(zero_shot.pack_bits(values), count) == values
+  with pytest.raises(ValueError, match='cannot hold'):
+    zero_shot.unpack_bits(zero_shot.pack_bits(values), count + 8)
+
+
+def test_mean_pool_ignores_padding():
+  hidden = np.arange(24, dtype=np.float64).reshape(2, 3, 4)
+  tokens = np.array([[5, 6, 0], [7, 0, 0]])
+  np.testing.assert_allclose(zero_shot.mean_pool(hidden, tokens),
+                             [hidden[0, :2].mean(0), hidden[1, 0]])
+
+
+def test_linear_probe_separates_a_linear_signal_and_not_noise():
+  rng = np.random.default_rng(3)
+  def split(n, signal):
+    x = rng.normal(size=(n, 6))
+    y = (x[:, 0] + 0.3 * rng.normal(size=n) > 0).astype(int) if signal else rng.integers(0, 2, n)
+    return x, y
+  informative = zero_shot.linear_probe(*split(400, True), *split(100, True), *split(300, True))
+  noise = zero_shot.linear_probe(*split(400, False), *split(100, False), *split(300, False))
+  assert informative['accuracy'] > 85
+  assert abs(noise['accuracy'] - 50) < 10
+  assert informative['l2'] in zero_shot.PROBE_PENALTIES
+  assert sum(zero_shot.unpack_bits(informative['correct'], 300)) == round(
+      informative['accuracy'] * 3)
+
+
+def test_next_token_loss_equals_lm_tunings_own_loss_on_the_same_windows():
+  """The CLI's per-item losses summed, against LMTuning's ``lm_loss`` sum (its own
+  cross-entropy) on the same inputs, targets and weights; a logit scale included."""
+  import types  # pylint: disable=g-import-not-at-top
+  import jax
+  import zero_shot as cli  # benchmarks/zero_shot.py
+  from spactor_jax import basics, network
+  from spactor_jax.objectives import headless
+  config = network.TransformerConfig(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8,
+                                     num_encoder_layers=0, num_decoder_layers=1, mlp_dim=32)
+  objective = headless.LMTuning(config=config, vocab=basics.VocabInfo(64, num_sentinels=0),
+                                logit_scale=0.5)
+  docs = [list(np.random.default_rng(i).integers(3, 60, size=n)) for i, n in enumerate((5, 30))]
+  batch = zero_shot.next_token_batch(docs, 16, EOS)
+  features = {'decoder_input_tokens': batch.inputs, 'decoder_target_tokens': batch.targets,
+              'decoder_loss_weights': batch.scored}
+  variables = objective.init(jax.random.key(0), features, objective.denominators(features),
+                             enable_dropout=False)
+  _, metrics = objective.apply(variables, features, objective.denominators(features),
+                               enable_dropout=False)
+  expected_sum, count = (float(x) for x in metrics['lm_loss'])
+  run = types.SimpleNamespace(model=config, data=types.SimpleNamespace(
+      task_feature_lengths={'targets': 16}))
+  record = cli.next_token(run, variables['params']['model'], 0.5, docs,
+                          types.SimpleNamespace(eos_id=EOS), types.SimpleNamespace(batch=2))
+  assert record['items'] == count == batch.items
+  np.testing.assert_allclose(record['loss'] * count, expected_sum, rtol=1e-4)
