@@ -1,5 +1,6 @@
 """The zero-shot items (benchmarks/compare/zero_shot.py) against brute-force references."""
 
+import json
 import os
 import sys
 
@@ -138,3 +139,21 @@ def test_next_token_loss_equals_lm_tunings_own_loss_on_the_same_windows():
                           types.SimpleNamespace(eos_id=EOS), types.SimpleNamespace(batch=2))
   assert record['items'] == count == batch.items
   np.testing.assert_allclose(record['loss'] * count, expected_sum, rtol=1e-4)
+
+
+def test_zero_shot_table_pairs_items_and_refuses_other_items(tmp_path, capsys):
+  import zero_shot_table  # benchmarks/zero_shot_table.py
+  rng = np.random.default_rng(4)
+  correct = {(name, seed): rng.integers(0, 2, size=500) for name in ('a', 'b') for seed in (0, 1)}
+  for (name, seed), bits in correct.items():
+    record = {'measure': 'next_token', 'items': 500, 'digest': 'same', 'loss': 3.0 + seed,
+              'accuracy': 100 * bits.mean(), 'correct': zero_shot.pack_bits(bits)}
+    (tmp_path / f'{name}_seed{seed}.json').write_text(json.dumps(record))
+  text = zero_shot_table.main([str(tmp_path), '--versus', 'a:b'])
+  delta = 100 * np.mean([correct['a', s].mean() - correct['b', s].mean() for s in (0, 1)])
+  assert f'a − b: accuracy {delta:+.2f} [' in text
+  assert 'paired over 500 items × 2 seeds' in text
+  record['digest'] = 'other'
+  (tmp_path / 'b_seed1.json').write_text(json.dumps(record))
+  with pytest.raises(SystemExit, match='digests differ'):
+    zero_shot_table.main([str(tmp_path), '--versus', 'a:b'])
