@@ -19,7 +19,12 @@ cell:
    share of the steps, and the run stops at the last step that fits the
    budget. Held-out evaluation runs 8 times; its metrics are read back from
    the TensorBoard event files against FLOPs.
-2. **Fine-tuning** of the checkpoint on the offline downstream tasks with one
+2. **Zero-shot measures** of the checkpoint (``benchmarks/zero_shot.py``:
+   next-token or one-token span filling over every token of the held-out
+   documents, or a linear probe of an encoder's frozen features), stored
+   item by item so that two rows pair on the same items
+   (``--no_zero_shot``: skipped).
+3. **Fine-tuning** of the checkpoint on the offline downstream tasks with one
    shared recipe (``python -m spactor_jax.finetune``, ``--finetune_steps``
    steps, the route of the model family: encoder-decoder → text-to-text
    ``pdtext_continuation`` and ``pdtext_last_word``; encoder → the CLS head on
@@ -76,6 +81,7 @@ from spactor_jax import metrics_log
 
 DEFAULT_BUDGET = 2e12  # FLOPs per cell: 112 steps of the span-corruption quickstart.
 DEFAULT_FINETUNE_STEPS = 100
+ZERO_SHOT = 'zero_shot'  # the phase after pre-training; its record is the cell's 'zero_shot'
 DEFAULT_BASELINES = os.path.join(common.ROOT, 'benchmarks', 'results', 'compare', 'baselines.json')
 RESULTS = 'results.json'
 COMPILATION_CACHE = 'jax_cache'  # JAX's persistent compilation cache, shared by the cells
@@ -105,6 +111,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--finetune_steps', type=int, default=DEFAULT_FINETUNE_STEPS,
                       help='fine-tuning steps per task (one recipe for all)')
   parser.add_argument('--no_finetune', action='store_true', help='pre-train and evaluate only')
+  parser.add_argument('--no_zero_shot', action='store_true',
+                      help='skip the zero-shot measures of the checkpoints')
   parser.add_argument('--jobs', type=int, default=1,
                       help='cells run at once (their wall times then include the contention)')
   parser.add_argument('--gin', action='append', default=[], metavar='NAME=VALUE',
@@ -217,6 +225,25 @@ def pretrain(cell: dict, spec: specs_lib.ObjectiveSpec, stage_flops: Sequence[fl
   return record
 
 
+def zero_shot(cell: dict, spec: specs_lib.ObjectiveSpec, out: str, extra: Sequence[str],
+              bar: progress_lib.Progress, key: str) -> dict:
+  """The zero-shot measure of one cell's checkpoint; returns its record (the items packed)."""
+  model_dir = cell['pretrain']['model_dir']
+  path = os.path.join(os.path.dirname(model_dir), 'zero_shot.json')
+  command = runs.zero_shot_command(spec, model_dir, cell['stage_steps'], cell['seed'], path, extra)
+  bar.update(key, 0.0, f'{spec.name} seed {cell["seed"]}: {spec.zero_shot}')
+  outcome = runs.run_logged(
+      command, os.path.join(out, 'logs', f'{spec.name}_seed{cell["seed"]}_zero_shot.log'),
+      os.path.join(out, COMPILATION_CACHE))
+  record = {'log': outcome.log, 'wall_s': round(outcome.wall_s, 1), 'command': command}
+  if outcome.returncode != 0 or not os.path.exists(path):
+    record.update(status='failed', error=outcome.error or f'no {path} written')
+  else:
+    with open(path) as f:
+      record.update({k: v for k, v in json.load(f).items() if k != 'model_dir'}, status='done')
+  return record
+
+
 def finetune(cell: dict, spec: specs_lib.ObjectiveSpec, task: str, steps: int, out: str,
              model_bindings: Sequence[str], bar: progress_lib.Progress, key: str) -> dict:
   """Fine-tunes one cell's checkpoint (a reference row: a fresh initialisation) on ``task``
@@ -258,7 +285,8 @@ class CellRunner:
       save_results(self.results, self.path)
 
   def run(self, cell: dict, spec: specs_lib.ObjectiveSpec, phases: Sequence[Optional[str]]):
-    """Runs ``phases`` of ``cell`` (``None``: pre-training; a task: fine-tuning on it)."""
+    """Runs ``phases`` of ``cell`` (``None``: pre-training; ``ZERO_SHOT``; a task:
+    fine-tuning on it)."""
     stage_flops = [s['flops'] for s in self.results['stage_flops'].get(spec.name, [])]
     name = f'{spec.name} seed {cell["seed"]}'
     for task in phases:
@@ -277,7 +305,13 @@ class CellRunner:
                   if record['status'] == 'done' else record['error'])
         message = f'{name}: pre-training {record["status"]} ({detail})'
       elif (cell.get('pretrain') or {}).get('status') != 'done':
-        message = f'{name}: fine-tuning on {task} skipped (pre-training failed)'
+        message = f'{name}: {task} skipped (pre-training failed)'
+      elif task == ZERO_SHOT:
+        record = zero_shot(cell, spec, self.args.runs_dir, self.args.gin, self.bar, key)
+        self._record(cell, lambda c, r=record: c.__setitem__(ZERO_SHOT, r))
+        message = (f'{name}: {spec.zero_shot} {record["status"]} (' +
+                   (f'accuracy {record["accuracy"]:.2f}% over {record["items"]} items'
+                    if record['status'] == 'done' else record['error']) + ')')
       else:
         record = finetune(cell, spec, task, self.args.finetune_steps, self.args.runs_dir,
                           self.model_bindings, self.bar, key)
@@ -336,7 +370,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       cell = results['cells'].setdefault(f'{spec.name}/{seed}',
                                          {'objective': spec.name, 'seed': seed})
       cell['stage_steps'] = plans[spec.name]
-      phases = [None] + ([] if args.no_finetune else list(spec.downstream_tasks))
+      phases = ([None] + ([ZERO_SHOT] if spec.zero_shot and not args.no_zero_shot else []) +
+                ([] if args.no_finetune else list(spec.downstream_tasks)))
       pending = [p for p in phases if not _finished(cell, p)]
       finished += len(phases) - len(pending)
       if pending:
@@ -385,7 +420,12 @@ def rewrite_report(path: str, baselines: Optional[dict]) -> dict:
 
 
 def _finished(cell: dict, phase: Optional[str]) -> bool:
-  record = cell.get('pretrain') if phase is None else (cell.get('finetune') or {}).get(phase)
+  if phase is None:
+    record = cell.get('pretrain')
+  elif phase == ZERO_SHOT:
+    record = cell.get(ZERO_SHOT)
+  else:
+    record = (cell.get('finetune') or {}).get(phase)
   return (record or {}).get('status') == 'done'
 
 

@@ -24,6 +24,7 @@ from compare import budget
 from compare import report
 from compare import runs
 from compare import specs
+from compare import zero_shot
 
 # XLA FLOPs per train step of each stage at the quickstart sizes, as
 # budget.stage_costs counted them once (causal_lm's is LMTuning's step, as in the
@@ -213,6 +214,16 @@ def test_table_plots_and_json_are_written(comparison):
   assert lm_row[1] == ' + '.join(str(s) for s in results['cells']['headless_causal_lm/0'][
       'stage_steps'])
   assert specs.BY_NAME['headless_causal_lm'].claim in table
+  # Each checkpoint's zero-shot measure: every held-out token once, its bits and accuracy
+  # agreeing, and the table's zero-shot section showing both rows.
+  for name, measure in (('span_corruption', 'span_filling'), ('headless_causal_lm', 'next_token')):
+    record = results['cells'][f'{name}/0']['zero_shot']
+    assert record['status'] == 'done', record.get('error')
+    assert record['measure'] == measure and record['items'] > 10000
+    assert record['step'] == runs.last_step(os.path.join(out, 'runs', name, 'seed0', 'pretrain'))
+    bits = zero_shot.unpack_bits(record['correct'], record['items'])
+    assert record['accuracy'] == pytest.approx(100 * np.mean(bits), abs=1e-3)
+    assert f'| {name} | {measure} | {record["items"]} | {record["accuracy"]:.2f} (1 seed)' in table
   # The held-out curve is read against FLOPs: its last point is the run's FLOPs.
   curve = results['cells']['span_corruption/0']['pretrain']['heldout']['curve']
   assert [p[0] for p in curve] == sorted(heldout)
@@ -225,7 +236,7 @@ def test_a_second_run_skips_finished_cells(comparison, capsys):
   logs = {name: os.path.getsize(os.path.join(out, 'logs', name))
           for name in os.listdir(os.path.join(out, 'logs'))}
   again = compare_objectives.main(['--out', out, *ARGS])
-  assert '0 phases to run (2 recorded as done' in capsys.readouterr().err
+  assert '0 phases to run (4 recorded as done' in capsys.readouterr().err  # + zero-shot
   assert {name: os.path.getsize(os.path.join(out, 'logs', name)) for name in logs} == logs
   assert again['cells'] == results['cells']
 

@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from compare import gates
 from compare import specs as specs_lib
 from compare import stats
+from compare import zero_shot
 
 SC_METRIC = 'heldout_sc_loss'
 
@@ -453,6 +454,27 @@ def plot_downstream(results: dict, selected: Sequence[specs_lib.ObjectiveSpec],
   plt.close(figure)
 
 
+def zero_shot_section(results: dict, selected: Sequence[specs_lib.ObjectiveSpec]) -> List[str]:
+  """The zero-shot table (``compare/zero_shot.py``) of the rows that have records, each row
+  against its claim's baseline when that has records too; nothing when no row has one."""
+  records = {}
+  for spec in selected:
+    done = {c['seed']: c['zero_shot'] for c in cells_of(results, spec.name)
+            if (c.get('zero_shot') or {}).get('status') == 'done'}
+    if done:
+      records[spec.name] = done
+  if not records:
+    return []
+  versus = [f'{spec.name}:{spec.baseline}' for spec in selected
+            if spec.name in records and spec.baseline in records]
+  return ['', '## Zero-shot measures over every held-out token', '',
+          zero_shot.table(records, versus), '',
+          '- Next token (decoders) and one-token span filling (T5) score every token of the '
+          'held-out documents; the linear probe (encoders) scores the probe task\'s test rows. '
+          'Accuracy differences are paired over the same items and the seeds both rows have '
+          '(exact McNemar p, item bootstrap interval); losses by Welch\'s interval over seeds.']
+
+
 def write(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out_dir: str,
           baselines: Optional[dict] = None) -> Dict[str, str]:
   """Writes ``results.md``, ``heldout_vs_flops.png`` and ``downstream.png``; returns their paths."""
@@ -464,6 +486,7 @@ def write(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out_dir: s
   text = ['# Objectives at equal FLOPs', '',
           'Commands: ' + '; '.join(f'`{command}`' for command in commands), '',
           table(results, selected, baselines), '', *notes(results, baselines)]
+  text += zero_shot_section(results, selected)
   text += ['', '![held-out metric against FLOPs](heldout_vs_flops.png)', '',
            '![downstream scores](downstream.png)', '']
   with open(paths['table'], 'w') as f:

@@ -90,6 +90,15 @@ def pretrain_command(spec: specs_lib.ObjectiveSpec, model_dir: str, stage_steps:
           gin_flags(pretrain_bindings(spec, stage_steps, seed)) + gin_flags(extra))
 
 
+def zero_shot_command(spec: specs_lib.ObjectiveSpec, model_dir: str, stage_steps: Sequence[int],
+                      seed: int, out: str, extra: Sequence[str] = ()) -> List[str]:
+  """``benchmarks/zero_shot.py`` on a cell's pre-trained checkpoint, with the run's own gin
+  file and bindings; the record goes to ``out``."""
+  return ([sys.executable, os.path.join(REPO, 'benchmarks', 'zero_shot.py'), '--out', out,
+           f'--gin_file={spec.gin_file}', f'--gin.MODEL_DIR={model_dir}'] +
+          gin_flags(pretrain_bindings(spec, stage_steps, seed)) + gin_flags(extra))
+
+
 def finetune_command(spec: specs_lib.ObjectiveSpec, task: str, init_dir: Optional[str],
                      model_dir: str, steps: int, seed: int, model_bindings: Sequence[str] = ()
                      ) -> List[str]:

@@ -67,6 +67,16 @@ class ObjectiveSpec:
   def downstream_tasks(self) -> Tuple[str, ...]:
     return DOWNSTREAM_TASKS[self.family]
 
+  @property
+  def zero_shot(self) -> Optional[str]:
+    """The zero-shot measure of the row's checkpoint (``benchmarks/zero_shot.py``):
+    ``next_token`` (decoders), ``span_filling`` (encoder-decoders with a vocabulary
+    head), ``linear_probe`` (encoders); ``None`` for a reference row or a headless T5."""
+    if not self.pretrained or (self.family == ENCODER_DECODER and self.finetune_headless):
+      return None
+    return {DECODER: 'next_token', ENCODER_DECODER: 'span_filling',
+            ENCODER: 'linear_probe'}[self.family]
+
 
 _SPACTOR_CLAIM = ('same downstream quality as SC with 50% of the steps and 60% of the FLOPs '
                   '(so at least SC\'s at equal FLOPs)')

@@ -20,8 +20,8 @@ two objectives can be compared item by item (``stats.paired_accuracy``):
 
 Per item the record keeps correctness (packed bits) and the summed negative
 log-likelihood, so held-out loss comes from the whole split rather than its
-first batches. This module is NumPy only; ``benchmarks/zero_shot.py`` runs the
-models.
+first batches; ``table`` sets rows side by side with paired differences. This
+module is NumPy only; ``benchmarks/zero_shot.py`` runs the models.
 """
 
 import base64
@@ -32,6 +32,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from compare import baselines
+from compare import stats
 
 PROBE_PENALTIES = (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -195,3 +196,51 @@ def linear_probe(train: np.ndarray, train_labels: Sequence[int], validation: np.
           'validation_accuracy': round(100 * best[0], 3),
           'accuracy': round(100 * float(correct.mean()), 3), 'items': int(correct.size),
           'correct': pack_bits(correct)}
+
+
+def _summary(values: Sequence[float], digits: int) -> str:
+  if len(values) == 1:
+    return f'{values[0]:.{digits}f} (1 seed)'
+  return f'{stats.mean_interval(values).format(digits)} ({len(values)} seeds)'
+
+
+def difference(mine: Dict[int, dict], base: Dict[int, dict]) -> List[str]:
+  """Accuracy (paired) and loss (Welch) of ``mine`` − ``base``."""
+  digests = {r['digest'] for r in [*mine.values(), *base.values()]}
+  if len(digests) != 1:
+    raise ValueError('the records score different items (digests differ); compare records of '
+                     'one model family and one held-out split')
+  seeds = sorted(set(mine) & set(base))
+  bits = lambda record: unpack_bits(record['correct'], record['items'])
+  accuracy = stats.paired_accuracy([bits(mine[s]) for s in seeds], [bits(base[s]) for s in seeds])
+  parts = [f'accuracy {accuracy.format(2)} (paired over {accuracy.n[1]} items × '
+           f'{len(seeds)} seeds)']
+  losses = [[r['loss'] for r in side.values()] for side in (mine, base)]
+  if min(map(len, losses)) >= 2:
+    parts.append(f'loss {stats.welch(*losses).format(3)} (Welch, seeds)')
+  return parts
+
+
+def table(records: Dict[str, Dict[int, dict]], versus: Sequence[str]) -> str:
+  """Markdown: per objective its measure, items, accuracy and loss over seeds; then each
+  ``'A:B'`` of ``versus`` as a difference A − B.
+
+  Raises:
+    ValueError: a pair names an objective without records, or records of other items.
+  """
+  lines = ['| objective | measure | items | accuracy % | loss (nats / item) |',
+           '|---|---|---|---|---|']
+  for name, by_seed in records.items():
+    first = next(iter(by_seed.values()))
+    lines.append(f'| {name} | {first["measure"]} | {first["items"]} | ' +
+                 _summary([r['accuracy'] for r in by_seed.values()], 2) + ' | ' +
+                 _summary([r['loss'] for r in by_seed.values()], 3) + ' |')
+  if versus:
+    lines.append('')
+  for pair in versus:
+    mine, _, base = pair.partition(':')
+    if mine not in records or base not in records:
+      missing = mine if mine not in records else base
+      raise ValueError(f'{pair}: no records of {missing}; there are {", ".join(records)}')
+    lines.append(f'- {mine} − {base}: ' + '; '.join(difference(records[mine], records[base])))
+  return '\n'.join(lines)
