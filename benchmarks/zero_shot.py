@@ -38,6 +38,7 @@ from compare import zero_shot
 from spactor_jax import errors
 from spactor_jax import generate
 from spactor_jax import gin_utils
+from spactor_jax import model_families
 from spactor_jax import model_dir as model_dir_lib
 from spactor_jax import network
 from spactor_jax import runtime
@@ -140,20 +141,24 @@ def linear_probe(run, params, args) -> dict:
           'task': args.probe_task}
 
 
+# How each kind of model is measured, by its family's ``prediction`` (model_families.py).
+MEASURES = {'continue': next_token, 'fill': span_filling}
+
+
 def measure(run: training.RunConfig, args: argparse.Namespace) -> dict:
   """The record of the run's last checkpoint."""
   run = model_dir_lib.as_recorded(run)
   vocabulary = pipeline.task_vocabulary(run.data, run.model_family)
   vocab = pipeline.vocab_info(vocabulary)
-  restored = generate.restore_params(run, None, vocab, need_head=run.model_family != 'encoder')
+  prediction = model_families.get(run.model_family).prediction
+  restored = generate.restore_params(run, None, vocab, need_head=prediction is not None)
   params = restored['params']['model']
-  scale = float(getattr(restored['objective'], 'logit_scale', 1.0))
-  if run.model_family == 'encoder':
+  if prediction is None:  # encoder-only: no text out, a probe of its features.
     record = linear_probe(run, params, args)
   else:
     documents = held_out_documents(run, vocabulary)
-    measure_fn = next_token if run.model_family == 'decoder' else span_filling
-    record = {**measure_fn(run, params, scale, documents, vocabulary, args),
+    scale = float(getattr(restored['objective'], 'logit_scale', 1.0))
+    record = {**MEASURES[prediction](run, params, scale, documents, vocabulary, args),
               'documents': len(documents)}
   return {**record, 'step': restored['step'], 'model_dir': run.model_dir}
 
