@@ -105,7 +105,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help=f'training FLOPs per cell (XLA count; default {DEFAULT_BUDGET:g} '
                       'or the preset\'s)')
   parser.add_argument('--seeds', default='1',
-                      help='N: seeds 0 .. N-1 per objective; or a comma-separated list of seeds')
+                      help='N: seeds 0 .. N-1 per objective; or a comma-separated list of '
+                      'seeds ("3,": seed 3 alone)')
   parser.add_argument('--objectives', default='',
                       help='comma-separated subset of: ' + ','.join(specs_lib.BY_NAME))
   parser.add_argument('--finetune_steps', type=int, default=DEFAULT_FINETUNE_STEPS,
@@ -123,9 +124,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
   except ValueError:
     parser.error(f'--seeds={args.seeds!r}: give a count N or a list of seeds like 0,1,2')
-  args.seeds = list(range(seeds[0])) if ',' not in args.seeds and seeds else seeds
+  text, args.seeds = args.seeds, (list(range(seeds[0])) if ',' not in args.seeds and seeds
+                                   else seeds)
   if not args.seeds or min(args.seeds) < 0:
-    parser.error('--seeds: give a positive count or non-negative seeds')
+    parser.error(f'--seeds={text!r}: one number is a count N (seeds 0 .. N-1; for '
+                 'seed 0 alone give 1), a list names seeds (0,1 or 3, for seed 3 alone); '
+                 'seeds are non-negative')
   if args.preset and (args.objectives or args.seeds != [0]):
     parser.error('--preset chooses the objectives and seeds; drop --objectives and --seeds')
   preset = specs_lib.PRESETS.get(args.preset)

@@ -86,6 +86,13 @@ def test_a_difference_is_read_with_its_interval_and_test():
   p = scipy_stats.binomtest(wins, wins + losses).pvalue
   text = report.difference(ahead, base, 'acc', 'mlm', mine, theirs)
   assert text.endswith(f'p = {p:.2g} vs mlm (paired over 50 items × 1 seeds)'), text
+  # Two seeds in common: also the paired t test of the per-seed accuracies.
+  theirs[0] = [0] * 50
+  paired = scipy_stats.ttest_rel([100 * np.mean(mine[s]) for s in (0, 1)],
+                                 [100 * np.mean(theirs[s]) for s in (0, 1)])
+  text = report.difference(ahead, base, 'acc', 'mlm', mine, theirs)
+  assert '(paired over 50 items × 2 seeds; across seeds ' in text, text
+  assert text.endswith(f'p = {paired.pvalue:.2g})'.replace('-', '\u2212')), text
   assert report.difference([0.6], base, 'acc', 'mlm').endswith('(one seed: no interval)')
   assert report.difference([], base, 'acc', 'mlm') is None
   interval = scipy_stats.t.interval(0.95, 2, np.mean(base), scipy_stats.sem(base))
@@ -276,6 +283,16 @@ def test_finetune_phase_scores_a_checkpoint_from_its_finetune_metrics(comparison
   assert results['cells']['scratch_decoder/0']['pretrain']['steps'] == 0
   assert 'scratch_decoder' not in results['stage_flops']
   assert not os.path.exists(os.path.join(out, 'runs', 'scratch_decoder', 'seed0', 'pretrain'))
+
+
+def test_seeds_are_a_count_or_a_list(capsys):
+  parse = lambda seeds: compare_objectives.parse_args(
+      ['--out', 'unused', '--objectives', 'mlm', '--seeds', seeds]).seeds
+  assert (parse('3'), parse('3,'), parse('1,4')) == ([0, 1, 2], [3], [1, 4])
+  with pytest.raises(SystemExit):
+    parse('0')
+  assert "--seeds='0': one number is a count N (seeds 0 .. N-1; for seed 0 alone give 1)" in (
+      capsys.readouterr().err)
 
 
 @pytest.mark.parametrize('name', sorted(specs.PRESETS))

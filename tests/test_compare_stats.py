@@ -35,6 +35,12 @@ def test_welch_without_variance_is_exact():
   assert (point.estimate, point.low, point.high, point.p) == (1.0, 1.0, 1.0, 0.0)
 
 
+def test_paired_seeds_without_spread_is_exact():
+  point = stats.paired_seeds([2.0, 3.0], [1.0, 2.0])
+  assert (point.estimate, point.low, point.high, point.p) == (1.0, 1.0, 1.0, 0.0)
+  assert stats.paired_seeds([2.0, 3.0], [2.0, 3.0]).p == 1.0
+
+
 def test_mean_interval_matches_scipy():
   values = [4.25, 4.31, 4.19, 4.40]
   got = stats.mean_interval(values)
@@ -43,6 +49,35 @@ def test_mean_interval_matches_scipy():
   assert got.estimate == pytest.approx(np.mean(values))
   assert (got.low, got.high) == pytest.approx((low, high), rel=1e-12)
   assert got.p is None and got.n == (4,)
+
+
+@pytest.mark.parametrize('a,b', [
+    ([8.06, 7.62, 4.00], [4.27, 4.76, 4.99]),
+    ([51.0, 55.3, 49.7, 52.0, 50.1], [50.0, 51.3, 53.7, 49.0, 50.3]),
+])
+def test_paired_seeds_matches_scipy(a, b):
+  got = stats.paired_seeds(a, b)
+  reference = scipy_stats.ttest_rel(a, b)
+  ci = reference.confidence_interval(confidence_level=0.95)
+  assert got.estimate == pytest.approx(np.mean(a) - np.mean(b), abs=1e-12)
+  assert got.p == pytest.approx(reference.pvalue, rel=1e-9)
+  assert (got.low, got.high) == pytest.approx((ci.low, ci.high), rel=1e-9)
+  assert got.n == (len(a),)
+
+
+def test_paired_seeds_is_wider_than_pooled_items_when_seeds_disagree():
+  # Arm a beats b by 10 points on seed 0 and loses by 8 on seed 1: pooled over
+  # items the +1 point reads as significant, across seeds it does not.
+  rng = np.random.default_rng(0)
+  b = (rng.random((2, 4000)) < 0.5).astype(int)
+  a = b.copy()
+  a[0, np.flatnonzero(b[0] == 0)[:400]] = 1
+  a[1, np.flatnonzero(b[1] == 1)[:320]] = 0
+  pooled = stats.paired_accuracy(a, b)
+  seeds = stats.paired_seeds(100 * a.mean(axis=1), 100 * b.mean(axis=1))
+  assert pooled.estimate == pytest.approx(seeds.estimate)
+  assert pooled.p < 0.01 and pooled.low > 0
+  assert seeds.p > 0.5 and seeds.low < 0 < seeds.high
 
 
 @pytest.mark.parametrize('wins,losses', [(0, 0), (7, 2), (2, 7), (15, 15), (30, 12), (0, 9)])
@@ -123,6 +158,8 @@ def test_format():
     (lambda: stats.welch([1.0, float('nan')], [1.0, 2.0]), 'non-finite'),
     (lambda: stats.welch([1.0, 2.0], [1.0, 2.0], confidence=1.0), 'between 0 and 1'),
     (lambda: stats.mean_interval([4.2]), 'at least 2 values'),
+    (lambda: stats.paired_seeds([1.0, 2.0, 3.0], [1.0, 2.0]), '3 seeds but b 2'),
+    (lambda: stats.paired_seeds([1.0], [2.0]), 'at least 2 values'),
     (lambda: stats.paired_accuracy([[1, 0]], [[1, 0], [0, 1]]), '1 seeds x 2 items but b 2'),
     (lambda: stats.paired_accuracy([[1, 0, 1]], [[1, 0]]), 'pair the same seeds'),
     (lambda: stats.paired_accuracy([[1, 0], [1]], [[1, 0], [1, 1]]), 'different numbers'),

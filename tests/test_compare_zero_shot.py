@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'benchmarks'))
@@ -153,6 +154,11 @@ def test_zero_shot_table_pairs_items_and_refuses_other_items(tmp_path, capsys):
   delta = 100 * np.mean([correct['a', s].mean() - correct['b', s].mean() for s in (0, 1)])
   assert f'a − b: accuracy {delta:+.2f} [' in text
   assert 'paired over 500 items × 2 seeds' in text
+  seeds = scipy_stats.ttest_rel([100 * correct['a', s].mean() for s in (0, 1)],
+                                [100 * correct['b', s].mean() for s in (0, 1)])
+  low, high = seeds.confidence_interval()
+  assert (f'across seeds {delta:+.2f} [{low:+.2f}, {high:+.2f}], p = {seeds.pvalue:.2g} '
+          '(paired t, 2 seeds)').replace('-', '\u2212') in text
   record['digest'] = 'other'
   (tmp_path / 'b_seed1.json').write_text(json.dumps(record))
   with pytest.raises(SystemExit, match='digests differ'):

@@ -101,7 +101,8 @@ def difference(mine: Sequence[float], base: Sequence[float], what: str, baseline
   """``what Δ [95% CI], p vs baseline (method)``: the difference of means and its test.
 
   Per-item results of the same seeds on both sides give the paired test
-  (``stats.paired_accuracy``, items pooled over those seeds); otherwise
+  (``stats.paired_accuracy``, items pooled over those seeds, and with two seeds or
+  more ``stats.paired_seeds``, which also sees the spread between seeds); otherwise
   Welch's interval over seeds, which needs two seeds a side.
   """
   if not mine or not base:
@@ -111,6 +112,10 @@ def difference(mine: Sequence[float], base: Sequence[float], what: str, baseline
     interval = stats.paired_accuracy([mine_items[s] for s in seeds],
                                      [base_items[s] for s in seeds])
     how = f'paired over {interval.n[1]} items × {len(seeds)} seeds'
+    if len(seeds) >= 2:
+      spread = stats.paired_seeds([100 * statistics.fmean(mine_items[s]) for s in seeds],
+                                  [100 * statistics.fmean(base_items[s]) for s in seeds])
+      how += f'; across seeds {spread.format(3)}'
   elif min(len(mine), len(base)) >= 2:
     interval = stats.welch(mine, base)
     how = f'Welch, {len(mine)} vs {len(base)} seeds'
@@ -297,7 +302,10 @@ def notes(results: dict, baselines: Optional[dict] = None) -> List[str]:
       '- Differences (*measured vs baseline*): Δ of the means with a 95% interval and a '
       'two-sided p. Downstream, when both rows stored their test predictions: paired over the '
       'same test items (pooled over the seeds both have; exact McNemar p, item bootstrap '
-      'interval); otherwise, and for held-out losses, Welch\'s interval over seeds.',
+      'interval), then *across seeds*: the paired t interval of the per-seed differences, '
+      'which also sees how much a difference changes from one seed to the next; otherwise, '
+      'and for held-out losses, Welch\'s interval over seeds. A difference holds for the '
+      'objective only when both intervals exclude zero.',
       '- Gates (`compare/gates.py`): a pre-trained row must leave its trivial phase — held-out '
       'loss below the trigram count model\'s (masked-LM losses: below the unigram\'s), RTD '
       'recall ≥ 0.3, COCO-LM\'s copy head above answering "original" by 0.3 of the replaced '
@@ -472,7 +480,8 @@ def zero_shot_section(results: dict, selected: Sequence[specs_lib.ObjectiveSpec]
           '- Next token (decoders) and one-token span filling (T5) score every token of the '
           'held-out documents; the linear probe (encoders) scores the probe task\'s test rows. '
           'Accuracy differences are paired over the same items and the seeds both rows have '
-          '(exact McNemar p, item bootstrap interval); losses by Welch\'s interval over seeds.']
+          '(exact McNemar p, item bootstrap interval), then across seeds (paired t over the '
+          'per-seed accuracies); losses by Welch\'s interval over seeds.']
 
 
 def write(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out_dir: str,

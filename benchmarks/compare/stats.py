@@ -5,6 +5,9 @@
 * ``paired_accuracy``: difference of two accuracies on the same test items
   (per-item 0/1 correctness, one list per seed) with the exact McNemar
   p-value and a paired bootstrap interval over items.
+* ``paired_seeds``: difference of two arms' per-seed scores, seeds paired by
+  position, with the paired t interval and p-value: the seed-to-seed spread
+  that pooling items over seeds leaves out.
 * ``mean_interval``: one arm's mean with its t interval.
 
 Every function returns an ``Interval``; ``Interval.format`` writes
@@ -113,6 +116,43 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> I
   p = float(2 * scipy_stats.t.sf(abs(delta) / se, df))
   half = float(scipy_stats.t.ppf((1 + confidence) / 2, df)) * se
   return Interval(delta, delta - half, delta + half, min(p, 1.0), n, confidence, method)
+
+
+def paired_seeds(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Interval:
+  """``mean(a[s] - b[s])`` over seeds paired by position, with the paired t interval
+  ``mean ± t·s/√n`` of the per-seed differences and its two-sided p-value.
+
+  Items pooled over seeds (``paired_accuracy``) say whether *these* trained models
+  differ; a difference that holds for the objective must also exceed the spread from
+  one seed to the next, which only this test sees. Seed ``s`` of both arms shares its
+  data order, hence the pairing. Zero spread: the interval is the point and p is 1
+  when the difference is 0, else 0.
+
+  Args:
+    a: one score per seed (e.g. an accuracy in percent).
+    b: the other arm's scores of the same seeds, in the same order.
+    confidence: level of the interval.
+
+  Raises:
+    ValueError: different numbers of seeds, fewer than 2, a non-finite value, or a
+      confidence outside (0, 1).
+  """
+  _check_confidence(confidence)
+  x, y = _sample(a, 'paired_seeds: a'), _sample(b, 'paired_seeds: b')
+  if x.size != y.size:
+    raise ValueError(f'paired_seeds: a has {x.size} seeds but b {y.size}; pass the scores of '
+                     'the seeds both arms ran, in the same order')
+  d = x - y
+  delta = float(d.mean())
+  se = float(d.std(ddof=1)) / math.sqrt(d.size)
+  method = 'paired t over seeds'
+  if se == 0:
+    return Interval(delta, delta, delta, 1.0 if delta == 0 else 0.0, (int(d.size),),
+                    confidence, method)
+  p = float(2 * scipy_stats.t.sf(abs(delta) / se, d.size - 1))
+  half = float(scipy_stats.t.ppf((1 + confidence) / 2, d.size - 1)) * se
+  return Interval(delta, delta - half, delta + half, min(p, 1.0), (int(d.size),), confidence,
+                  method)
 
 
 def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:

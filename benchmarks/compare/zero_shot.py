@@ -205,7 +205,8 @@ def _summary(values: Sequence[float], digits: int) -> str:
 
 
 def difference(mine: Dict[int, dict], base: Dict[int, dict]) -> List[str]:
-  """Accuracy (paired) and loss (Welch) of ``mine`` − ``base``."""
+  """Accuracy (paired over items; with two seeds or more also paired over seeds) and loss
+  (Welch) of ``mine`` − ``base``."""
   digests = {r['digest'] for r in [*mine.values(), *base.values()]}
   if len(digests) != 1:
     raise ValueError('the records score different items (digests differ); compare records of '
@@ -215,6 +216,10 @@ def difference(mine: Dict[int, dict], base: Dict[int, dict]) -> List[str]:
   accuracy = stats.paired_accuracy([bits(mine[s]) for s in seeds], [bits(base[s]) for s in seeds])
   parts = [f'accuracy {accuracy.format(2)} (paired over {accuracy.n[1]} items × '
            f'{len(seeds)} seeds)']
+  if len(seeds) >= 2:
+    spread = stats.paired_seeds([mine[s]['accuracy'] for s in seeds],
+                                [base[s]['accuracy'] for s in seeds])
+    parts.append(f'across seeds {spread.format(2)} (paired t, {len(seeds)} seeds)')
   losses = [[r['loss'] for r in side.values()] for side in (mine, base)]
   if min(map(len, losses)) >= 2:
     parts.append(f'loss {stats.welch(*losses).format(3)} (Welch, seeds)')
