@@ -163,3 +163,30 @@ def test_zero_shot_table_pairs_items_and_refuses_other_items(tmp_path, capsys):
   (tmp_path / 'b_seed1.json').write_text(json.dumps(record))
   with pytest.raises(SystemExit, match='digests differ'):
     zero_shot_table.main([str(tmp_path), '--versus', 'a:b'])
+
+
+def test_linear_probe_records_table_without_a_loss():
+  """Probe records (no loss, no token digest) pair over the probe task's test rows."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(400, 3))
+  labels = (x[:, 0] + 1.5 * rng.normal(size=400) > 0).astype(int)  # a weak signal
+  records = {}
+  for name, column in (('signal', 0), ('noise', 1)):
+    records[name] = {}
+    for seed in (0, 1):
+      features = x[:, [column]] + 0.5 * seed * rng.normal(size=(400, 1))
+      records[name][seed] = zero_shot.linear_probe(
+          features[:200], labels[:200], features[200:300], labels[200:300], features[300:],
+          labels[300:]) | {'task': 'pdtext_continuation_cls'}
+  text = zero_shot.table(records, ['signal:noise'])
+  assert '| signal | linear_probe | 100 |' in text and text.count(' | — |') == 2, text
+  bits = {(n, s): zero_shot.unpack_bits(records[n][s]['correct'], 100)
+          for n in records for s in (0, 1)}
+  wins = sum(a and not b for s in (0, 1) for a, b in zip(bits['signal', s], bits['noise', s]))
+  losses = sum(b and not a for s in (0, 1) for a, b in zip(bits['signal', s], bits['noise', s]))
+  p = scipy_stats.binomtest(wins, wins + losses).pvalue
+  assert f'p = {p:.2g} (paired over 100 items × 2 seeds)' in text, text
+  assert 'across seeds' in text and 'loss' not in text.split('signal − noise')[1]
+  records['noise'][1]['task'] = 'pdtext_continuation'
+  with pytest.raises(ValueError, match='digests differ'):
+    zero_shot.table(records, ['signal:noise'])

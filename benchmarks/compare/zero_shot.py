@@ -199,16 +199,22 @@ def linear_probe(train: np.ndarray, train_labels: Sequence[int], validation: np.
 
 
 def _summary(values: Sequence[float], digits: int) -> str:
+  if not values:
+    return '—'
   if len(values) == 1:
     return f'{values[0]:.{digits}f} (1 seed)'
   return f'{stats.mean_interval(values).format(digits)} ({len(values)} seeds)'
 
 
+def _scored_items(record: dict) -> str:
+  """What a record scored: the digest of its held-out tokens, or a linear probe's task split."""
+  return record.get('digest') or f'{record["measure"]} {record.get("task")} {record["items"]}'
+
+
 def difference(mine: Dict[int, dict], base: Dict[int, dict]) -> List[str]:
-  """Accuracy (paired over items; with two seeds or more also paired over seeds) and loss
-  (Welch) of ``mine`` − ``base``."""
-  digests = {r['digest'] for r in [*mine.values(), *base.values()]}
-  if len(digests) != 1:
+  """Accuracy (paired over items; with two seeds or more also paired over seeds) and, for
+  measures with a loss, the loss (Welch) of ``mine`` − ``base``."""
+  if len({_scored_items(r) for r in [*mine.values(), *base.values()]}) != 1:
     raise ValueError('the records score different items (digests differ); compare records of '
                      'one model family and one held-out split')
   seeds = sorted(set(mine) & set(base))
@@ -220,7 +226,7 @@ def difference(mine: Dict[int, dict], base: Dict[int, dict]) -> List[str]:
     spread = stats.paired_seeds([mine[s]['accuracy'] for s in seeds],
                                 [base[s]['accuracy'] for s in seeds])
     parts.append(f'across seeds {spread.format(2)} (paired t, {len(seeds)} seeds)')
-  losses = [[r['loss'] for r in side.values()] for side in (mine, base)]
+  losses = [[r['loss'] for r in side.values() if 'loss' in r] for side in (mine, base)]
   if min(map(len, losses)) >= 2:
     parts.append(f'loss {stats.welch(*losses).format(3)} (Welch, seeds)')
   return parts
@@ -239,7 +245,7 @@ def table(records: Dict[str, Dict[int, dict]], versus: Sequence[str]) -> str:
     first = next(iter(by_seed.values()))
     lines.append(f'| {name} | {first["measure"]} | {first["items"]} | ' +
                  _summary([r['accuracy'] for r in by_seed.values()], 2) + ' | ' +
-                 _summary([r['loss'] for r in by_seed.values()], 3) + ' |')
+                 _summary([r['loss'] for r in by_seed.values() if 'loss' in r], 3) + ' |')
   if versus:
     lines.append('')
   for pair in versus:
