@@ -109,12 +109,11 @@ def difference(mine: Sequence[float], base: Sequence[float], what: str, baseline
     return None
   seeds = sorted(set(mine_items or {}) & set(base_items or {}))
   if seeds:
-    interval = stats.paired_accuracy([mine_items[s] for s in seeds],
-                                     [base_items[s] for s in seeds])
+    pair = [mine_items[s] for s in seeds], [base_items[s] for s in seeds]
+    interval = stats.paired_accuracy(*pair)
     how = f'paired over {interval.n[1]} items × {len(seeds)} seeds'
     if len(seeds) >= 2:
-      spread = stats.paired_seeds([100 * statistics.fmean(mine_items[s]) for s in seeds],
-                                  [100 * statistics.fmean(base_items[s]) for s in seeds])
+      spread = stats.paired_seeds(*(stats.seed_accuracies(side, 'items') for side in pair))
       how += f'; across seeds {spread.format(3)}'
   elif min(len(mine), len(base)) >= 2:
     interval = stats.welch(mine, base)

@@ -7,7 +7,8 @@
   p-value and a paired bootstrap interval over items.
 * ``paired_seeds``: difference of two arms' per-seed scores, seeds paired by
   position, with the paired t interval and p-value: the seed-to-seed spread
-  that pooling items over seeds leaves out.
+  that pooling items over seeds leaves out (``seed_accuracies`` turns
+  ``paired_accuracy``'s input into those scores).
 * ``mean_interval``: one arm's mean with its t interval.
 
 Every function returns an ``Interval``; ``Interval.format`` writes
@@ -184,6 +185,12 @@ def _correctness(values: Sequence[Sequence[int]], name: str) -> np.ndarray:
   if not np.isin(array, (0, 1)).all():
     raise ValueError(f'paired_accuracy: {name} holds values other than 0 and 1')
   return array.astype(np.int64)
+
+
+def seed_accuracies(values: Sequence[Sequence[int]], name: str) -> np.ndarray:
+  """``[seeds]`` accuracies in percent of per-seed 0/1 item correctness (as
+  ``paired_accuracy`` takes it), e.g. for ``paired_seeds``."""
+  return 100 * _correctness(values, name).mean(axis=1)
 
 
 def mcnemar_exact(wins: int, losses: int) -> float:

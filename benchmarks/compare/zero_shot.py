@@ -219,12 +219,12 @@ def difference(mine: Dict[int, dict], base: Dict[int, dict]) -> List[str]:
                      'one model family and one held-out split')
   seeds = sorted(set(mine) & set(base))
   bits = lambda record: unpack_bits(record['correct'], record['items'])
-  accuracy = stats.paired_accuracy([bits(mine[s]) for s in seeds], [bits(base[s]) for s in seeds])
+  pair = [bits(mine[s]) for s in seeds], [bits(base[s]) for s in seeds]
+  accuracy = stats.paired_accuracy(*pair)
   parts = [f'accuracy {accuracy.format(2)} (paired over {accuracy.n[1]} items × '
            f'{len(seeds)} seeds)']
   if len(seeds) >= 2:
-    spread = stats.paired_seeds([mine[s]['accuracy'] for s in seeds],
-                                [base[s]['accuracy'] for s in seeds])
+    spread = stats.paired_seeds(*(stats.seed_accuracies(side, 'items') for side in pair))
     parts.append(f'across seeds {spread.format(2)} (paired t, {len(seeds)} seeds)')
   losses = [[r['loss'] for r in side.values() if 'loss' in r] for side in (mine, base)]
   if min(map(len, losses)) >= 2:
