@@ -20,6 +20,14 @@ r"""Reference lines for the comparison that need no training.
   example of that split too: the evaluation's few unshuffled batches are the
   split's first documents (King James Bible chapters for pdtext), easier
   than its average.
+* **zero-shot next-token references** (``zero_shot`` of the ``causal_lm``
+  stream): the same three models on exactly the items of
+  ``benchmarks/zero_shot.py``'s next-token measure (every held-out document
+  cut into windows of the decoder's length, each token but a window's first
+  predicted from the window before it), with their per-item correctness and
+  the items' digest, so a decoder's whole-split loss and accuracy meet a
+  count model's on the same tokens (``compare/gates.py``, the zero-shot
+  table).
 * **downstream baselines** on the test split of ``tasks/downstream.py``'s
   tasks, with per-item 0/1 correctness (``correct``) for paired tests:
   continuation (both routes share the rows): a logistic regression on the
@@ -50,10 +58,13 @@ import numpy as np
 from compare import baselines
 from compare import runs
 from compare import specs as specs_lib
+from compare import zero_shot
 from spactor_jax import evaluation
 from spactor_jax import gin_utils
 from spactor_jax import training
+from spactor_jax.data import pipeline
 from spactor_jax.data import source
+import zero_shot as zero_shot_cli  # benchmarks/zero_shot.py: the held-out documents
 
 STREAMS = ('causal_lm', 'span_corruption')  # the objectives whose held-out targets are scored
 ORDERS = {'unigram': 1, 'bigram': 2, 'trigram': 3}
@@ -84,11 +95,16 @@ class Stream:
       the ids its ``decoder_loss_weights`` count.
     whole_split: every example of the held-out split, unpacked (context for
       how typical the evaluation's few batches are).
+    documents: every document of the held-out split, as the zero-shot measures
+      read them.
+    length: the decoder's length (``targets``).
     description: the task, split, batches, lengths and sizes, for the JSON.
   """
   train: List[List[int]]
   heldout: List[List[int]]
   whole_split: List[List[int]]
+  documents: List[List[int]]
+  length: int
   description: dict
 
 
@@ -132,7 +148,10 @@ def read_stream(objective: str, seed: int, max_train_examples: Optional[int]) ->
       'batches': config.eval_batches, 'batch_size': config.batch_size,
       'lengths': dict(data.task_feature_lengths), 'seed': seed,
       'train_examples': len(train), 'train_tokens': sum(map(len, train))}
-  return Stream(train, heldout, targets(data.split), description)
+  documents = zero_shot_cli.held_out_documents(config, pipeline.task_vocabulary(
+      config.data, config.model_family))
+  return Stream(train, heldout, targets(data.split), documents,
+                data.task_feature_lengths['targets'], description)
 
 
 def fit_ngrams(train: Sequence[Sequence[int]], vocab_size: int) -> Dict[str, baselines.NgramLM]:
@@ -144,6 +163,18 @@ def losses(models: Dict[str, baselines.NgramLM], sequences: Sequence[Sequence[in
   """Each model's nats per token on ``sequences``, and the tokens counted."""
   return {**{name: round(model.cross_entropy(sequences), 6) for name, model in models.items()},
           'tokens': sum(map(len, sequences)), 'examples': len(sequences)}
+
+
+def zero_shot_references(models: Dict[str, baselines.NgramLM], stream: Stream,
+                         eos_id: int) -> Dict[str, dict]:
+  """Each count model's record on the zero-shot next-token items of ``stream``."""
+  batch = zero_shot.next_token_batch(stream.documents, stream.length, eos_id)
+  records = {}
+  for name, model in models.items():
+    items = zero_shot.count_model_items(model, batch)
+    records[name] = {**zero_shot.summary('next_token', batch, items['correct'], items['nll']),
+                     'documents': len(stream.documents)}
+  return records
 
 
 def _record(method: str, correct: Sequence[int], **extra) -> dict:
@@ -200,6 +231,8 @@ def build(seed: int, max_train_examples: Optional[int]) -> dict:
     fitted[name] = fit_ngrams(stream.train, vocab_size)
     ngram[name] = {**losses(fitted[name], stream.heldout), **stream.description,
                    'whole_split': losses(fitted[name], stream.whole_split)}
+    if name == 'causal_lm':
+      ngram[name]['zero_shot'] = zero_shot_references(fitted[name], stream, vocabulary.eos_id)
   models = {name: fitted['causal_lm'][name] for name in ('bigram', 'trigram')}
   pieces = [vocabulary.tokenizer.id_to_piece(i)
             for i in range(vocab_size - vocabulary.extra_ids)]

@@ -367,3 +367,26 @@ def test_without_matplotlib_the_comparison_says_how_to_install_it(monkeypatch):
     runpy.run_path(os.path.join(REPO, 'benchmarks', 'compare_objectives.py'), run_name='__main__')
   assert exit_info.value.code == ('error: the comparison draws its plots with matplotlib, which '
                                   'is not installed; pip install -e ".[plots]"')
+
+
+def test_a_decoder_with_zero_shot_records_is_gated_on_the_whole_split():
+  """The in-run loss (the split's first batches) passes; the whole split's does not."""
+  task = specs.BY_NAME['causal_lm'].downstream_tasks[0]
+  trigram = {'digest': 'items', 'loss': 4.09}
+  baselines = {'ngram': {'causal_lm': {'trigram': 4.2, 'zero_shot': {'trigram': trigram}}}}
+  cells = {}
+  for seed in range(3):
+    cells[f'causal_lm/{seed}'] = _cell('causal_lm', seed, {'lm_loss': 4.0}, {task: 60.0})
+    cells[f'scratch_decoder/{seed}'] = _cell('scratch_decoder', seed, None, {task: 30.0})
+  results = {'cells': cells}
+  gate = lambda: report.gate_text(report.row_gates(results, specs.BY_NAME['causal_lm'],
+                                                   baselines))
+  assert gate().startswith('passed: held-out LM loss 4 < trigram 4.2 (3/3 seeds)')
+  for seed, loss in ((1, 4.3), (2, 4.0)):
+    cells[f'causal_lm/{seed}']['zero_shot'] = {'status': 'done', 'measure': 'next_token',
+                                               'digest': 'items', 'loss': loss}
+  assert gate() == ('not yet informative: next-token loss, whole split 4.15, trigram 4.09: '
+                    '1/2 seeds pass')
+  trigram['digest'] = 'other items'
+  assert gate() == ('unjudged: next-token loss, whole split: no trigram count model of these '
+                    'tokens (run compare_baselines.py)')

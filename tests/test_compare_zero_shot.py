@@ -190,3 +190,38 @@ def test_linear_probe_records_table_without_a_loss():
   records['noise'][1]['task'] = 'pdtext_continuation'
   with pytest.raises(ValueError, match='digests differ'):
     zero_shot.table(records, ['signal:noise'])
+
+
+def test_a_count_models_items_are_the_ones_a_model_is_scored_on():
+  """count_model_items against the path a network takes: the n-gram's full next-token
+  distribution after each window prefix, through item_scores."""
+  from compare import baselines  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  train = [list(rng.integers(3, 12, size=n)) for n in (40, 25, 60)]
+  docs, length = _documents(2), 8
+  batch = zero_shot.next_token_batch(docs, length, EOS)
+  for order in (1, 2, 3):
+    model = baselines.NgramLM(order, VOCAB).fit(train)
+    log_probs = np.zeros(batch.targets.shape + (VOCAB,))
+    for row in range(batch.targets.shape[0]):
+      for t in range(batch.targets.shape[1]):
+        log_probs[row, t] = model.next_log_probs([int(x) for x in batch.inputs[row, 1:t + 1]])
+    expected = zero_shot.item_scores(log_probs, batch.targets, batch.scored)
+    got = zero_shot.count_model_items(model, batch)
+    np.testing.assert_array_equal(got['correct'], expected['correct'])
+    np.testing.assert_allclose(got['nll'], expected['nll'], rtol=1e-12)
+  assert 0 < got['correct'].sum() < batch.items  # the trigram is right on some items only
+  with pytest.raises(ValueError, match='next-token batches'):
+    zero_shot.count_model_items(model, zero_shot.span_filling_batch(docs, 9, 3, VOCAB, EOS))
+
+
+def test_the_table_adds_a_count_model_row_only_on_the_same_items():
+  batch = zero_shot.next_token_batch(_documents(), 8, EOS)
+  bits = np.arange(batch.items) % 3 == 0
+  record = zero_shot.summary('next_token', batch, bits, np.full(batch.items, 2.5))
+  other = {**record, 'digest': 'another split'}
+  text = zero_shot.table({'lm': {0: record, 1: record}}, [],
+                         {'trigram count model': record, 'other': other})
+  assert (f'| trigram count model | next_token | {batch.items} | {100 * bits.mean():.2f} | '
+          '2.500 |') in text
+  assert 'other' not in text

@@ -10,7 +10,11 @@ of its objective:
   token below the trigram's (span corruption's targets for the
   encoder-decoder family, the causal LM's tokens for the decoders;
   ``baselines.json``), the masked-LM losses below the unigram's (token
-  frequencies);
+  frequencies). A decoder whose cells have zero-shot next-token records is
+  judged on those instead: its loss over every held-out token against the
+  trigram's on the same items (``baselines.json``'s ``zero_shot``, matched by
+  the items' digest), since the in-run evaluation reads only the split's
+  first batches;
 * replaced-token detection: recall of the replaced tokens ≥ 0.3;
 * COCO-LM's copy head: accuracy above answering "original" everywhere
   (``1 − replaced_fraction``) by at least 0.3 of the replaced positions.
@@ -87,18 +91,40 @@ GATES: Dict[str, Gate] = {
 }
 
 
+def _whole_split_trigram(records: Sequence[Mapping]) -> Callable[[Mapping[str, dict]],
+                                                                   Optional[float]]:
+  """The trigram's loss on the records' items, if ``baselines.json`` scored the same items."""
+  def threshold(baselines: Mapping[str, dict]) -> Optional[float]:
+    reference = (((baselines.get('ngram') or {}).get('causal_lm') or {}).get('zero_shot')
+                 or {}).get('trigram')
+    if reference is None or {r.get('digest') for r in records} != {reference.get('digest')}:
+      return None
+    return reference['loss']
+  return threshold
+
+
 def pretraining(objective: str, finals: Sequence[Mapping[str, float]],
-                baselines: Optional[Mapping[str, dict]]) -> Optional[Verdict]:
-  """The objective's gate over its cells' last held-out metrics; ``None``: no gate."""
+                baselines: Optional[Mapping[str, dict]],
+                zero_shot_records: Sequence[Mapping] = ()) -> Optional[Verdict]:
+  """The objective's gate over its cells' last held-out metrics; ``None``: no gate.
+
+  ``zero_shot_records``: the cells' zero-shot records (``compare/zero_shot.py``);
+  next-token ones replace the in-run loss of a decoder's gate.
+  """
   gate = GATES.get(objective)
   if gate is None:
     return None
+  next_token = [r for r in zero_shot_records if r.get('measure') == 'next_token']
+  if gate is _LM and next_token:
+    gate = Gate('next-token loss, whole split', _metric('loss'),
+                _whole_split_trigram(next_token), False, 'trigram')
+    finals = next_token
   values = [v for v in (gate.value(final) for final in finals) if v is not None]
   if not values:
     return Verdict(None, f'{gate.what}: not measured')
   bound = gate.threshold(baselines or {})
   if bound is None:
-    return Verdict(None, f'{gate.what}: no {gate.bound} count model (run compare_baselines.py)')
+    return Verdict(None, f'{gate.what}: no {gate.bound} count model of these tokens (run compare_baselines.py)')
   passing = sum((v >= bound) if gate.higher_is_better else (v < bound) for v in values)
   bound_text = f'{gate.bound} {bound:.3g}' if gate.bound else f'{bound:.3g}'
   mean = statistics.fmean(values)

@@ -131,9 +131,10 @@ def row_gates(results: dict, spec: specs_lib.ObjectiveSpec,
     return []
   cells = cells_of(results, spec.name)
   verdicts = []
+  pretrained = _pretrained(cells)
   pretraining = gates.pretraining(
-      spec.name, [((c['pretrain'].get('heldout') or {}).get('final') or {})
-                  for c in _pretrained(cells)], baselines)
+      spec.name, [((c['pretrain'].get('heldout') or {}).get('final') or {}) for c in pretrained],
+      baselines, [c['zero_shot'] for c in pretrained if _zero_shot_done(c)])
   if pretraining is not None:
     verdicts.append(pretraining)
   task = spec.downstream_tasks[0]
@@ -461,21 +462,28 @@ def plot_downstream(results: dict, selected: Sequence[specs_lib.ObjectiveSpec],
   plt.close(figure)
 
 
-def zero_shot_section(results: dict, selected: Sequence[specs_lib.ObjectiveSpec]) -> List[str]:
+def _zero_shot_done(cell: dict) -> bool:
+  return (cell.get('zero_shot') or {}).get('status') == 'done'
+
+
+def zero_shot_section(results: dict, selected: Sequence[specs_lib.ObjectiveSpec],
+                      baselines: Optional[dict] = None) -> List[str]:
   """The zero-shot table (``compare/zero_shot.py``) of the rows that have records, each row
-  against its claim's baseline when that has records too; nothing when no row has one."""
+  against its claim's baseline when that has records too, and the count models' rows where
+  ``baselines.json`` scored the same items; nothing when no row has one."""
   records = {}
   for spec in selected:
-    done = {c['seed']: c['zero_shot'] for c in cells_of(results, spec.name)
-            if (c.get('zero_shot') or {}).get('status') == 'done'}
+    done = {c['seed']: c['zero_shot'] for c in cells_of(results, spec.name) if _zero_shot_done(c)}
     if done:
       records[spec.name] = done
   if not records:
     return []
   versus = [f'{spec.name}:{spec.baseline}' for spec in selected
             if spec.name in records and spec.baseline in records]
+  references = {f'{name} count model': record for name, record in (
+      ((baselines or {}).get('ngram') or {}).get('causal_lm', {}).get('zero_shot', {}).items())}
   return ['', '## Zero-shot measures over every held-out token', '',
-          zero_shot.table(records, versus), '',
+          zero_shot.table(records, versus, references), '',
           '- Next token (decoders) and one-token span filling (T5) score every token of the '
           'held-out documents; the linear probe (encoders) scores the probe task\'s test rows. '
           'Accuracy differences are paired over the same items and the seeds both rows have '
@@ -494,7 +502,7 @@ def write(results: dict, selected: Sequence[specs_lib.ObjectiveSpec], out_dir: s
   text = ['# Objectives at equal FLOPs', '',
           'Commands: ' + '; '.join(f'`{command}`' for command in commands), '',
           table(results, selected, baselines), '', *notes(results, baselines)]
-  text += zero_shot_section(results, selected)
+  text += zero_shot_section(results, selected, baselines)
   text += ['', '![held-out metric against FLOPs](heldout_vs_flops.png)', '',
            '![downstream scores](downstream.png)', '']
   with open(paths['table'], 'w') as f:

@@ -20,14 +20,15 @@ two objectives can be compared item by item (``stats.paired_accuracy``):
 
 Per item the record keeps correctness (packed bits) and the summed negative
 log-likelihood, so held-out loss comes from the whole split rather than its
-first batches; ``table`` sets rows side by side with paired differences. This
+first batches; ``count_model_items`` scores an n-gram on the next-token items
+as a reference row; ``table`` sets rows side by side with paired differences. This
 module is NumPy only; ``benchmarks/zero_shot.py`` runs the models.
 """
 
 import base64
 import dataclasses
 import hashlib
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -146,6 +147,35 @@ def item_scores(log_probs: np.ndarray, targets: np.ndarray, scored: np.ndarray
   return {'correct': correct[keep], 'nll': -chosen[keep].astype(np.float64)}
 
 
+def count_model_items(model: baselines.NgramLM, batch: Batch) -> Dict[str, np.ndarray]:
+  """A count model's ``correct`` and ``nll`` per item of a ``next_token_batch``, in the
+  batch's item order: each item predicted from the tokens before it in its window, as the
+  decoder reads them (the model sees the last ``order - 1`` of them; a window's start is
+  its begin symbol), ``correct`` when the model's most probable id is the target.
+
+  Raises:
+    ValueError: ``batch`` is not a next-token batch (its input is not its targets
+      shifted right).
+  """
+  if not np.array_equal(batch.inputs[:, 1:], batch.targets[:, :-1]):
+    raise ValueError('count_model_items scores next-token batches (inputs = targets shifted '
+                     'right); build the batch with next_token_batch')
+  correct, nll, best = [], [], {}
+  for row in range(batch.targets.shape[0]):
+    positions = np.flatnonzero(batch.scored[row])
+    if positions.size == 0:
+      continue
+    window = [int(t) for t in batch.targets[row, :positions[-1] + 1]]
+    nll.append(-model.token_log_probs([window])[0][positions])
+    for position in positions:
+      context = tuple(window[max(0, position - model.order + 1):position])
+      if context not in best:
+        best[context] = int(np.argmax(model.next_log_probs(context)))
+      correct.append(int(best[context] == window[position]))
+  return {'correct': np.asarray(correct, np.int8),
+          'nll': np.concatenate(nll) if nll else np.zeros(0)}
+
+
 def pack_bits(correct: Sequence[int]) -> str:
   """0/1 values → base64 text (8 items a byte)."""
   return base64.b64encode(np.packbits(np.asarray(correct, np.uint8)).tobytes()).decode('ascii')
@@ -232,9 +262,11 @@ def difference(mine: Dict[int, dict], base: Dict[int, dict]) -> List[str]:
   return parts
 
 
-def table(records: Dict[str, Dict[int, dict]], versus: Sequence[str]) -> str:
-  """Markdown: per objective its measure, items, accuracy and loss over seeds; then each
-  ``'A:B'`` of ``versus`` as a difference A − B.
+def table(records: Dict[str, Dict[int, dict]], versus: Sequence[str],
+          references: Optional[Dict[str, dict]] = None) -> str:
+  """Markdown: per objective its measure, items, accuracy and loss over seeds; then the
+  ``references`` (one record each, a count model's) that scored the same items as a row
+  of the table; then each ``'A:B'`` of ``versus`` as a difference A − B.
 
   Raises:
     ValueError: a pair names an objective without records, or records of other items.
@@ -246,6 +278,11 @@ def table(records: Dict[str, Dict[int, dict]], versus: Sequence[str]) -> str:
     lines.append(f'| {name} | {first["measure"]} | {first["items"]} | ' +
                  _summary([r['accuracy'] for r in by_seed.values()], 2) + ' | ' +
                  _summary([r['loss'] for r in by_seed.values() if 'loss' in r], 3) + ' |')
+  scored = {_scored_items(r) for by_seed in records.values() for r in by_seed.values()}
+  for name, record in (references or {}).items():
+    if _scored_items(record) in scored:
+      lines.append(f'| {name} | {record["measure"]} | {record["items"]} | '
+                   f'{record["accuracy"]:.2f} | {record["loss"]:.3f} |')
   if versus:
     lines.append('')
   for pair in versus:
