@@ -307,7 +307,9 @@ def notes(results: dict, baselines: Optional[dict] = None) -> List[str]:
       'and for held-out losses, Welch\'s interval over seeds. A difference holds for the '
       'objective only when both intervals exclude zero.',
       '- Gates (`compare/gates.py`): a pre-trained row must leave its trivial phase — held-out '
-      'loss below the trigram count model\'s (masked-LM losses: below the unigram\'s), RTD '
+      'loss below the trigram count model\'s (masked-LM losses: below the unigram\'s; a '
+      'decoder with zero-shot records: its loss over every held-out token, against the '
+      'trigram\'s on the same items), RTD '
       'recall ≥ 0.3, COCO-LM\'s copy head above answering "original" by 0.3 of the replaced '
       'positions — and its first task\'s score must beat the no-pre-training row. A row below a '
       'gate is *not yet informative*: its differences are not read as results.',
@@ -480,8 +482,9 @@ def zero_shot_section(results: dict, selected: Sequence[specs_lib.ObjectiveSpec]
     return []
   versus = [f'{spec.name}:{spec.baseline}' for spec in selected
             if spec.name in records and spec.baseline in records]
-  references = {f'{name} count model': record for name, record in (
-      ((baselines or {}).get('ngram') or {}).get('causal_lm', {}).get('zero_shot', {}).items())}
+  counts = ((baselines or {}).get('ngram') or {}).get('causal_lm', {}).get('zero_shot', {})
+  references = {f'{name} count model': record for name, record in sorted(
+      counts.items(), key=lambda item: -item[1]['loss'])}
   return ['', '## Zero-shot measures over every held-out token', '',
           zero_shot.table(records, versus, references), '',
           '- Next token (decoders) and one-token span filling (T5) score every token of the '
