@@ -20,12 +20,14 @@ r"""Reference lines for the comparison that need no training.
   example of that split too: the evaluation's few unshuffled batches are the
   split's first documents (King James Bible chapters for pdtext), easier
   than its average.
-* **zero-shot next-token references** (``zero_shot`` of the ``causal_lm``
-  stream): the same three models on exactly the items of
-  ``benchmarks/zero_shot.py``'s next-token measure (every held-out document
-  cut into windows of the decoder's length, each token but a window's first
-  predicted from the window before it), with their per-item correctness and
-  the items' digest, so a decoder's whole-split loss and accuracy meet a
+* **zero-shot references** (``zero_shot``): the ``causal_lm`` stream's three
+  models (the pdtext train corpus) on exactly the items of
+  ``benchmarks/zero_shot.py``'s measures, each item predicted from the
+  held-out tokens before it in its window: ``next_token`` (windows of the
+  decoders' length) and ``span_filling`` (windows of span corruption's
+  encoder length, every token hidden once; the n-gram never sees a hidden
+  token's right side, which the T5 model does). With per-item correctness
+  and the items' digest, so a model's whole-split loss and accuracy meet a
   count model's on the same tokens (``compare/gates.py``, the zero-shot
   table).
 * **downstream baselines** on the test split of ``tasks/downstream.py``'s
@@ -97,14 +99,14 @@ class Stream:
       how typical the evaluation's few batches are).
     documents: every document of the held-out split, as the zero-shot measures
       read them.
-    length: the decoder's length (``targets``).
+    lengths: the task's feature lengths.
     description: the task, split, batches, lengths and sizes, for the JSON.
   """
   train: List[List[int]]
   heldout: List[List[int]]
   whole_split: List[List[int]]
   documents: List[List[int]]
-  length: int
+  lengths: Dict[str, int]
   description: dict
 
 
@@ -151,7 +153,7 @@ def read_stream(objective: str, seed: int, max_train_examples: Optional[int]) ->
   documents = zero_shot_cli.held_out_documents(config, pipeline.task_vocabulary(
       config.data, config.model_family))
   return Stream(train, heldout, targets(data.split), documents,
-                data.task_feature_lengths['targets'], description)
+                dict(data.task_feature_lengths), description)
 
 
 def fit_ngrams(train: Sequence[Sequence[int]], vocab_size: int) -> Dict[str, baselines.NgramLM]:
@@ -165,15 +167,25 @@ def losses(models: Dict[str, baselines.NgramLM], sequences: Sequence[Sequence[in
           'tokens': sum(map(len, sequences)), 'examples': len(sequences)}
 
 
-def zero_shot_references(models: Dict[str, baselines.NgramLM], stream: Stream,
-                         eos_id: int) -> Dict[str, dict]:
-  """Each count model's record on the zero-shot next-token items of ``stream``."""
-  batch = zero_shot.next_token_batch(stream.documents, stream.length, eos_id)
+def zero_shot_references(models: Dict[str, baselines.NgramLM], streams: Dict[str, Stream],
+                         vocabulary) -> Dict[str, Dict[str, dict]]:
+  """Per zero-shot measure, each count model's record on its items: ``next_token`` on the
+  ``causal_lm`` stream's windows, ``span_filling`` on ``span_corruption``'s."""
+  decoder, t5 = streams['causal_lm'], streams['span_corruption']
+  batches = {
+      'next_token': (zero_shot.next_token_batch(
+          decoder.documents, decoder.lengths['targets'], vocabulary.eos_id), decoder),
+      'span_filling': (zero_shot.span_filling_batch(
+          t5.documents, t5.lengths['inputs'], zero_shot_cli.STRIDE, vocabulary.vocab_size,
+          vocabulary.eos_id), t5)}
   records = {}
-  for name, model in models.items():
-    items = zero_shot.count_model_items(model, batch)
-    records[name] = {**zero_shot.summary('next_token', batch, items['correct'], items['nll']),
-                     'documents': len(stream.documents)}
+  for measure, (batch, stream) in batches.items():
+    records[measure] = {}
+    for name, model in models.items():
+      items = zero_shot.count_model_items(model, batch)
+      records[measure][name] = {
+          **zero_shot.summary(measure, batch, items['correct'], items['nll']),
+          'documents': len(stream.documents)}
   return records
 
 
@@ -225,14 +237,12 @@ def build(seed: int, max_train_examples: Optional[int]) -> dict:
   from tasks import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
   vocabulary = vocab_lib.pdtext_vocabulary()
   vocab_size = vocabulary.vocab_size
-  ngram, fitted = {}, {}
+  ngram, fitted, streams = {}, {}, {}
   for name in STREAMS:
-    stream = read_stream(name, seed, max_train_examples)
+    stream = streams[name] = read_stream(name, seed, max_train_examples)
     fitted[name] = fit_ngrams(stream.train, vocab_size)
     ngram[name] = {**losses(fitted[name], stream.heldout), **stream.description,
                    'whole_split': losses(fitted[name], stream.whole_split)}
-    if name == 'causal_lm':
-      ngram[name]['zero_shot'] = zero_shot_references(fitted[name], stream, vocabulary.eos_id)
   models = {name: fitted['causal_lm'][name] for name in ('bigram', 'trigram')}
   pieces = [vocabulary.tokenizer.id_to_piece(i)
             for i in range(vocab_size - vocabulary.extra_ids)]
@@ -241,6 +251,7 @@ def build(seed: int, max_train_examples: Optional[int]) -> dict:
                         'pdtext_continuation_cls': continuation,
                         **last_word_baselines(models, vocabulary.encode, pieces)}
   return {'ngram': ngram, 'downstream': dict(sorted(downstream_records.items())),
+          'zero_shot': zero_shot_references(fitted['causal_lm'], streams, vocabulary),
           'settings': {'seed': seed, 'max_train_examples': max_train_examples,
                        'smoothing': 'interpolated Kneser-Ney, one discount per order '
                                     'n1/(n1+2 n2), uniform base',

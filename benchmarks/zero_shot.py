@@ -46,12 +46,13 @@ from spactor_jax import training
 from spactor_jax.data import pipeline
 
 PROBE_TASK = 'pdtext_continuation_cls'
+STRIDE = 8  # span filling's passes per window (every 8th token hidden in a pass)
 
 
 def parse_args(rest: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', required=True, help='the JSON file written')
-  parser.add_argument('--stride', type=int, default=8,
+  parser.add_argument('--stride', type=int, default=STRIDE,
                       help='span filling: passes per window (every stride-th token hidden)')
   parser.add_argument('--batch', type=int, default=32, help='rows per forward pass')
   parser.add_argument('--probe_task', default=PROBE_TASK,

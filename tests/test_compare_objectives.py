@@ -373,7 +373,8 @@ def test_a_decoder_with_zero_shot_records_is_gated_on_the_whole_split():
   """The in-run loss (the split's first batches) passes; the whole split's does not."""
   task = specs.BY_NAME['causal_lm'].downstream_tasks[0]
   trigram = {'digest': 'items', 'loss': 4.09}
-  baselines = {'ngram': {'causal_lm': {'trigram': 4.2, 'zero_shot': {'trigram': trigram}}}}
+  baselines = {'ngram': {'causal_lm': {'trigram': 4.2}},
+               'zero_shot': {'next_token': {'trigram': trigram}}}
   cells = {}
   for seed in range(3):
     cells[f'causal_lm/{seed}'] = _cell('causal_lm', seed, {'lm_loss': 4.0}, {task: 60.0})

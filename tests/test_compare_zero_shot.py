@@ -211,8 +211,32 @@ def test_a_count_models_items_are_the_ones_a_model_is_scored_on():
     np.testing.assert_array_equal(got['correct'], expected['correct'])
     np.testing.assert_allclose(got['nll'], expected['nll'], rtol=1e-12)
   assert 0 < got['correct'].sum() < batch.items  # the trigram is right on some items only
-  with pytest.raises(ValueError, match='next-token batches'):
-    zero_shot.count_model_items(model, zero_shot.span_filling_batch(docs, 9, 3, VOCAB, EOS))
+  bad = zero_shot.Batch(batch.inputs, batch.inputs, batch.targets[:, ::-1], batch.scored)
+  with pytest.raises(ValueError, match='next-token or span-filling batches'):
+    zero_shot.count_model_items(model, bad)
+
+
+def test_a_count_model_fills_a_hidden_token_from_the_tokens_before_it():
+  """Span-filling items: the n-gram's next-token prediction after the document's own
+  tokens before each hidden one, item by item as the batch orders them."""
+  from compare import baselines  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  model = baselines.NgramLM(3, VOCAB).fit([list(rng.integers(3, 12, size=80))])
+  docs, length, stride = _documents(5), 9, 3
+  batch = zero_shot.span_filling_batch(docs, length, stride, VOCAB, EOS)
+  correct, nll = [], []
+  for doc in docs:  # windows of length - 1 tokens; pass k hides positions k, k + 3, ...
+    for start in range(0, len(doc), length - 1):
+      window = [int(t) for t in doc[start:start + length - 1]]
+      for offset in range(min(stride, len(window))):
+        for position in range(offset, len(window), stride):
+          log_p = model.next_log_probs(window[:position])
+          correct.append(int(np.argmax(log_p) == window[position]))
+          nll.append(-log_p[window[position]])
+  got = zero_shot.count_model_items(model, batch)
+  assert got['correct'].size == batch.items == len(correct)
+  np.testing.assert_array_equal(got['correct'], correct)
+  np.testing.assert_allclose(got['nll'], nll, rtol=1e-12)
 
 
 def test_the_table_adds_a_count_model_row_only_on_the_same_items():
@@ -221,7 +245,7 @@ def test_the_table_adds_a_count_model_row_only_on_the_same_items():
   record = zero_shot.summary('next_token', batch, bits, np.full(batch.items, 2.5))
   other = {**record, 'digest': 'another split'}
   text = zero_shot.table({'lm': {0: record, 1: record}}, [],
-                         {'trigram count model': record, 'other': other})
+                         [('trigram count model', record), ('other', other)])
   assert (f'| trigram count model | next_token | {batch.items} | {100 * bits.mean():.2f} | '
           '2.500 |') in text
   assert 'other' not in text

@@ -95,8 +95,7 @@ def _whole_split_trigram(records: Sequence[Mapping]) -> Callable[[Mapping[str, d
                                                                    Optional[float]]:
   """The trigram's loss on the records' items, if ``baselines.json`` scored the same items."""
   def threshold(baselines: Mapping[str, dict]) -> Optional[float]:
-    reference = (((baselines.get('ngram') or {}).get('causal_lm') or {}).get('zero_shot')
-                 or {}).get('trigram')
+    reference = ((baselines.get('zero_shot') or {}).get('next_token') or {}).get('trigram')
     if reference is None or {r.get('digest') for r in records} != {reference.get('digest')}:
       return None
     return reference['loss']

@@ -482,9 +482,10 @@ def zero_shot_section(results: dict, selected: Sequence[specs_lib.ObjectiveSpec]
     return []
   versus = [f'{spec.name}:{spec.baseline}' for spec in selected
             if spec.name in records and spec.baseline in records]
-  counts = ((baselines or {}).get('ngram') or {}).get('causal_lm', {}).get('zero_shot', {})
-  references = {f'{name} count model': record for name, record in sorted(
-      counts.items(), key=lambda item: -item[1]['loss'])}
+  counts = [(f'{name} count model', record)
+            for by_model in ((baselines or {}).get('zero_shot') or {}).values()
+            for name, record in by_model.items()]
+  references = sorted(counts, key=lambda item: (item[1]['measure'], -item[1]['loss']))
   return ['', '## Zero-shot measures over every held-out token', '',
           zero_shot.table(records, versus, references), '',
           '- Next token (decoders) and one-token span filling (T5) score every token of the '

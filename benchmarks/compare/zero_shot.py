@@ -28,7 +28,7 @@ module is NumPy only; ``benchmarks/zero_shot.py`` runs the models.
 import base64
 import dataclasses
 import hashlib
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -147,25 +147,50 @@ def item_scores(log_probs: np.ndarray, targets: np.ndarray, scored: np.ndarray
   return {'correct': correct[keep], 'nll': -chosen[keep].astype(np.float64)}
 
 
-def count_model_items(model: baselines.NgramLM, batch: Batch) -> Dict[str, np.ndarray]:
-  """A count model's ``correct`` and ``nll`` per item of a ``next_token_batch``, in the
-  batch's item order: each item predicted from the tokens before it in its window, as the
-  decoder reads them (the model sees the last ``order - 1`` of them; a window's start is
-  its begin symbol), ``correct`` when the model's most probable id is the target.
+def _item_windows(batch: Batch) -> List[Tuple[List[int], np.ndarray]]:
+  """Per row with items, its window of held-out tokens and the positions of its items in it,
+  in the batch's item order.
 
   Raises:
-    ValueError: ``batch`` is not a next-token batch (its input is not its targets
-      shifted right).
+    ValueError: ``batch`` is neither a next-token nor a span-filling batch.
   """
-  if not np.array_equal(batch.inputs[:, 1:], batch.targets[:, :-1]):
-    raise ValueError('count_model_items scores next-token batches (inputs = targets shifted '
-                     'right); build the batch with next_token_batch')
-  correct, nll, best = [], [], {}
-  for row in range(batch.targets.shape[0]):
-    positions = np.flatnonzero(batch.scored[row])
-    if positions.size == 0:
+  rows = []
+  if np.array_equal(batch.inputs[:, 1:], batch.targets[:, :-1]):  # next token
+    for row in range(batch.targets.shape[0]):
+      positions = np.flatnonzero(batch.scored[row])
+      if positions.size:
+        rows.append(([int(t) for t in batch.targets[row, :positions[-1] + 1]], positions))
+    return rows
+  for row in range(batch.targets.shape[0]):  # span filling: put each hidden token back
+    scored = np.flatnonzero(batch.scored[row])
+    if not scored.size:
       continue
-    window = [int(t) for t in batch.targets[row, :positions[-1] + 1]]
+    inputs = [int(t) for t in batch.inputs[row]]
+    window = inputs[:np.flatnonzero(batch.inputs[row])[-1]]  # the window without its EOS
+    positions = []
+    for index in scored:
+      sentinel = int(batch.targets[row, index - 1]) if index else None
+      if sentinel is None or window.count(sentinel) != 1:
+        raise ValueError('count_model_items scores next-token or span-filling batches; build '
+                         'the batch with next_token_batch or span_filling_batch')
+      positions.append(window.index(sentinel))
+      window[positions[-1]] = int(batch.targets[row, index])
+    rows.append((window, np.asarray(positions)))
+  return rows
+
+
+def count_model_items(model: baselines.NgramLM, batch: Batch) -> Dict[str, np.ndarray]:
+  """A count model's ``correct`` and ``nll`` per item of a next-token or span-filling batch,
+  in the batch's item order: each item predicted from the held-out tokens before it in its
+  window (the model sees the last ``order - 1`` of them, never a hidden token's right
+  side; a window's start is its begin symbol), ``correct`` when the model's most probable
+  id is the target.
+
+  Raises:
+    ValueError: ``batch`` is neither a next-token nor a span-filling batch.
+  """
+  correct, nll, best = [], [], {}
+  for window, positions in _item_windows(batch):
     nll.append(-model.token_log_probs([window])[0][positions])
     for position in positions:
       context = tuple(window[max(0, position - model.order + 1):position])
@@ -263,10 +288,10 @@ def difference(mine: Dict[int, dict], base: Dict[int, dict]) -> List[str]:
 
 
 def table(records: Dict[str, Dict[int, dict]], versus: Sequence[str],
-          references: Optional[Dict[str, dict]] = None) -> str:
+          references: Sequence[Tuple[str, dict]] = ()) -> str:
   """Markdown: per objective its measure, items, accuracy and loss over seeds; then the
-  ``references`` (one record each, a count model's) that scored the same items as a row
-  of the table; then each ``'A:B'`` of ``versus`` as a difference A − B.
+  ``references`` (``(name, record)``, a count model's) that scored the same items as a
+  row, as a row each; then each ``'A:B'`` of ``versus`` as a difference A − B.
 
   Raises:
     ValueError: a pair names an objective without records, or records of other items.
@@ -279,7 +304,7 @@ def table(records: Dict[str, Dict[int, dict]], versus: Sequence[str],
                  _summary([r['accuracy'] for r in by_seed.values()], 2) + ' | ' +
                  _summary([r['loss'] for r in by_seed.values() if 'loss' in r], 3) + ' |')
   scored = {_scored_items(r) for by_seed in records.values() for r in by_seed.values()}
-  for name, record in (references or {}).items():
+  for name, record in references:
     if _scored_items(record) in scored:
       lines.append(f'| {name} | {record["measure"]} | {record["items"]} | '
                    f'{record["accuracy"]:.2f} | {record["loss"]:.3f} |')
