@@ -82,7 +82,6 @@ from spactor_jax import metrics_log
 DEFAULT_BUDGET = 2e12  # FLOPs per cell: 112 steps of the span-corruption quickstart.
 DEFAULT_FINETUNE_STEPS = 100
 ZERO_SHOT = 'zero_shot'  # the phase after pre-training; its record is the cell's 'zero_shot'
-DEFAULT_BASELINES = os.path.join(common.ROOT, 'benchmarks', 'results', 'compare', 'baselines.json')
 RESULTS = 'results.json'
 COMPILATION_CACHE = 'jax_cache'  # JAX's persistent compilation cache, shared by the cells
 # Settings a results file must share with the command that continues it.
@@ -99,7 +98,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help='a rung: its budget, objectives and seeds')
   parser.add_argument('--report_only', action='store_true',
                       help='rewrite the table and plots from --out/results.json; run nothing')
-  parser.add_argument('--baselines', default=DEFAULT_BASELINES,
+  parser.add_argument('--baselines', default=report.DEFAULT_BASELINES,
                       help='the reference lines that need no training (compare_baselines.py)')
   parser.add_argument('--budget', type=float, default=None,
                       help=f'training FLOPs per cell (XLA count; default {DEFAULT_BUDGET:g} '

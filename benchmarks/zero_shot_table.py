@@ -7,8 +7,10 @@ Reads ``<objective>_seed<N>.json`` files from a folder and prints a markdown
 table: per objective its accuracy and loss per item (mean over seeds with a
 95% t interval), and for each ``--versus A:B`` the difference A − B: accuracy
 paired over the same items and the seeds both have (exact McNemar p, item
-bootstrap interval), loss by Welch's interval over seeds. Records of
-different items (another ``digest``) are refused in one line.
+bootstrap interval), loss by Welch's interval over seeds. The count models
+of ``--baselines`` (``compare_baselines.py``) that scored the same items are
+rows too. Records of different items (another ``digest``) are refused in one
+line.
 """
 
 import argparse
@@ -21,6 +23,7 @@ import sys
 from typing import Dict, Sequence
 
 import common  # pylint: disable=g-bad-import-order,unused-import  # repository on sys.path
+from compare import report
 from compare import zero_shot
 
 _NAME = re.compile(r'^(?P<objective>.+)_seed(?P<seed>\d+)\.json$')
@@ -45,9 +48,12 @@ def main(argv: Sequence[str] = None) -> str:
   parser.add_argument('folder')
   parser.add_argument('--versus', action='append', default=[], metavar='A:B',
                       help='print the difference A − B; repeatable')
+  parser.add_argument('--baselines', default=report.DEFAULT_BASELINES,
+                      help='the count models\' records (compare_baselines.py; "" for none)')
   args = parser.parse_args(argv)
   try:
-    text = zero_shot.table(read(args.folder), args.versus)
+    text = zero_shot.table(read(args.folder), args.versus,
+                           zero_shot.count_model_rows(report.read_baselines(args.baselines)))
   except ValueError as exc:
     raise SystemExit(f'error: {exc}') from None
   print(text)

@@ -159,6 +159,13 @@ def test_zero_shot_table_pairs_items_and_refuses_other_items(tmp_path, capsys):
   low, high = seeds.confidence_interval()
   assert (f'across seeds {delta:+.2f} [{low:+.2f}, {high:+.2f}], p = {seeds.pvalue:.2g} '
           '(paired t, 2 seeds)').replace('-', '\u2212') in text
+  assert 'count model' not in text  # the committed baselines scored other items
+  trigram = {**record, 'accuracy': 25.0, 'loss': 4.0}
+  (tmp_path / 'counts.json').write_text(json.dumps({'zero_shot': {'next_token': {
+      'trigram': trigram, 'unigram': {**trigram, 'digest': 'another split'}}}}))
+  text = zero_shot_table.main([str(tmp_path), '--baselines', str(tmp_path / 'counts.json')])
+  assert '| trigram count model | next_token | 500 | 25.00 | 4.000 |' in text
+  assert 'unigram' not in text
   record['digest'] = 'other'
   (tmp_path / 'b_seed1.json').write_text(json.dumps(record))
   with pytest.raises(SystemExit, match='digests differ'):

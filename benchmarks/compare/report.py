@@ -31,6 +31,9 @@ from compare import stats
 from compare import zero_shot
 
 SC_METRIC = 'heldout_sc_loss'
+# The committed reference lines (compare_baselines.py), every rung's.
+DEFAULT_BASELINES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 'results', 'compare', 'baselines.json')
 
 
 def cells_of(results: dict, objective: str) -> List[dict]:
@@ -482,12 +485,8 @@ def zero_shot_section(results: dict, selected: Sequence[specs_lib.ObjectiveSpec]
     return []
   versus = [f'{spec.name}:{spec.baseline}' for spec in selected
             if spec.name in records and spec.baseline in records]
-  counts = [(f'{name} count model', record)
-            for by_model in ((baselines or {}).get('zero_shot') or {}).values()
-            for name, record in by_model.items()]
-  references = sorted(counts, key=lambda item: (item[1]['measure'], -item[1]['loss']))
   return ['', '## Zero-shot measures over every held-out token', '',
-          zero_shot.table(records, versus, references), '',
+          zero_shot.table(records, versus, zero_shot.count_model_rows(baselines)), '',
           '- Next token (decoders) and one-token span filling (T5) score every token of the '
           'held-out documents; the linear probe (encoders) scores the probe task\'s test rows. '
           'Accuracy differences are paired over the same items and the seeds both rows have '

@@ -28,7 +28,7 @@ module is NumPy only; ``benchmarks/zero_shot.py`` runs the models.
 import base64
 import dataclasses
 import hashlib
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -285,6 +285,15 @@ def difference(mine: Dict[int, dict], base: Dict[int, dict]) -> List[str]:
   if min(map(len, losses)) >= 2:
     parts.append(f'loss {stats.welch(*losses).format(3)} (Welch, seeds)')
   return parts
+
+
+def count_model_rows(baselines: Optional[dict]) -> List[Tuple[str, dict]]:
+  """``baselines.json``'s zero-shot count-model records as ``table``'s references: per
+  measure, unigram to trigram."""
+  rows = [(f'{name} count model', record)
+          for by_model in ((baselines or {}).get('zero_shot') or {}).values()
+          for name, record in by_model.items()]
+  return sorted(rows, key=lambda row: (row[1]['measure'], -row[1]['loss']))
 
 
 def table(records: Dict[str, Dict[int, dict]], versus: Sequence[str],
