@@ -75,6 +75,13 @@ def run_main(main: Callable[[Sequence[str]], int], args: Sequence[str]) -> int:
     os.chdir(cwd)
 
 
+def xla_flags(devices: int) -> str:
+  """``XLA_FLAGS`` for a child with ``devices`` fake CPU devices and this process's other flags."""
+  inherited = [flag for flag in os.environ.get('XLA_FLAGS', '').split()
+               if not flag.startswith('--xla_force_host_platform_device_count')]
+  return ' '.join([f'--xla_force_host_platform_device_count={devices}', *inherited])
+
+
 def subprocess_env(devices: Optional[int] = None, **extra: str) -> Dict[str, str]:
   """The environment of a child Python process of the tests.
 
@@ -83,8 +90,9 @@ def subprocess_env(devices: Optional[int] = None, **extra: str) -> Dict[str, str
   TensorFlow logs only warnings and errors.
 
   Args:
-    devices: run on CPU with this many fake devices; ``None`` unsets
-      ``JAX_PLATFORMS`` and ``XLA_FLAGS`` so the child chooses itself.
+    devices: run on CPU with this many fake devices (and this process's
+      other XLA flags); ``None`` unsets ``JAX_PLATFORMS`` and ``XLA_FLAGS`` so
+      the child chooses itself.
     **extra: variables to set last.
   """
   env = {k: v for k, v in os.environ.items()
@@ -93,8 +101,7 @@ def subprocess_env(devices: Optional[int] = None, **extra: str) -> Dict[str, str
     env.pop('JAX_PLATFORMS', None)
     env.pop('XLA_FLAGS', None)
   else:
-    env.update(JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(devices))
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
   env['PYTHONPATH'] = os.pathsep.join([REPO] + [p for p in [env.get('PYTHONPATH')] if p])
   env.update(extra)

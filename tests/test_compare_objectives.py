@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+import helpers
 from helpers import REPO, fresh_gin  # pylint: disable=unused-import
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
@@ -162,7 +163,7 @@ ARGS = ['--budget', str(BUDGET), '--objectives', ','.join(OBJECTIVES), '--gin', 
 def comparison(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('compare'))
   with pytest.MonkeyPatch.context() as patch:  # the training subprocesses: one CPU device.
-    patch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+    patch.setenv('XLA_FLAGS', helpers.xla_flags(1))
     results = compare_objectives.main(['--out', out, *ARGS])
   return out, results
 
@@ -261,7 +262,7 @@ def test_finetune_phase_scores_a_checkpoint_from_its_finetune_metrics(comparison
   args = [a for a in ARGS if a != '--no_finetune']
   args[args.index('--objectives') + 1] = 'headless_causal_lm,scratch_decoder'
   with pytest.MonkeyPatch.context() as patch:
-    patch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+    patch.setenv('XLA_FLAGS', helpers.xla_flags(1))
     results = compare_objectives.main(['--out', out, *args])
   task = specs.BY_NAME['headless_causal_lm'].downstream_tasks[0]
   for name in ('headless_causal_lm', 'scratch_decoder'):
