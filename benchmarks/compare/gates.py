@@ -123,7 +123,8 @@ def pretraining(objective: str, finals: Sequence[Mapping[str, float]],
     return Verdict(None, f'{gate.what}: not measured')
   bound = gate.threshold(baselines or {})
   if bound is None:
-    return Verdict(None, f'{gate.what}: no {gate.bound} count model of these tokens (run compare_baselines.py)')
+    return Verdict(None, f'{gate.what}: no {gate.bound} count model of these tokens '
+                   '(run compare_baselines.py)')
   passing = sum((v >= bound) if gate.higher_is_better else (v < bound) for v in values)
   bound_text = f'{gate.bound} {bound:.3g}' if gate.bound else f'{bound:.3g}'
   mean = statistics.fmean(values)
