@@ -20,9 +20,10 @@ two objectives can be compared item by item (``stats.paired_accuracy``):
 
 Per item the record keeps correctness (packed bits) and the summed negative
 log-likelihood, so held-out loss comes from the whole split rather than its
-first batches; ``count_model_items`` scores an n-gram on the next-token items
-as a reference row; ``table`` sets rows side by side with paired differences. This
-module is NumPy only; ``benchmarks/zero_shot.py`` runs the models.
+first batches; ``count_model_items`` scores an n-gram on the same items (next
+token or span filling) as a reference row; ``table`` sets rows side by side
+with paired differences. This module is NumPy only; ``benchmarks/zero_shot.py``
+runs the models.
 """
 
 import base64
@@ -165,8 +166,7 @@ def _item_windows(batch: Batch) -> List[Tuple[List[int], np.ndarray]]:
     scored = np.flatnonzero(batch.scored[row])
     if not scored.size:
       continue
-    inputs = [int(t) for t in batch.inputs[row]]
-    window = inputs[:np.flatnonzero(batch.inputs[row])[-1]]  # the window without its EOS
+    window = [int(t) for t in batch.inputs[row, :np.flatnonzero(batch.inputs[row])[-1]]]  # no EOS
     positions = []
     for index in scored:
       sentinel = int(batch.targets[row, index - 1]) if index else None
