@@ -132,7 +132,7 @@ def test_a_row_below_its_gate_is_not_read_as_a_result():
       f'unjudged: {task}: no no-pre-training reference yet')
 
 
-@pytest.mark.parametrize('rung', ['compare', 'compare_2e13'])
+@pytest.mark.parametrize('rung', ['compare', 'compare_2e12', 'compare_2e13'])
 def test_the_committed_table_regenerates_from_its_json(rung, tmp_path):
   """results.md (and for the first rung the README's table) is what --report_only writes
   from results.json and the committed baselines."""
