@@ -34,6 +34,14 @@ def pytest_configure(config):
       'pytest -m "not slow" runs the fast set')
 
 
+def pytest_collection_modifyitems(items):
+  # pytest-xdist hands tests out in collection order: the modules with slow tests go
+  # first (each module's tests kept together and in order), so the workers end on short
+  # tests rather than one waiting for the other's last long one.
+  slow = {item.module for item in items if item.get_closest_marker('slow')}
+  items.sort(key=lambda item: item.module not in slow)
+
+
 def pytest_unconfigure(config):
   if getattr(config, 'xla_cache', None):
     shutil.rmtree(config.xla_cache, ignore_errors=True)

@@ -34,6 +34,7 @@ def _env() -> dict:
   return helpers.subprocess_env(None, ALLOW_MULTIPLE_LIBTPU_LOAD='1')
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_aot_compiles_the_quickstart_train_step_for_v5e_2x2(tmp_path):
   report_path = tmp_path / 'report.json'
@@ -65,6 +66,7 @@ def test_aot_compiles_the_quickstart_train_step_for_v5e_2x2(tmp_path):
   assert stage['flops_total'] == pytest.approx(4 * stage['flops'])
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_aot_counts_spactor_flops_without_the_overflow_pass(tmp_path):
   flops = {}

@@ -80,6 +80,7 @@ def _log_lines(stderr):
   return [line[9:] for line in stderr.splitlines()]
 
 
+@pytest.mark.slow
 def test_a_tiny_run_is_quiet_plans_its_stages_and_sums_up(tmp_path):
   """A normal run from the command line: nothing on stderr but its own log lines
   (no TensorFlow or libtpu start-up chatter), the stage plan with a warning for the stage
