@@ -34,20 +34,12 @@ def pytest_configure(config):
       'pytest -m "not slow" runs the fast set')
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
   # pytest-xdist hands tests out in collection order: the modules with slow tests go
   # first (each module's tests kept together and in order), so the workers end on short
-  # tests rather than one waiting for the other's last long one. The tests that share a
-  # module's own module-scoped fixture (a trained run, two processes) form one group
-  # (`--dist loadgroup`, pytest.ini): one worker builds that fixture once.
+  # tests rather than one waiting for the other's last long one.
   slow = {item.module for item in items if item.get_closest_marker('slow')}
   items.sort(key=lambda item: item.module not in slow)
-  for item in items:
-    module = item.getparent(pytest.Module).nodeid
-    if any(d.scope == 'module' and d.baseid == module
-           for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs):
-      item.add_marker(pytest.mark.xdist_group(module))
 
 
 def pytest_unconfigure(config):
